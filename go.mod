@@ -1,0 +1,3 @@
+module github.com/rcptguard/rcptguard
+
+go 1.26
