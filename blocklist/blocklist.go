@@ -1,0 +1,609 @@
+package blocklist
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"hash/maphash"
+	"io"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// racyWindow is how long after a file's modification time its stat data is
+// not trusted to show every change: file systems with coarse time stamps
+// (1 s on ext3 and HFS+, 2 s on FAT) can hide a second same-size write in
+// the same tick. Within the window, Watch compares content hashes.
+const racyWindow = 2 * time.Second
+
+// maxLoggedProblems bounds the problems logged for one load; all of them
+// are still returned.
+const maxLoggedProblems = 20
+
+// Config configures a [File].
+type Config struct {
+	// Path is the table file, e.g. /var/lib/rcptguard/blocklist. Its
+	// directory must exist. The lock file is Path + ".lock".
+	Path string
+	// Logger receives problems in the file, reloads and write failures.
+	// Nil discards them.
+	Logger *slog.Logger
+	// OnChange, if set, is called after the file changed on disk by
+	// someone else (noticed by Reload, Watch or a write), with the
+	// identities that appeared and disappeared, sorted. It is called
+	// without locks held, from the goroutine that noticed the change, so
+	// it may call the File's methods.
+	OnChange func(added, removed []string)
+}
+
+// File is a blocklist table file and its in-memory copy. Its methods are
+// safe for concurrent use. Several File values, in one process or several,
+// may share a path.
+type File struct {
+	path     string
+	lockPath string
+	log      *slog.Logger
+	onChange func(added, removed []string)
+	seed     maphash.Seed
+
+	// snap is what Lookup reads: the disk state with pending changes
+	// applied. The map is never changed after it is stored.
+	snap atomic.Pointer[snapshot]
+
+	// writeMu serializes reading the disk state into memory and writing
+	// it; it is held while waiting for the file lock. It guards the next
+	// four fields.
+	writeMu sync.Mutex
+	stamp   stamp    // of the content on disk
+	changes []change // for OnChange, once writeMu is released
+	failing bool     // the last write retried by Watch failed
+	broken  bool     // the last check by Watch failed
+
+	// mu guards the fields below. It is never held during I/O.
+	mu      sync.Mutex
+	disk    map[string]Entry // the last content read or written
+	pending map[string]op    // changes not written yet, by identity
+	seq     uint64           // of the last op
+	durable uint64           // every op with seq <= durable is on disk
+}
+
+type snapshot struct {
+	m map[string]Entry
+}
+
+// stamp identifies a version of the file on disk.
+type stamp struct {
+	exists bool
+	size   int64
+	mtime  int64 // ns
+	dev    uint64
+	ino    uint64
+	hash   uint64 // of the content
+	racy   bool   // mtime was too close to the time the content was read
+}
+
+// sameStat reports whether s and fi describe the same file version as far
+// as stat can tell.
+func (s stamp) sameStat(fi fs.FileInfo) bool {
+	dev, ino := fileID(fi)
+	return s.exists && s.size == fi.Size() && s.mtime == fi.ModTime().UnixNano() &&
+		s.dev == dev && s.ino == ino
+}
+
+// Open loads the table at cfg.Path. A missing file is an empty table; it is
+// created by the first write. A missing directory is an error. Lines that
+// are not valid entries are skipped, logged and returned as problems.
+func Open(cfg Config) (*File, []Problem, error) {
+	if cfg.Path == "" {
+		return nil, nil, errors.New("blocklist: no path")
+	}
+	dir := filepath.Dir(cfg.Path)
+	fi, err := os.Stat(dir)
+	if err != nil {
+		return nil, nil, fmt.Errorf("blocklist %s: directory: %w", cfg.Path, err)
+	}
+	if !fi.IsDir() {
+		return nil, nil, fmt.Errorf("blocklist %s: %s is not a directory", cfg.Path, dir)
+	}
+	f := &File{
+		path:     cfg.Path,
+		lockPath: cfg.Path + ".lock",
+		log:      cfg.Logger,
+		onChange: cfg.OnChange,
+		seed:     maphash.MakeSeed(),
+		disk:     map[string]Entry{},
+		pending:  map[string]op{},
+	}
+	if f.log == nil {
+		f.log = slog.New(slog.DiscardHandler)
+	}
+	f.snap.Store(&snapshot{m: f.disk})
+	data, st, err := f.read()
+	if err != nil {
+		return nil, nil, err
+	}
+	d := parseDocument(data)
+	f.writeMu.Lock()
+	f.install(d, st, loadOpen)
+	f.writeMu.Unlock()
+	f.log.Info("blocklist loaded", "path", f.path, "entries", len(d.entries), "problems", len(d.problems))
+	return f, d.problems, nil
+}
+
+// Lookup returns the entry for identity, compared case-insensitively,
+// including changes not written to disk yet. It takes no lock and does not
+// allocate when identity is in lower case.
+func (f *File) Lookup(identity string) (Entry, bool) {
+	m := f.snap.Load().m
+	if e, ok := m[identity]; ok {
+		return e, true
+	}
+	if low := strings.ToLower(identity); low != identity {
+		e, ok := m[low]
+		return e, ok
+	}
+	return Entry{}, false
+}
+
+// Entries returns all entries, sorted by identity.
+func (f *File) Entries() []Entry {
+	m := f.snap.Load().m
+	es := make([]Entry, 0, len(m))
+	for _, e := range m {
+		es = append(es, e)
+	}
+	slices.SortFunc(es, func(a, b Entry) int { return cmp.Compare(a.Identity, b.Identity) })
+	return es
+}
+
+// Len returns the number of entries.
+func (f *File) Len() int {
+	return len(f.snap.Load().m)
+}
+
+// Pending returns the number of changes made in memory but not written to
+// disk yet, because writing failed.
+func (f *File) Pending() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return len(f.pending)
+}
+
+// Add adds e, replacing the entry for the same identity (in place, if it is
+// in the file; otherwise e is appended). The identity is lower-cased, the
+// action upper-cased, and the text has control characters replaced by
+// spaces and is cut to [MaxText] bytes; e.Line is ignored.
+//
+// An invalid identity or action is an error wrapping [ErrInvalidIdentity]
+// or [ErrInvalidAction], and nothing changes. Otherwise [File.Lookup] sees
+// e at once, even if writing fails: the error then names the file, the
+// entry stays pending and is written by the next successful write. ctx
+// bounds the wait for the file lock.
+func (f *File) Add(ctx context.Context, e Entry) error {
+	id, err := canonicalIdentity(e.Identity)
+	if err != nil {
+		return err
+	}
+	action, err := canonicalAction(strings.TrimSpace(e.Action))
+	if err != nil {
+		return err
+	}
+	e = Entry{Identity: id, Action: action, Text: sanitizeText(e.Text)}
+	seq := f.record(op{entry: e})
+	return f.sync(ctx, seq)
+}
+
+// Remove removes the entry for identity, compared case-insensitively, and
+// reports whether there was one (in memory or on disk). Like [File.Add], it
+// takes effect in memory at once, and a failed write leaves it pending.
+func (f *File) Remove(ctx context.Context, identity string) (bool, error) {
+	id, err := canonicalIdentity(identity)
+	if err != nil {
+		return false, err
+	}
+	_, known := f.snap.Load().m[id]
+	found := new(bool)
+	seq := f.record(op{entry: Entry{Identity: id}, remove: true, found: found})
+	err = f.sync(ctx, seq)
+	// sync returned after the write that included our op (if any), under
+	// writeMu, so reading found is ordered after it was set.
+	return known || *found, err
+}
+
+// record makes o pending and visible to Lookup, and returns its sequence
+// number.
+func (f *File) record(o op) uint64 {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.seq++
+	o.seq = f.seq
+	f.pending[o.entry.Identity] = o
+	f.publishLocked()
+	return o.seq
+}
+
+// sync makes sure the op with sequence number seq is on disk, writing it
+// unless a concurrent write already did.
+func (f *File) sync(ctx context.Context, seq uint64) error {
+	f.writeMu.Lock()
+	defer f.unlockWrite()
+	f.mu.Lock()
+	done := seq <= f.durable
+	f.mu.Unlock()
+	if done {
+		return nil
+	}
+	return f.flushLocked(ctx)
+}
+
+// Flush writes the pending changes, if any. ctx bounds the wait for the
+// file lock.
+func (f *File) Flush(ctx context.Context) error {
+	f.writeMu.Lock()
+	defer f.unlockWrite()
+	return f.flushLocked(ctx)
+}
+
+// flushLocked writes all pending changes with a read-modify-write under the
+// file lock. f.writeMu must be held.
+func (f *File) flushLocked(ctx context.Context) error {
+	f.mu.Lock()
+	ops := make([]op, 0, len(f.pending))
+	for _, o := range f.pending {
+		ops = append(ops, o)
+	}
+	upto := f.seq
+	f.mu.Unlock()
+	if len(ops) == 0 {
+		return nil
+	}
+	slices.SortFunc(ops, func(a, b op) int { return cmp.Compare(a.seq, b.seq) })
+
+	unlock, err := lockFile(ctx, f.lockPath)
+	if err != nil {
+		return fmt.Errorf("blocklist %s: %w (kept in memory, %d pending)", f.path, err, len(ops))
+	}
+	defer unlock()
+	data, st, err := f.read()
+	if err != nil {
+		return fmt.Errorf("%w (kept in memory, %d pending)", err, len(ops))
+	}
+	d := parseDocument(data)
+	if st.hash != f.stamp.hash || st.exists != f.stamp.exists {
+		// Someone else changed the file since we last looked: take their
+		// version in (and log its problems) before applying ours.
+		f.install(d, st, loadOutside)
+	}
+	onlyRemovals := true
+	for _, o := range ops {
+		onlyRemovals = onlyRemovals && o.remove
+	}
+	out := d.render(ops, trimBlank(data) == "")
+	if out != data && (st.exists || !onlyRemovals) {
+		st, err = writeAtomic(f.path, out)
+		if err != nil {
+			return fmt.Errorf("blocklist %s: write: %w (kept in memory, %d pending)", f.path, err, len(ops))
+		}
+		st.hash = maphash.String(f.seed, out)
+		d = parseDocument(out)
+	}
+	f.mu.Lock()
+	f.durable = upto
+	for id, o := range f.pending {
+		if o.seq <= upto {
+			delete(f.pending, id)
+		}
+	}
+	f.mu.Unlock()
+	f.install(d, st, loadOwn)
+	return nil
+}
+
+// Reload reads the file again, as after an outside change, and returns the
+// problems in it. Pending changes stay applied. On error the in-memory
+// table is unchanged.
+func (f *File) Reload() ([]Problem, error) {
+	f.writeMu.Lock()
+	defer f.unlockWrite()
+	data, st, err := f.read()
+	if err != nil {
+		return nil, err
+	}
+	d := parseDocument(data)
+	f.install(d, st, loadOutside)
+	return d.problems, nil
+}
+
+// Watch polls the file every interval (1 s if interval <= 0) and reloads it
+// when it changed: its size, modification time or inode differ, or, while
+// the modification time is too recent to trust, its content hash. On each
+// tick it also retries writing pending changes, waiting at most about an
+// interval for the file lock. An edit is seen within an interval (plus the
+// reload), so an interval of 1 s keeps the daemon's promise to see outside
+// edits within 2 s. Watch returns ctx.Err() when ctx is done; the caller
+// owns the goroutine.
+func (f *File) Watch(ctx context.Context, interval time.Duration) error {
+	if interval <= 0 {
+		interval = time.Second
+	}
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-t.C:
+		}
+		f.poll(ctx, interval)
+	}
+}
+
+// poll is one tick of Watch.
+func (f *File) poll(ctx context.Context, interval time.Duration) {
+	f.refresh()
+	if f.Pending() == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, max(interval, 100*time.Millisecond))
+	defer cancel()
+	f.writeMu.Lock()
+	defer f.unlockWrite()
+	n := f.Pending()
+	err := f.flushLocked(ctx)
+	switch {
+	case err != nil && !f.failing:
+		f.log.Warn("blocklist write failed, will retry", "path", f.path, "pending", n, "error", err)
+	case err != nil:
+		f.log.Debug("blocklist write failed again", "path", f.path, "pending", n, "error", err)
+	case f.failing:
+		f.log.Info("blocklist written after failures", "path", f.path, "changes", n)
+	}
+	f.failing = err != nil
+}
+
+// refresh reloads the file if it changed since it was last read or
+// written. It logs a failure once, and the recovery.
+func (f *File) refresh() {
+	f.writeMu.Lock()
+	defer f.unlockWrite()
+	err := f.refreshLocked()
+	switch {
+	case err != nil && !f.broken:
+		f.log.Warn("blocklist check failed", "path", f.path, "error", err)
+	case err != nil:
+		f.log.Debug("blocklist check failed again", "path", f.path, "error", err)
+	case f.broken:
+		f.log.Info("blocklist check works again", "path", f.path)
+	}
+	f.broken = err != nil
+}
+
+func (f *File) refreshLocked() error {
+	fi, err := os.Stat(f.path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		if f.stamp.exists {
+			f.install(document{}, stamp{}, loadOutside)
+		}
+		return nil
+	case err != nil:
+		return fmt.Errorf("blocklist %s: %w", f.path, err)
+	case f.stamp.sameStat(fi) && !f.stamp.racy:
+		return nil
+	}
+	data, st, err := f.read()
+	if err != nil {
+		return err
+	}
+	if st.exists == f.stamp.exists && st.hash == f.stamp.hash {
+		f.stamp = st // same content, newer stat data
+		return nil
+	}
+	f.install(parseDocument(data), st, loadOutside)
+	return nil
+}
+
+// read returns the file's content and stamp; a missing file is empty.
+func (f *File) read() (string, stamp, error) {
+	start := time.Now()
+	fd, err := os.Open(f.path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return "", stamp{}, nil
+	}
+	if err != nil {
+		return "", stamp{}, fmt.Errorf("blocklist %s: %w", f.path, err)
+	}
+	defer fd.Close()
+	var b strings.Builder
+	if fi, err := fd.Stat(); err == nil && fi.Size() > 0 && fi.Size() < 1<<30 {
+		b.Grow(int(fi.Size()) + 1)
+	}
+	if _, err := io.Copy(&b, fd); err != nil {
+		return "", stamp{}, fmt.Errorf("blocklist %s: read: %w", f.path, err)
+	}
+	// Stat after reading: a change during the read then shows as a
+	// modification time inside racyWindow, and is caught by the hash
+	// check on the next tick.
+	fi, err := fd.Stat()
+	if err != nil {
+		return "", stamp{}, fmt.Errorf("blocklist %s: %w", f.path, err)
+	}
+	data := b.String()
+	dev, ino := fileID(fi)
+	return data, stamp{
+		exists: true,
+		size:   fi.Size(),
+		mtime:  fi.ModTime().UnixNano(),
+		dev:    dev,
+		ino:    ino,
+		hash:   maphash.String(f.seed, data),
+		racy:   fi.ModTime().After(start.Add(-racyWindow)),
+	}, nil
+}
+
+// loadKind says where content given to install comes from.
+type loadKind int
+
+const (
+	loadOpen    loadKind = iota // the first load: log problems only
+	loadOutside                 // read from disk: report changes by others
+	loadOwn                     // just written by us: nothing to report
+)
+
+// install makes d the disk state, with pending changes applied on top, and
+// records st as its stamp. For content changed by someone else, it logs the
+// problems and the reload and calls OnChange. f.writeMu must be held.
+func (f *File) install(d document, st stamp, how loadKind) {
+	disk := make(map[string]Entry, len(d.entries))
+	for _, e := range d.entries {
+		disk[e.Identity] = e
+	}
+	f.mu.Lock()
+	old := f.snap.Load().m
+	f.disk = disk
+	cur := f.publishLocked()
+	f.mu.Unlock()
+	changed := st.hash != f.stamp.hash || st.exists != f.stamp.exists
+	f.stamp = st
+	switch {
+	case how == loadOpen:
+		f.logProblems(d.problems)
+		return
+	case how == loadOwn || !changed:
+		return
+	}
+	var added, removed []string
+	for id := range cur {
+		if _, ok := old[id]; !ok {
+			added = append(added, id)
+		}
+	}
+	for id := range old {
+		if _, ok := cur[id]; !ok {
+			removed = append(removed, id)
+		}
+	}
+	slices.Sort(added)
+	slices.Sort(removed)
+	f.logProblems(d.problems)
+	f.log.Info("blocklist reloaded", "path", f.path, "entries", len(cur),
+		"added", len(added), "removed", len(removed), "problems", len(d.problems))
+	if f.onChange != nil && (len(added) > 0 || len(removed) > 0) {
+		f.changes = append(f.changes, change{added, removed})
+	}
+}
+
+// change is a call of OnChange waiting for the locks to be released.
+type change struct{ added, removed []string }
+
+// unlockWrite releases f.writeMu and then calls OnChange for the changes
+// noticed while it was held.
+func (f *File) unlockWrite() {
+	changes := f.changes
+	f.changes = nil
+	f.writeMu.Unlock()
+	for _, c := range changes {
+		f.onChange(c.added, c.removed)
+	}
+}
+
+func (f *File) logProblems(ps []Problem) {
+	for i, p := range ps {
+		if i == maxLoggedProblems {
+			f.log.Warn("blocklist has more bad lines", "path", f.path, "more", len(ps)-i)
+			return
+		}
+		f.log.Warn("blocklist line skipped", "path", f.path, "line", p.Line, "error", p.Err, "text", p.Text)
+	}
+}
+
+// publishLocked stores the disk state with pending changes applied as the
+// snapshot Lookup reads, and returns its map. f.mu must be held.
+func (f *File) publishLocked() map[string]Entry {
+	m := f.disk
+	if len(f.pending) > 0 {
+		m = make(map[string]Entry, len(f.disk)+len(f.pending))
+		for id, e := range f.disk {
+			m[id] = e
+		}
+		for id, o := range f.pending {
+			if o.remove {
+				delete(m, id)
+			} else {
+				m[id] = o.entry
+			}
+		}
+	}
+	f.snap.Store(&snapshot{m: m})
+	return m
+}
+
+// writeAtomic replaces the file at path with data: it writes a temporary
+// file in the same directory, syncs it, renames it over path and syncs the
+// directory. It returns the stamp of the new file (without hash).
+func writeAtomic(path, data string) (st stamp, err error) {
+	dir, base := filepath.Split(path)
+	if dir == "" {
+		dir = "."
+	}
+	tmp, err := os.CreateTemp(dir, "."+base+".tmp-*")
+	if err != nil {
+		return st, err
+	}
+	renamed := false
+	defer func() {
+		if err != nil && !renamed {
+			tmp.Close()
+			os.Remove(tmp.Name())
+		}
+	}()
+	if _, err = io.WriteString(tmp, data); err != nil {
+		return st, err
+	}
+	// Postfix (and `rcptguard list` run by anyone) must be able to read it.
+	if err = tmp.Chmod(0o644); err != nil {
+		return st, err
+	}
+	if err = tmp.Sync(); err != nil {
+		return st, err
+	}
+	// The stamp comes from the file we wrote, not from path after the
+	// rename, which another writer may already have replaced.
+	fi, err := tmp.Stat()
+	if err != nil {
+		return st, err
+	}
+	if err = tmp.Close(); err != nil {
+		return st, err
+	}
+	if err = os.Rename(tmp.Name(), path); err != nil {
+		return st, err
+	}
+	renamed = true
+	dev, ino := fileID(fi)
+	st = stamp{exists: true, size: fi.Size(), mtime: fi.ModTime().UnixNano(), dev: dev, ino: ino, racy: true}
+	if err = syncDir(dir); err != nil {
+		// The file is in place but may not survive a crash. Say so; the
+		// changes stay pending, and the next write finds them on disk.
+		return st, fmt.Errorf("sync directory %s: %w", dir, err)
+	}
+	return st, nil
+}
+
+// syncDir makes a rename in dir durable.
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}

@@ -1,0 +1,18 @@
+//go:build !(linux || darwin || freebsd || netbsd || openbsd || dragonfly)
+
+package blocklist
+
+import (
+	"context"
+	"errors"
+	"io/fs"
+)
+
+// lockFile fails: this platform has no flock(2), and writing without the
+// lock could lose a concurrent writer's entries.
+func lockFile(ctx context.Context, path string) (func(), error) {
+	return nil, errors.New("lock " + path + ": file locking is not supported on this platform")
+}
+
+// fileID returns zeros; stat changes are still seen by size and time.
+func fileID(fi fs.FileInfo) (dev, ino uint64) { return 0, 0 }
