@@ -1,0 +1,297 @@
+package detector
+
+import (
+	"hash/maphash"
+	"slices"
+	"sync"
+	"time"
+)
+
+// Limiter counts, per identity, the distinct invalid recipients that fall
+// inside a sliding window of Period, and keeps the evidence a report
+// needs. It is a plain sharded map behind mutexes: a cache with an
+// admission policy could silently drop a counter, and a dropped counter
+// is an abuser let through.
+//
+// Time is always passed in, so tests control it. The zero Limiter is not
+// usable; call NewLimiter.
+type Limiter struct {
+	period int64 // nanoseconds
+	seed   maphash.Seed
+	shards [limiterShards]limiterShard
+}
+
+const limiterShards = 64
+
+type limiterShard struct {
+	mu sync.Mutex
+	m  map[string]*track
+}
+
+// track is the state of one identity.
+type track struct {
+	hits     []hit // distinct invalid recipients in the window, oldest first
+	last     int64 // time of the last activity, unix ns
+	warned   int64 // time of the last warning, unix ns; 0 none
+	blocked  bool  // a block (or would-block) was acted on
+	evidence *Evidence
+}
+
+// hit is one distinct invalid recipient: a hash of the address and when it
+// was last seen invalid.
+type hit struct {
+	h uint64
+	t int64
+}
+
+// Evidence is what a report tells about an identity: where it connected
+// from, which invalid recipients it tried (the most recent, at most
+// MaxRecipients) and the queue IDs of its mail that was held.
+type Evidence struct {
+	Clients    []ClientSeen
+	Recipients []InvalidRecipient
+	QueueIDs   []string
+}
+
+// ClientSeen is one client address an identity connected from.
+type ClientSeen struct {
+	Address string
+	Name    string // reverse name as Postfix reported it, "" if unknown
+	Count   int
+}
+
+// InvalidRecipient is one recipient that turned out not to exist, with the
+// MX reply that said so.
+type InvalidRecipient struct {
+	Address string
+	Time    time.Time
+	Reason  string
+	MX      string
+	Reply   string
+}
+
+// Evidence bounds: what a report shows.
+const (
+	MaxRecipients = 20
+	MaxClients    = 20
+	MaxQueueIDs   = 100
+)
+
+// NewLimiter returns a limiter with the given window length.
+func NewLimiter(period time.Duration) *Limiter {
+	l := &Limiter{period: int64(period), seed: maphash.MakeSeed()}
+	for i := range l.shards {
+		l.shards[i].m = make(map[string]*track)
+	}
+	return l
+}
+
+func (l *Limiter) shard(id string) *limiterShard {
+	return &l.shards[maphash.String(l.seed, id)%limiterShards]
+}
+
+// Add records that rcpt, a recipient of id, does not exist, and returns the
+// number of distinct invalid recipients of id in the window ending at now.
+// A recipient already in the window is not counted again; its time moves
+// to now. rcpt is compared as given: the caller normalises it.
+func (l *Limiter) Add(id, rcpt string, now time.Time) int {
+	h := maphash.String(l.seed, rcpt)
+	t := now.UnixNano()
+	s := l.shard(id)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	tr := s.m[id]
+	if tr == nil {
+		tr = &track{}
+		s.m[id] = tr
+	}
+	tr.last = max(tr.last, t)
+	tr.expire(t - l.period)
+	if i := slices.IndexFunc(tr.hits, func(x hit) bool { return x.h == h }); i >= 0 {
+		tr.hits = slices.Delete(tr.hits, i, i+1)
+	}
+	// Keep the slice ordered by time even when calls arrive slightly out
+	// of order from concurrent requests.
+	i := len(tr.hits)
+	for i > 0 && tr.hits[i-1].t > t {
+		i--
+	}
+	tr.hits = slices.Insert(tr.hits, i, hit{h: h, t: t})
+	return len(tr.hits)
+}
+
+// expire drops hits at or before cutoff.
+func (tr *track) expire(cutoff int64) {
+	n := 0
+	for n < len(tr.hits) && tr.hits[n].t <= cutoff {
+		n++
+	}
+	if n > 0 {
+		tr.hits = slices.Delete(tr.hits, 0, n)
+	}
+}
+
+// Count returns the distinct invalid recipients of id in the window ending
+// at now.
+func (l *Limiter) Count(id string, now time.Time) int {
+	s := l.shard(id)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	tr := s.m[id]
+	if tr == nil {
+		return 0
+	}
+	tr.expire(now.UnixNano() - l.period)
+	return len(tr.hits)
+}
+
+// Warn reports whether a warning for id is due at now: true at most once
+// per period. It records that one was given.
+func (l *Limiter) Warn(id string, now time.Time) bool {
+	t := now.UnixNano()
+	s := l.shard(id)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	tr := s.m[id]
+	if tr == nil {
+		tr = &track{last: t}
+		s.m[id] = tr
+	}
+	if tr.warned != 0 && t-tr.warned < l.period {
+		return false
+	}
+	tr.warned = t
+	return true
+}
+
+// MarkBlocked records that id was blocked and reports whether it was not
+// already: only the first caller acts on a block.
+func (l *Limiter) MarkBlocked(id string) bool {
+	s := l.shard(id)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	tr := s.m[id]
+	if tr == nil {
+		tr = &track{}
+		s.m[id] = tr
+	}
+	if tr.blocked {
+		return false
+	}
+	tr.blocked = true
+	return true
+}
+
+// Note updates the evidence kept for id: fn runs with the identity's
+// evidence (allocated on first use) under the identity's lock, so it must
+// be quick and must not call back into the Limiter.
+func (l *Limiter) Note(id string, now time.Time, fn func(*Evidence)) {
+	s := l.shard(id)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	tr := s.m[id]
+	if tr == nil {
+		tr = &track{}
+		s.m[id] = tr
+	}
+	tr.last = max(tr.last, now.UnixNano())
+	if tr.evidence == nil {
+		tr.evidence = &Evidence{}
+	}
+	fn(tr.evidence)
+}
+
+// Evidence returns a copy of what is known about id.
+func (l *Limiter) Evidence(id string) Evidence {
+	s := l.shard(id)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	tr := s.m[id]
+	if tr == nil || tr.evidence == nil {
+		return Evidence{}
+	}
+	e := tr.evidence
+	return Evidence{
+		Clients:    slices.Clone(e.Clients),
+		Recipients: slices.Clone(e.Recipients),
+		QueueIDs:   slices.Clone(e.QueueIDs),
+	}
+}
+
+// Sweep forgets identities with no activity for a whole period and returns
+// how many identities are still tracked.
+func (l *Limiter) Sweep(now time.Time) int {
+	cutoff := now.UnixNano() - l.period
+	n := 0
+	for i := range l.shards {
+		s := &l.shards[i]
+		s.mu.Lock()
+		for id, tr := range s.m {
+			if tr.last <= cutoff && tr.warned <= cutoff {
+				delete(s.m, id)
+				continue
+			}
+			tr.expire(cutoff)
+			if len(tr.hits) == 0 && cap(tr.hits) > 4 {
+				tr.hits = nil
+			}
+		}
+		n += len(s.m)
+		s.mu.Unlock()
+	}
+	return n
+}
+
+// Forget drops everything known about id, as after an unblock.
+func (l *Limiter) Forget(id string) {
+	s := l.shard(id)
+	s.mu.Lock()
+	delete(s.m, id)
+	s.mu.Unlock()
+}
+
+// Len returns the number of tracked identities.
+func (l *Limiter) Len() int {
+	n := 0
+	for i := range l.shards {
+		s := &l.shards[i]
+		s.mu.Lock()
+		n += len(s.m)
+		s.mu.Unlock()
+	}
+	return n
+}
+
+// AddRecipient appends r to the evidence, keeping the most recent
+// MaxRecipients and one entry per address.
+func (e *Evidence) AddRecipient(r InvalidRecipient) {
+	e.Recipients = slices.DeleteFunc(e.Recipients, func(x InvalidRecipient) bool { return x.Address == r.Address })
+	if len(e.Recipients) >= MaxRecipients {
+		e.Recipients = slices.Delete(e.Recipients, 0, len(e.Recipients)-MaxRecipients+1)
+	}
+	e.Recipients = append(e.Recipients, r)
+}
+
+// AddClient counts one request from a client address.
+func (e *Evidence) AddClient(addr, name string) {
+	for i := range e.Clients {
+		if e.Clients[i].Address == addr {
+			e.Clients[i].Count++
+			if name != "" {
+				e.Clients[i].Name = name
+			}
+			return
+		}
+	}
+	if len(e.Clients) < MaxClients {
+		e.Clients = append(e.Clients, ClientSeen{Address: addr, Name: name, Count: 1})
+	}
+}
+
+// AddQueueID remembers a queue ID that was answered with the block action.
+func (e *Evidence) AddQueueID(id string) {
+	if id == "" || slices.Contains(e.QueueIDs, id) || len(e.QueueIDs) >= MaxQueueIDs {
+		return
+	}
+	e.QueueIDs = append(e.QueueIDs, id)
+}

@@ -1,0 +1,184 @@
+package detector
+
+import (
+	"fmt"
+	"runtime"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+)
+
+var t0 = time.Date(2026, 11, 22, 10, 0, 0, 0, time.UTC)
+
+func TestLimiterWindow(t *testing.T) {
+	type step struct {
+		at   time.Duration // after t0
+		rcpt string
+		want int
+	}
+	tests := []struct {
+		name  string
+		steps []step
+	}{
+		{"distinct recipients count", []step{{0, "a", 1}, {time.Second, "b", 2}, {2 * time.Second, "c", 3}}},
+		{"a retried recipient counts once", []step{{0, "a", 1}, {time.Second, "a", 1}, {2 * time.Second, "a", 1}, {3 * time.Second, "b", 2}}},
+		{"hits leave the window after a period", []step{{0, "a", 1}, {30 * time.Minute, "b", 2}, {time.Hour, "c", 2}, {90 * time.Minute, "d", 2}}},
+		{"edge: exactly one period later the old hit is out", []step{{0, "a", 1}, {time.Hour - time.Nanosecond, "b", 2}, {time.Hour, "c", 2}}},
+		{"a retry refreshes the time of a hit", []step{{0, "a", 1}, {50 * time.Minute, "a", 1}, {70 * time.Minute, "b", 2}, {111 * time.Minute, "c", 2}}},
+		{"out of order arrival keeps order", []step{{10 * time.Second, "a", 1}, {5 * time.Second, "b", 2}, {time.Hour + 6*time.Second, "c", 2}}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			l := NewLimiter(time.Hour)
+			for i, s := range tt.steps {
+				if got := l.Add("user@example.com", s.rcpt, t0.Add(s.at)); got != s.want {
+					t.Fatalf("step %d (%s at %s): count %d, want %d", i, s.rcpt, s.at, got, s.want)
+				}
+			}
+		})
+	}
+}
+
+func TestLimiterIdentitiesAreSeparate(t *testing.T) {
+	l := NewLimiter(time.Hour)
+	l.Add("a", "x", t0)
+	l.Add("a", "y", t0)
+	if got := l.Add("b", "x", t0); got != 1 {
+		t.Fatalf("b count %d, want 1", got)
+	}
+	if got := l.Count("a", t0); got != 2 {
+		t.Fatalf("a count %d, want 2", got)
+	}
+	if got := l.Count("nobody", t0); got != 0 {
+		t.Fatalf("unknown identity count %d", got)
+	}
+}
+
+func TestLimiterWarnOncePerPeriod(t *testing.T) {
+	l := NewLimiter(time.Hour)
+	if !l.Warn("u", t0) {
+		t.Fatal("first warning not due")
+	}
+	if l.Warn("u", t0.Add(59*time.Minute)) {
+		t.Fatal("second warning within the period")
+	}
+	if !l.Warn("u", t0.Add(time.Hour)) {
+		t.Fatal("warning not due again after a period")
+	}
+}
+
+func TestLimiterSweep(t *testing.T) {
+	l := NewLimiter(time.Hour)
+	l.Add("quiet", "a", t0)
+	l.Add("busy", "a", t0)
+	l.Add("busy", "b", t0.Add(50*time.Minute))
+	if n := l.Sweep(t0.Add(30 * time.Minute)); n != 2 {
+		t.Fatalf("tracked %d after early sweep, want 2", n)
+	}
+	if n := l.Sweep(t0.Add(time.Hour)); n != 1 {
+		t.Fatalf("tracked %d, want 1 (quiet identity dropped)", n)
+	}
+	if got := l.Count("busy", t0.Add(time.Hour)); got != 1 {
+		t.Fatalf("busy count %d, want 1", got)
+	}
+	l.Forget("busy")
+	if l.Len() != 0 {
+		t.Fatalf("Len %d after Forget", l.Len())
+	}
+}
+
+func TestEvidenceBounds(t *testing.T) {
+	l := NewLimiter(time.Hour)
+	for i := range 50 {
+		l.Note("u", t0, func(e *Evidence) {
+			e.AddRecipient(InvalidRecipient{Address: "r" + strconv.Itoa(i) + "@x"})
+			e.AddClient("192.0.2."+strconv.Itoa(i), "")
+			e.AddQueueID("Q" + strconv.Itoa(i%7))
+		})
+	}
+	l.Note("u", t0, func(e *Evidence) { e.AddRecipient(InvalidRecipient{Address: "r45@x"}) })
+	e := l.Evidence("u")
+	if len(e.Recipients) != MaxRecipients || e.Recipients[len(e.Recipients)-1].Address != "r45@x" || e.Recipients[0].Address != "r30@x" {
+		t.Fatalf("recipients %d, first %v last %v", len(e.Recipients), e.Recipients[0], e.Recipients[len(e.Recipients)-1])
+	}
+	if len(e.Clients) != MaxClients || len(e.QueueIDs) != 7 {
+		t.Fatalf("clients %d, queue IDs %d", len(e.Clients), len(e.QueueIDs))
+	}
+}
+
+func TestLimiterConcurrent(t *testing.T) {
+	l := NewLimiter(time.Hour)
+	var wg sync.WaitGroup
+	for g := range 8 {
+		wg.Go(func() {
+			for i := range 500 {
+				l.Add("id"+strconv.Itoa(i%10), "r"+strconv.Itoa(i), t0.Add(time.Duration(g)))
+			}
+		})
+	}
+	wg.Wait()
+	for i := range 10 {
+		if got := l.Count("id"+strconv.Itoa(i), t0); got != 50 {
+			t.Fatalf("id%d count %d, want 50", i, got)
+		}
+	}
+}
+
+// TestLimiterMemory measures the heap per tracked identity holding one
+// invalid recipient, and fails when it is far over budget.
+func TestLimiterMemory(t *testing.T) {
+	if testing.Short() {
+		t.Skip("allocates a lot")
+	}
+	const n = 200_000
+	ids := make([]string, n)
+	for i := range ids {
+		ids[i] = "user" + strconv.Itoa(i) + "@customer.example"
+	}
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	l := NewLimiter(time.Hour)
+	for _, id := range ids {
+		l.Add(id, "nobody@elsewhere.example", t0)
+	}
+	runtime.GC()
+	runtime.ReadMemStats(&after)
+	per := float64(after.HeapAlloc-before.HeapAlloc) / n
+	t.Logf("%.0f bytes per tracked identity (identity strings excluded: they are the caller's)", per)
+	if per > 300 {
+		t.Fatalf("%.0f bytes per identity, budget 300", per)
+	}
+	runtime.KeepAlive(l)
+}
+
+func BenchmarkLimiterAdd(b *testing.B) {
+	l := NewLimiter(time.Hour)
+	ids := make([]string, 10000)
+	for i := range ids {
+		ids[i] = "user" + strconv.Itoa(i) + "@example.com"
+	}
+	b.ReportAllocs()
+	b.RunParallel(func(pb *testing.PB) {
+		i := 0
+		for pb.Next() {
+			l.Add(ids[i%len(ids)], "rcpt"+strconv.Itoa(i%50)+"@x.example", t0.Add(time.Duration(i)))
+			i++
+		}
+	})
+}
+
+func ExampleLimiter() {
+	l := NewLimiter(time.Hour)
+	start := time.Date(2026, 1, 1, 9, 0, 0, 0, time.UTC)
+	fmt.Println(l.Add("alice@example.com", "nobody@example.net", start))
+	fmt.Println(l.Add("alice@example.com", "nobody@example.net", start.Add(time.Minute))) // a retry
+	fmt.Println(l.Add("alice@example.com", "ghost@example.org", start.Add(2*time.Minute)))
+	fmt.Println(l.Count("alice@example.com", start.Add(61*time.Minute))) // the first left the window
+	// Output:
+	// 1
+	// 1
+	// 2
+	// 1
+}
