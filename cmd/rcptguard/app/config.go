@@ -1,0 +1,466 @@
+package app
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/mail"
+	"net/netip"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/BurntSushi/toml"
+
+	"github.com/rcptguard/rcptguard/callout"
+)
+
+// defaultConfigPath is read when no -config flag and no RCPTGUARD_CONFIG
+// environment variable name a file, if it exists.
+const defaultConfigPath = "/etc/rcptguard/rcptguard.toml"
+
+// Config is the whole configuration file. Every key has a default (see
+// defaultConfig), so an empty file, or none, is a working configuration.
+type Config struct {
+	Policy    PolicyConfig    `toml:"policy"`
+	Detector  DetectorConfig  `toml:"detector"`
+	Callout   CalloutConfig   `toml:"callout"`
+	Blocklist BlocklistConfig `toml:"blocklist"`
+	Notify    NotifyConfig    `toml:"notify"`
+	Metrics   MetricsConfig   `toml:"metrics"`
+	Log       LogConfig       `toml:"log"`
+
+	// Path is the file the configuration was read from, "" for defaults.
+	Path string `toml:"-"`
+}
+
+// PolicyConfig is the [policy] section: where Postfix reaches us.
+type PolicyConfig struct {
+	Listen      []string `toml:"listen"`
+	SocketMode  string   `toml:"socket_mode"`
+	IdleTimeout Duration `toml:"idle_timeout"`
+}
+
+// DetectorConfig is the [detector] section: counting and blocking.
+type DetectorConfig struct {
+	Limit         int      `toml:"limit"`
+	Period        Duration `toml:"period"`
+	WarnAt        float64  `toml:"warn_at"`
+	Action        string   `toml:"action"`
+	Mode          string   `toml:"mode"`
+	Wait          Duration `toml:"wait"`
+	RelayNetworks []string `toml:"relay_networks"`
+	LocalDomains  []string `toml:"local_domains"`
+	Exempt        []string `toml:"exempt"`
+	LimitsFile    string   `toml:"limits_file"`
+}
+
+// CalloutConfig is the [callout] section: recipient verification.
+type CalloutConfig struct {
+	Resolver         string   `toml:"resolver"`
+	Port             int      `toml:"port"`
+	Timeout          Duration `toml:"timeout"`
+	Helo             string   `toml:"helo"`
+	MailFrom         string   `toml:"mail_from"`
+	PositiveTTL      Duration `toml:"positive_ttl"`
+	NegativeTTL      Duration `toml:"negative_ttl"`
+	UnknownTTL       Duration `toml:"unknown_ttl"`
+	AllowPrivate     bool     `toml:"allow_private"`
+	CatchallProbe    bool     `toml:"catchall_probe"`
+	CacheSize        int64    `toml:"cache_size"`
+	PerHost          int      `toml:"per_host"`
+	SingleRcptMX     []string `toml:"single_rcpt_mx"`
+	AcceptAllDomains []string `toml:"accept_all_domains"`
+	AcceptAllMX      []string `toml:"accept_all_mx"`
+	STARTTLS         bool     `toml:"starttls"`
+}
+
+// BlocklistConfig is the [blocklist] section.
+type BlocklistConfig struct {
+	Path string `toml:"path"`
+}
+
+// NotifyConfig is the [notify] section: abuse reports.
+type NotifyConfig struct {
+	To           []string `toml:"to"`
+	From         string   `toml:"from"`
+	Relay        string   `toml:"relay"`
+	Username     string   `toml:"username"`
+	PasswordFile string   `toml:"password_file"`
+	STARTTLS     string   `toml:"starttls"`
+	Spool        string   `toml:"spool"`
+}
+
+// MetricsConfig is the [metrics] section.
+type MetricsConfig struct {
+	Listen string `toml:"listen"`
+}
+
+// LogConfig is the [log] section.
+type LogConfig struct {
+	Level  string `toml:"level"`
+	Format string `toml:"format"`
+}
+
+// defaultConfig returns the configuration used for keys a file leaves out.
+func defaultConfig() Config {
+	return Config{
+		Policy: PolicyConfig{
+			Listen:      []string{"127.0.0.1:10040"},
+			SocketMode:  "0660",
+			IdleTimeout: Duration(5 * time.Minute),
+		},
+		Detector: DetectorConfig{
+			Limit:  100,
+			Period: Duration(time.Hour),
+			WarnAt: 0.75,
+			Action: "HOLD",
+			Mode:   "enforce",
+			Wait:   Duration(5 * time.Second),
+		},
+		Callout: CalloutConfig{
+			Port:             25,
+			Timeout:          Duration(10 * time.Second),
+			PositiveTTL:      Duration(24 * time.Hour),
+			NegativeTTL:      Duration(2 * time.Hour),
+			UnknownTTL:       Duration(5 * time.Minute),
+			CatchallProbe:    true,
+			CacheSize:        64 << 20,
+			PerHost:          4,
+			SingleRcptMX:     slices.Clone(callout.DefaultSingleRcptMX),
+			AcceptAllDomains: slices.Clone(callout.DefaultAcceptAllDomains),
+			AcceptAllMX:      slices.Clone(callout.DefaultAcceptAllMX),
+			STARTTLS:         true,
+		},
+		Blocklist: BlocklistConfig{Path: "/var/lib/rcptguard/blocklist"},
+		Notify: NotifyConfig{
+			From:     "rcptguard@localhost",
+			Relay:    "127.0.0.1:25",
+			STARTTLS: "opportunistic",
+			Spool:    "/var/lib/rcptguard/spool",
+		},
+		Log: LogConfig{Level: "info", Format: "text"},
+	}
+}
+
+// Duration is a time.Duration written as a Go duration string ("90s",
+// "1h30m") in the file; a day suffix ("7d") is accepted too.
+type Duration time.Duration
+
+// UnmarshalText parses a duration string.
+func (d *Duration) UnmarshalText(b []byte) error {
+	s := strings.TrimSpace(string(b))
+	if days, ok := strings.CutSuffix(s, "d"); ok {
+		n, err := strconv.ParseFloat(days, 64)
+		if err != nil || n < 0 {
+			return fmt.Errorf("%q is not a duration such as \"10s\", \"5m\", \"2h\" or \"7d\"", s)
+		}
+		*d = Duration(n * float64(24*time.Hour))
+		return nil
+	}
+	v, err := time.ParseDuration(s)
+	if err != nil {
+		return fmt.Errorf("%q is not a duration such as \"10s\", \"5m\", \"2h\" or \"7d\"", s)
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// MarshalText writes the duration as a Go duration string.
+func (d Duration) MarshalText() ([]byte, error) { return []byte(time.Duration(d).String()), nil }
+
+// D returns the value as a time.Duration.
+func (d Duration) D() time.Duration { return time.Duration(d) }
+
+// configPath picks the file to read: the flag, else RCPTGUARD_CONFIG, else
+// the default path when that file exists, else none.
+func configPath(flagValue string) string {
+	if flagValue != "" {
+		return flagValue
+	}
+	if env := os.Getenv("RCPTGUARD_CONFIG"); env != "" {
+		return env
+	}
+	if _, err := os.Stat(defaultConfigPath); err == nil {
+		return defaultConfigPath
+	}
+	return ""
+}
+
+// LoadConfig reads and validates the configuration file at path ("" means
+// defaults only). Unknown keys and bad values are errors naming the key and
+// the file; all of them are reported at once.
+func LoadConfig(path string) (*Config, error) {
+	cfg := defaultConfig()
+	cfg.Path = path
+	if path == "" {
+		if errs := cfg.Validate(); len(errs) > 0 {
+			return nil, joinConfigErrors("defaults", errs)
+		}
+		return &cfg, nil
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	md, err := toml.Decode(string(data), &cfg)
+	if err != nil {
+		var perr toml.ParseError
+		if errors.As(err, &perr) {
+			return nil, fmt.Errorf("%s:%d: %s", path, perr.Position.Line, configKeyError(perr))
+		}
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	var errs []error
+	var reported []string
+	for _, k := range md.Undecoded() {
+		name := k.String()
+		// An unknown table is reported once, not once more per key in it.
+		if slices.ContainsFunc(reported, func(p string) bool { return strings.HasPrefix(name, p+".") }) {
+			continue
+		}
+		reported = append(reported, name)
+		errs = append(errs, fmt.Errorf("%s: unknown key", name))
+	}
+	errs = append(errs, cfg.Validate()...)
+	if len(errs) > 0 {
+		return nil, joinConfigErrors(path, errs)
+	}
+	return &cfg, nil
+}
+
+// configKeyError words a TOML decode error so it names the key.
+func configKeyError(perr toml.ParseError) string {
+	if perr.LastKey != "" {
+		return perr.LastKey + ": " + perr.Message
+	}
+	return perr.Message
+}
+
+func joinConfigErrors(path string, errs []error) error {
+	lines := make([]string, len(errs))
+	for i, e := range errs {
+		lines[i] = path + ": " + e.Error()
+	}
+	return errors.New(strings.Join(lines, "\n"))
+}
+
+// Validate checks every value and returns one error per bad key, each
+// starting with the key's path ("callout.timeout: ...").
+func (c *Config) Validate() []error {
+	var errs []error
+	bad := func(key, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%s: %s", key, fmt.Sprintf(format, args...)))
+	}
+
+	if len(c.Policy.Listen) == 0 {
+		bad("policy.listen", "at least one address is needed")
+	}
+	for i, l := range c.Policy.Listen {
+		if p, ok := strings.CutPrefix(l, "unix:"); ok {
+			if !strings.HasPrefix(p, "/") {
+				bad(fmt.Sprintf("policy.listen[%d]", i), "%q: a unix socket needs an absolute path, like \"unix:/run/rcptguard/policy.sock\"", l)
+			}
+			continue
+		}
+		if err := checkHostPort(l); err != nil {
+			bad(fmt.Sprintf("policy.listen[%d]", i), "%v", err)
+		}
+	}
+	if m, err := strconv.ParseUint(c.Policy.SocketMode, 8, 32); err != nil || m > 0o777 {
+		bad("policy.socket_mode", "%q is not an octal file mode such as \"0660\"", c.Policy.SocketMode)
+	}
+	if c.Policy.IdleTimeout.D() <= 0 {
+		bad("policy.idle_timeout", "must be positive")
+	}
+
+	d := &c.Detector
+	if d.Limit < 0 {
+		bad("detector.limit", "must be 0 (unlimited) or more")
+	}
+	if d.Period.D() < time.Minute || d.Period.D() > 30*24*time.Hour {
+		bad("detector.period", "must be between 1m and 30d, got %s", d.Period.D())
+	}
+	if d.WarnAt < 0 || d.WarnAt > 1 {
+		bad("detector.warn_at", "must be a fraction between 0 (no warning) and 1, got %v", d.WarnAt)
+	}
+	if err := checkAction(d.Action); err != nil {
+		bad("detector.action", "%v", err)
+	}
+	if d.Mode != "enforce" && d.Mode != "monitor" {
+		bad("detector.mode", "must be \"enforce\" or \"monitor\", got %q", d.Mode)
+	}
+	if d.Wait.D() <= 0 || d.Wait.D() > time.Minute {
+		bad("detector.wait", "must be between 0 and 1m (Postfix's policy timeout is 100s at most), got %s", d.Wait.D())
+	}
+	for i, n := range d.RelayNetworks {
+		if _, err := parseNetwork(n); err != nil {
+			bad(fmt.Sprintf("detector.relay_networks[%d]", i), "%v", err)
+		}
+	}
+	for i, dom := range d.LocalDomains {
+		if err := checkDomain(dom); err != nil {
+			bad(fmt.Sprintf("detector.local_domains[%d]", i), "%v", err)
+		}
+	}
+	for i, id := range d.Exempt {
+		if id == "" || strings.ContainsAny(id, " \t\r\n\x00") {
+			bad(fmt.Sprintf("detector.exempt[%d]", i), "%q is not an identity (empty or white space)", id)
+		}
+	}
+
+	co := &c.Callout
+	if co.Resolver != "" {
+		if err := checkHostPort(co.Resolver); err != nil {
+			bad("callout.resolver", "%v", err)
+		}
+	}
+	if co.Port < 1 || co.Port > 65535 {
+		bad("callout.port", "must be a port number, got %d", co.Port)
+	}
+	if co.Timeout.D() < 100*time.Millisecond || co.Timeout.D() > 5*time.Minute {
+		bad("callout.timeout", "must be between 100ms and 5m, got %s", co.Timeout.D())
+	}
+	if co.Helo != "" {
+		if err := checkDomain(co.Helo); err != nil {
+			bad("callout.helo", "%v", err)
+		}
+	}
+	if co.MailFrom != "" {
+		if _, err := mail.ParseAddress(co.MailFrom); err != nil || strings.ContainsAny(co.MailFrom, "<> ") {
+			bad("callout.mail_from", "%q is not a bare address such as \"verify@example.com\" (empty means the null sender)", co.MailFrom)
+		}
+	}
+	for _, t := range []struct {
+		key string
+		v   Duration
+	}{{"callout.positive_ttl", co.PositiveTTL}, {"callout.negative_ttl", co.NegativeTTL}, {"callout.unknown_ttl", co.UnknownTTL}} {
+		if t.v.D() <= 0 {
+			bad(t.key, "must be positive")
+		}
+	}
+	if co.CacheSize < 1<<20 {
+		bad("callout.cache_size", "must be at least 1048576 bytes, got %d", co.CacheSize)
+	}
+	if co.PerHost < 1 || co.PerHost > 100 {
+		bad("callout.per_host", "must be between 1 and 100, got %d", co.PerHost)
+	}
+	for _, list := range []struct {
+		key string
+		v   []string
+	}{{"callout.single_rcpt_mx", co.SingleRcptMX}, {"callout.accept_all_domains", co.AcceptAllDomains}, {"callout.accept_all_mx", co.AcceptAllMX}} {
+		for i, p := range list.v {
+			if err := checkDomain(strings.TrimPrefix(p, "*.")); err != nil {
+				bad(fmt.Sprintf("%s[%d]", list.key, i), "%v", err)
+			}
+		}
+	}
+
+	if c.Blocklist.Path == "" || !strings.HasPrefix(c.Blocklist.Path, "/") {
+		bad("blocklist.path", "must be an absolute path, got %q", c.Blocklist.Path)
+	}
+
+	n := &c.Notify
+	for i, to := range n.To {
+		if _, err := mail.ParseAddress(to); err != nil {
+			bad(fmt.Sprintf("notify.to[%d]", i), "%q is not an email address", to)
+		}
+	}
+	if _, err := mail.ParseAddress(n.From); err != nil {
+		bad("notify.from", "%q is not an email address", n.From)
+	}
+	if err := checkHostPort(n.Relay); err != nil {
+		bad("notify.relay", "%v", err)
+	}
+	switch n.STARTTLS {
+	case "required", "opportunistic", "off":
+	default:
+		bad("notify.starttls", "must be \"required\", \"opportunistic\" or \"off\", got %q", n.STARTTLS)
+	}
+	if n.Username != "" && n.PasswordFile == "" {
+		bad("notify.password_file", "is required when notify.username is set")
+	}
+	if n.Spool == "" || !strings.HasPrefix(n.Spool, "/") {
+		bad("notify.spool", "must be an absolute path, got %q", n.Spool)
+	}
+
+	if c.Metrics.Listen != "" {
+		if err := checkHostPort(c.Metrics.Listen); err != nil {
+			bad("metrics.listen", "%v", err)
+		}
+	}
+	switch c.Log.Level {
+	case "debug", "info", "warn", "error":
+	default:
+		bad("log.level", "must be debug, info, warn or error, got %q", c.Log.Level)
+	}
+	switch c.Log.Format {
+	case "text", "json":
+	default:
+		bad("log.format", "must be \"text\" or \"json\", got %q", c.Log.Format)
+	}
+	return errs
+}
+
+func checkHostPort(s string) error {
+	host, port, err := net.SplitHostPort(s)
+	if err != nil {
+		return fmt.Errorf("%q is not \"host:port\": %v", s, err)
+	}
+	if p, err := strconv.Atoi(port); err != nil || p < 0 || p > 65535 {
+		return fmt.Errorf("%q: bad port %q", s, port)
+	}
+	if host == "" {
+		return fmt.Errorf("%q: the host is missing (use 127.0.0.1 to listen on loopback only)", s)
+	}
+	return nil
+}
+
+// parseNetwork accepts a CIDR prefix or a single address.
+func parseNetwork(s string) (netip.Prefix, error) {
+	if p, err := netip.ParsePrefix(s); err == nil {
+		return p.Masked(), nil
+	}
+	a, err := netip.ParseAddr(s)
+	if err != nil {
+		return netip.Prefix{}, fmt.Errorf("%q is not a network such as \"192.0.2.0/24\" or an address", s)
+	}
+	return netip.PrefixFrom(a.Unmap(), a.Unmap().BitLen()), nil
+}
+
+func checkDomain(s string) error {
+	if s == "" || len(s) > 253 {
+		return fmt.Errorf("%q is not a domain name", s)
+	}
+	for _, label := range strings.Split(strings.TrimSuffix(s, "."), ".") {
+		if label == "" || len(label) > 63 || strings.HasPrefix(label, "-") || strings.HasSuffix(label, "-") {
+			return fmt.Errorf("%q is not a domain name", s)
+		}
+		for _, r := range label {
+			if r <= ' ' || r == '@' || r == '/' || r == ',' || r == 0x7f {
+				return fmt.Errorf("%q is not a domain name", s)
+			}
+		}
+	}
+	return nil
+}
+
+// checkAction accepts the Postfix access(5) actions that make sense for a
+// blocked identity: one line, starting with a known action word or an SMTP
+// code.
+func checkAction(a string) error {
+	if a == "" || strings.ContainsAny(a, "\r\n\x00") {
+		return fmt.Errorf("%q: must be one line", a)
+	}
+	word, _, _ := strings.Cut(a, " ")
+	switch strings.ToUpper(word) {
+	case "HOLD", "REJECT", "DEFER", "DEFER_IF_PERMIT", "DISCARD", "WARN", "DUNNO":
+		return nil
+	}
+	if code, err := strconv.Atoi(word); err == nil && ((code >= 400 && code < 460) || (code >= 500 && code < 560)) {
+		return nil
+	}
+	return fmt.Errorf("%q: must start with a Postfix action such as HOLD, REJECT, DEFER or an SMTP code", a)
+}

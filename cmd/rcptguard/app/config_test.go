@@ -1,0 +1,171 @@
+package app
+
+import (
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+)
+
+func writeConfig(t *testing.T, text string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "rcptguard.toml")
+	if err := os.WriteFile(p, []byte(text), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestDefaultsAreValid(t *testing.T) {
+	cfg, err := LoadConfig("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Detector.Limit != 100 || cfg.Detector.Period.D() != time.Hour || cfg.Callout.Timeout.D() != 10*time.Second ||
+		cfg.Policy.Listen[0] != "127.0.0.1:10040" || cfg.Detector.Action != "HOLD" || !cfg.Callout.CatchallProbe {
+		t.Fatalf("unexpected defaults: %+v", cfg)
+	}
+	// An empty file is the defaults too.
+	cfg2, err := LoadConfig(writeConfig(t, "# nothing\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg2.Path = ""
+	if !reflect.DeepEqual(cfg, cfg2) {
+		t.Fatal("empty file differs from defaults")
+	}
+}
+
+func TestFullContractConfig(t *testing.T) {
+	text := `
+[policy]
+listen = ["127.0.0.1:10040", "unix:/run/rcptguard/policy.sock"]
+socket_mode = "0666"
+idle_timeout = "10m"
+
+[detector]
+limit = 50
+period = "2h"
+warn_at = 0.5
+action = "HOLD"
+mode = "monitor"
+wait = "3s"
+relay_networks = ["192.0.2.0/24", "2001:db8::1"]
+local_domains = ["example.com"]
+exempt = ["newsletter@example.com"]
+limits_file = "/etc/rcptguard/limits"
+
+[callout]
+resolver = "127.0.0.1:53"
+port = 25
+timeout = "8s"
+helo = "mail.example.com"
+mail_from = "verify@example.com"
+positive_ttl = "12h"
+negative_ttl = "1h"
+unknown_ttl = "10m"
+allow_private = false
+catchall_probe = false
+cache_size = 33554432
+per_host = 2
+single_rcpt_mx = ["*.mail.protection.outlook.com"]
+accept_all_domains = []
+accept_all_mx = ["*.yahoodns.net"]
+starttls = true
+
+[blocklist]
+path = "/var/lib/rcptguard/blocklist"
+
+[notify]
+to = ["abuse@example.com"]
+from = "rcptguard@example.com"
+relay = "127.0.0.1:25"
+username = "rcptguard"
+password_file = "/etc/rcptguard/relay-password"
+starttls = "required"
+spool = "/var/lib/rcptguard/spool"
+
+[metrics]
+listen = "127.0.0.1:9410"
+
+[log]
+level = "debug"
+format = "json"
+`
+	cfg, err := LoadConfig(writeConfig(t, text))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Detector.Limit != 50 || cfg.Detector.Mode != "monitor" || cfg.Callout.PerHost != 2 ||
+		len(cfg.Callout.AcceptAllDomains) != 0 || cfg.Callout.AcceptAllDomains == nil || cfg.Notify.STARTTLS != "required" ||
+		cfg.Detector.Period.D() != 2*time.Hour {
+		t.Fatalf("values not decoded: %+v", cfg)
+	}
+}
+
+func TestBadConfigs(t *testing.T) {
+	tests := []struct {
+		text string
+		want []string // substrings of the error
+	}{
+		{"[detector]\nbogus = 1\n", []string{"detector.bogus: unknown key"}},
+		{"[nosuchsection]\na = 1\nb = 2\n", []string{"nosuchsection: unknown key"}},
+		{"[detector]\nlimit = \"many\"\n", []string{"detector.limit"}},
+		{"[detector]\nlimit = -1\n", []string{"detector.limit: must be 0"}},
+		{"[detector]\nperiod = \"forever\"\n", []string{"detector.period", "not a duration"}},
+		{"[detector]\nperiod = \"10s\"\n", []string{"detector.period: must be between"}},
+		{"[detector]\nwarn_at = 1.5\n", []string{"detector.warn_at"}},
+		{"[detector]\naction = \"FROBNICATE\"\n", []string{"detector.action"}},
+		{"[detector]\naction = \"HOLD\\nX\"\n", []string{"detector.action"}},
+		{"[detector]\nmode = \"panic\"\n", []string{"detector.mode"}},
+		{"[detector]\nwait = \"0s\"\n", []string{"detector.wait"}},
+		{"[detector]\nrelay_networks = [\"10.0.0.0/33\"]\n", []string{"detector.relay_networks[0]"}},
+		{"[detector]\nlocal_domains = [\"bad domain\"]\n", []string{"detector.local_domains[0]"}},
+		{"[policy]\nlisten = [\"localhost\"]\n", []string{"policy.listen[0]", "host:port"}},
+		{"[policy]\nlisten = [\":10040\"]\n", []string{"policy.listen[0]", "host is missing"}},
+		{"[policy]\nlisten = [\"unix:relative.sock\"]\n", []string{"policy.listen[0]", "absolute path"}},
+		{"[policy]\nlisten = []\n", []string{"policy.listen: at least one"}},
+		{"[policy]\nsocket_mode = \"rw\"\n", []string{"policy.socket_mode"}},
+		{"[callout]\nresolver = \"8.8.8.8\"\n", []string{"callout.resolver"}},
+		{"[callout]\nport = 0\n", []string{"callout.port"}},
+		{"[callout]\ntimeout = \"1h\"\n", []string{"callout.timeout"}},
+		{"[callout]\ntimeout = \"10\"\n", []string{"callout.timeout", "not a duration"}},
+		{"[callout]\nhelo = \"my host\"\n", []string{"callout.helo"}},
+		{"[callout]\nmail_from = \"<x@y>\"\n", []string{"callout.mail_from"}},
+		{"[callout]\nnegative_ttl = \"-1h\"\n", []string{"callout.negative_ttl"}},
+		{"[callout]\ncache_size = 10\n", []string{"callout.cache_size"}},
+		{"[callout]\nper_host = 0\n", []string{"callout.per_host"}},
+		{"[blocklist]\npath = \"relative\"\n", []string{"blocklist.path"}},
+		{"[notify]\nto = [\"not an address\"]\n", []string{"notify.to[0]"}},
+		{"[notify]\nrelay = \"nowhere\"\n", []string{"notify.relay"}},
+		{"[notify]\nstarttls = \"maybe\"\n", []string{"notify.starttls"}},
+		{"[notify]\nusername = \"u\"\n", []string{"notify.password_file"}},
+		{"[metrics]\nlisten = \"9410\"\n", []string{"metrics.listen"}},
+		{"[log]\nlevel = \"loud\"\n", []string{"log.level"}},
+		{"[detector\n", []string{":2:"}},
+		// Several errors are reported at once.
+		{"[detector]\nlimit = -1\nmode = \"x\"\n", []string{"detector.limit", "detector.mode"}},
+	}
+	for _, tt := range tests {
+		path := writeConfig(t, tt.text)
+		_, err := LoadConfig(path)
+		if err == nil {
+			t.Errorf("%q: no error", tt.text)
+			continue
+		}
+		for _, w := range append(tt.want, path) {
+			if !strings.Contains(err.Error(), w) {
+				t.Errorf("%q: error %q lacks %q", tt.text, err, w)
+			}
+		}
+	}
+}
+
+func TestMissingConfigFile(t *testing.T) {
+	_, err := LoadConfig(filepath.Join(t.TempDir(), "nope.toml"))
+	if err == nil || !strings.Contains(err.Error(), "nope.toml") {
+		t.Fatalf("error %v does not name the file", err)
+	}
+}

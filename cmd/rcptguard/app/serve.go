@@ -1,0 +1,335 @@
+package app
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/rcptguard/rcptguard/blocklist"
+	"github.com/rcptguard/rcptguard/detector"
+)
+
+// Hooks let an embedding program (the end-to-end tests) observe a running
+// service. The zero value does nothing.
+type Hooks struct {
+	// Ready is called once every listener is bound, with the policy
+	// listeners' addresses ("127.0.0.1:40123" or "unix:/path") and the
+	// metrics listener's address ("" when off).
+	Ready func(policy []string, metrics string)
+	// Detector, when set, is called with the running detector.
+	Detector func(*detector.Detector)
+}
+
+// cmdServe runs the policy service until SIGINT or SIGTERM.
+func cmdServe(ctx context.Context, args []string, stderr io.Writer) error {
+	fs, config := newFlags("serve", "serve [-config FILE]", stderr)
+	cfg, err := parseFlags(fs, config, args)
+	if err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("%w: serve takes no arguments", errUsage)
+	}
+	return Serve(ctx, cfg, stderr, Hooks{})
+}
+
+// newLogger makes the process logger the [log] section asks for.
+func newLogger(c LogConfig, w io.Writer) *slog.Logger {
+	var level slog.Level
+	_ = level.UnmarshalText([]byte(c.Level))
+	opts := &slog.HandlerOptions{Level: level}
+	if c.Format == "json" {
+		return slog.New(slog.NewJSONHandler(w, opts))
+	}
+	return slog.New(slog.NewTextHandler(w, opts))
+}
+
+// Serve runs the policy service with cfg until ctx ends, then shuts down
+// gracefully: listeners close, requests in flight are answered, background
+// verifications end, the blocklist is flushed.
+func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) error {
+	log := newLogger(cfg.Log, logOut)
+	if err := ensureDir(filepath.Dir(cfg.Blocklist.Path), "blocklist.path"); err != nil {
+		return err
+	}
+
+	// The detector is made after the blocklist, whose change callback
+	// needs it: an unblocked identity starts afresh.
+	var det *detector.Detector
+	var detMu sync.Mutex
+	bl, problems, err := blocklist.Open(blocklist.Config{
+		Path:   cfg.Blocklist.Path,
+		Logger: log.With("component", "blocklist"),
+		OnChange: func(added, removed []string) {
+			detMu.Lock()
+			d := det
+			detMu.Unlock()
+			for _, id := range added {
+				log.Info("blocklist entry added outside the daemon", slog.String("identity", id))
+			}
+			for _, id := range removed {
+				log.Info("rcptguard unblocked", slog.String("identity", id))
+				if d != nil {
+					d.Limiter().Forget(id)
+				}
+			}
+		},
+	})
+	if err != nil {
+		return fmt.Errorf("blocklist.path: %w", err)
+	}
+	if len(problems) > 0 {
+		log.Warn("blocklist has malformed lines; they are skipped", slog.String("path", cfg.Blocklist.Path), slog.Int("count", len(problems)))
+	}
+
+	limits, err := detector.LoadLimits(cfg.Detector.LimitsFile)
+	if err != nil {
+		return fmt.Errorf("detector.limits_file: %w", err)
+	}
+	verifier, err := newVerifier(cfg, log.With("component", "callout"), nil)
+	if err != nil {
+		return err
+	}
+	defer verifier.Close()
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	metrics := detector.NewMetrics(reg)
+
+	dcfg := detectorConfig(cfg, limits)
+	dcfg.Verifier = verifier
+	dcfg.Blocklist = blocklistAdapter{bl}
+	dcfg.Notifier = logNotifier{log: log}
+	dcfg.Logger = log
+	dcfg.Metrics = metrics
+	d, err := detector.New(dcfg)
+	if err != nil {
+		return err
+	}
+	detMu.Lock()
+	det = d
+	detMu.Unlock()
+	defer d.Close()
+	if hooks.Detector != nil {
+		hooks.Detector(d)
+	}
+
+	srv, err := detector.NewServer(detector.ServerConfig{
+		Handler:     d,
+		Logger:      log.With("component", "policy"),
+		IdleTimeout: cfg.Policy.IdleTimeout.D(),
+	})
+	if err != nil {
+		return err
+	}
+	mode, _ := strconv.ParseUint(cfg.Policy.SocketMode, 8, 32)
+	var listeners []net.Listener
+	closeAll := func() {
+		for _, ln := range listeners {
+			_ = ln.Close()
+		}
+	}
+	var addrs []string
+	for _, addr := range cfg.Policy.Listen {
+		if p, ok := strings.CutPrefix(addr, "unix:"); ok {
+			if err := ensureDir(filepath.Dir(p), "policy.listen"); err != nil {
+				closeAll()
+				return err
+			}
+		}
+		ln, err := detector.Listen(addr, os.FileMode(mode))
+		if err != nil {
+			closeAll()
+			return fmt.Errorf("policy.listen: %w", err)
+		}
+		listeners = append(listeners, ln)
+		if ln.Addr().Network() == "unix" {
+			addrs = append(addrs, "unix:"+ln.Addr().String())
+		} else {
+			addrs = append(addrs, ln.Addr().String())
+		}
+	}
+
+	var metricsSrv *http.Server
+	metricsAddr := ""
+	if cfg.Metrics.Listen != "" {
+		ln, err := net.Listen("tcp", cfg.Metrics.Listen)
+		if err != nil {
+			closeAll()
+			return fmt.Errorf("metrics.listen: %w", err)
+		}
+		metricsAddr = ln.Addr().String()
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+		mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = io.WriteString(w, "ok\n") })
+		metricsSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+		go func() { _ = metricsSrv.Serve(ln) }()
+	}
+
+	log.Info("rcptguard serving", slog.String("version", versionString()), slog.Any("policy", addrs),
+		slog.String("metrics", metricsAddr), slog.String("mode", cfg.Detector.Mode), slog.Int("limit", cfg.Detector.Limit),
+		slog.String("period", detector.FormatPeriod(cfg.Detector.Period.D())), slog.String("blocklist", cfg.Blocklist.Path),
+		slog.Int("blocked", bl.Len()), slog.String("config", cfg.Path))
+	// SIGHUP is taken before anyone is told we are ready: a reload
+	// signal must never find the process without its handler.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	if hooks.Ready != nil {
+		hooks.Ready(addrs, metricsAddr)
+	}
+
+	var wg sync.WaitGroup
+	serveErrs := make(chan error, len(listeners))
+	for _, ln := range listeners {
+		wg.Go(func() {
+			if err := srv.Serve(ctx, ln); err != nil {
+				serveErrs <- fmt.Errorf("policy %s: %w", ln.Addr(), err)
+			}
+		})
+	}
+	wg.Go(func() { _ = bl.Watch(ctx, time.Second) })
+	wg.Go(func() { housekeeping(ctx, d, bl, metrics) })
+	wg.Go(func() { reloadOnHUP(ctx, hup, cfg, d, log) })
+
+	<-ctx.Done()
+	log.Info("rcptguard shutting down")
+	wg.Wait()
+	if metricsSrv != nil {
+		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		_ = metricsSrv.Shutdown(sctx)
+		cancel()
+	}
+	d.Close()
+	fctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	var errs []error
+	close(serveErrs)
+	for err := range serveErrs {
+		errs = append(errs, err)
+	}
+	if bl.Pending() > 0 {
+		if err := bl.Flush(fctx); err != nil {
+			errs = append(errs, fmt.Errorf("blocklist: %d entries could not be written: %w", bl.Pending(), err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// detectorConfig maps the [detector] section; the caller adds the parts.
+func detectorConfig(cfg *Config, limits map[string]int) detector.Config {
+	dc := cfg.Detector
+	relays := make([]netip.Prefix, 0, len(dc.RelayNetworks))
+	for _, n := range dc.RelayNetworks {
+		p, _ := parseNetwork(n) // validated with the configuration
+		relays = append(relays, p)
+	}
+	return detector.Config{
+		Limit:         dc.Limit,
+		Period:        dc.Period.D(),
+		WarnAt:        dc.WarnAt,
+		Action:        dc.Action,
+		Mode:          detector.Mode(dc.Mode),
+		Wait:          dc.Wait.D(),
+		RelayNetworks: relays,
+		LocalDomains:  dc.LocalDomains,
+		Exempt:        dc.Exempt,
+		Limits:        limits,
+	}
+}
+
+// housekeeping drops idle identities and refreshes the gauges.
+func housekeeping(ctx context.Context, d *detector.Detector, bl *blocklist.File, m *detector.Metrics) {
+	t := time.NewTicker(30 * time.Second)
+	defer t.Stop()
+	for {
+		m.Tracked.Set(float64(d.Limiter().Sweep(time.Now())))
+		m.Blocked.Set(float64(bl.Len()))
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// reloadOnHUP rereads the configuration file on SIGHUP and applies what
+// can change while running: limits, limits_file, exemptions, local
+// domains, relay networks, warn_at, action, mode, wait. A broken file is
+// logged and the running configuration kept.
+func reloadOnHUP(ctx context.Context, hup <-chan os.Signal, cur *Config, d *detector.Detector, log *slog.Logger) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-hup:
+		}
+		if err := reload(cur.Path, d); err != nil {
+			log.Error("reload failed; the running configuration is kept", slog.String("config", cur.Path), slog.Any("error", err))
+			continue
+		}
+		log.Info("configuration reloaded", slog.String("config", cur.Path))
+	}
+}
+
+func reload(path string, d *detector.Detector) error {
+	cfg, err := LoadConfig(path)
+	if err != nil {
+		return err
+	}
+	limits, err := detector.LoadLimits(cfg.Detector.LimitsFile)
+	if err != nil {
+		return fmt.Errorf("detector.limits_file: %w", err)
+	}
+	return d.Reload(detectorConfig(cfg, limits))
+}
+
+// blocklistAdapter gives the detector the blocklist file as it wants it.
+type blocklistAdapter struct{ f *blocklist.File }
+
+func (a blocklistAdapter) Blocked(id string) (string, bool) {
+	e, ok := a.f.Lookup(id)
+	if !ok {
+		return "", false
+	}
+	if e.Text == "" {
+		return e.Action, true
+	}
+	return e.Action + " " + e.Text, true
+}
+
+func (a blocklistAdapter) Block(ctx context.Context, id, action string) error {
+	word, text, _ := strings.Cut(action, " ")
+	return a.f.Add(ctx, blocklist.Entry{Identity: id, Action: word, Text: text})
+}
+
+// logNotifier reports events in the log only (no [notify] mail yet).
+type logNotifier struct{ log *slog.Logger }
+
+func (n logNotifier) Notify(_ context.Context, ev detector.Event) error {
+	rcpts := make([]string, len(ev.Evidence.Recipients))
+	for i, r := range ev.Evidence.Recipients {
+		rcpts[i] = r.Address
+	}
+	n.log.Warn("rcptguard report", slog.String("event", string(ev.Kind)), slog.String("identity", ev.Identity),
+		slog.Int("count", ev.Count), slog.Int("limit", ev.Limit), slog.String("period", detector.FormatPeriod(ev.Period)),
+		slog.String("mode", string(ev.Mode)), slog.Any("recipients", rcpts), slog.Any("queue_ids", ev.Evidence.QueueIDs))
+	return nil
+}
