@@ -125,6 +125,7 @@ type call struct {
 	deadline time.Time
 	res      Result // tentative until done is closed
 	done     chan struct{}
+	finished bool // finish was called; only the owning worker reads it
 }
 
 // domainQueue holds the calls waiting for a session to their domain.
@@ -402,6 +403,7 @@ func (v *Verifier) finish(c *call, res Result) {
 	delete(v.inflight, c.key)
 	v.mu.Unlock()
 	c.res = res
+	c.finished = true
 	close(c.done)
 	v.log.Debug("callout verdict", slog.String("rcpt", c.key), slog.String("status", string(res.Status)),
 		slog.String("reason", string(res.Reason)), slog.String("mx", res.Host), slog.Int("code", res.Reply.Code),
@@ -477,6 +479,19 @@ func (w *worker) run(batch []*call) {
 		}
 	}
 
+	// Whatever happens below, every call of the batch ends finished.
+	defer func() {
+		for _, c := range batch {
+			if c.finished {
+				continue
+			}
+			res := c.res
+			if res.Status == "" {
+				res = Result{Status: StatusUnknown, Reason: ReasonUnreachable, Detail: "no MX host could be tried"}
+			}
+			v.finish(c, res)
+		}
+	}()
 	remaining := batch
 	for _, h := range hosts {
 		if len(remaining) == 0 {
@@ -501,13 +516,6 @@ func (w *worker) run(batch []*call) {
 			continue
 		}
 		remaining = w.probeHost(ctx, h, ips, remaining)
-	}
-	for _, c := range remaining {
-		res := c.res
-		if res.Status == "" {
-			res = Result{Status: StatusUnknown, Reason: ReasonUnreachable, Detail: "no MX host could be tried"}
-		}
-		v.finish(c, res)
 	}
 }
 
@@ -620,6 +628,8 @@ func (w *worker) probeHost(ctx context.Context, h Host, ips []netip.Addr, calls 
 		if single && i > 0 {
 			// One recipient per session on this host: the rest go through
 			// a new session each.
+			w.finishAccepted(accepted, h, false)
+			accepted = nil
 			w.closeSession()
 			rest := w.probeHost(ctx, h, ips, todo[i:])
 			return append(retry, rest...)
