@@ -3,6 +3,7 @@ package test
 import (
 	"bufio"
 	"fmt"
+	"io"
 	"net"
 	"sort"
 	"strings"
@@ -30,6 +31,8 @@ func DialPolicy(t testing.TB, addr string) *PolicyClient {
 	if err != nil {
 		t.Fatalf("policy client: %v", err)
 	}
+	// A hung server fails the test instead of hanging it.
+	_ = conn.SetDeadline(time.Now().Add(10 * time.Minute))
 	t.Cleanup(func() { conn.Close() })
 	return &PolicyClient{t: t, conn: conn, r: bufio.NewReader(conn)}
 }
@@ -37,6 +40,12 @@ func DialPolicy(t testing.TB, addr string) *PolicyClient {
 // Ask sends one request with the given attributes (in a stable order) and
 // returns the action's value, e.g. "DUNNO" or "HOLD ...".
 func (c *PolicyClient) Ask(attrs map[string]string) (string, error) {
+	return c.AskRaw(Render(attrs))
+}
+
+// Render writes a request as Postfix sends it: name=value lines in a
+// stable order and an empty line.
+func Render(attrs map[string]string) string {
 	names := make([]string, 0, len(attrs))
 	for k := range attrs {
 		names = append(names, k)
@@ -44,16 +53,18 @@ func (c *PolicyClient) Ask(attrs map[string]string) (string, error) {
 	sort.Strings(names)
 	var b strings.Builder
 	for _, k := range names {
-		fmt.Fprintf(&b, "%s=%s\n", k, attrs[k])
+		b.WriteString(k)
+		b.WriteByte('=')
+		b.WriteString(attrs[k])
+		b.WriteByte('\n')
 	}
-	b.WriteString("\n")
-	return c.AskRaw(b.String())
+	b.WriteByte('\n')
+	return b.String()
 }
 
 // AskRaw sends raw bytes and reads one answer.
 func (c *PolicyClient) AskRaw(raw string) (string, error) {
-	_ = c.conn.SetDeadline(time.Now().Add(30 * time.Second))
-	if _, err := c.conn.Write([]byte(raw)); err != nil {
+	if _, err := io.WriteString(c.conn, raw); err != nil {
 		return "", err
 	}
 	line, err := c.r.ReadString('\n')

@@ -119,6 +119,10 @@ func defaultConfig() Config {
 			Action: "HOLD",
 			Mode:   "enforce",
 			Wait:   Duration(5 * time.Second),
+			// Empty, not nil, as a file saying "= []" decodes.
+			RelayNetworks: []string{},
+			LocalDomains:  []string{},
+			Exempt:        []string{},
 		},
 		Callout: CalloutConfig{
 			Port:             25,
@@ -136,6 +140,7 @@ func defaultConfig() Config {
 		},
 		Blocklist: BlocklistConfig{Path: "/var/lib/rcptguard/blocklist"},
 		Notify: NotifyConfig{
+			To:       []string{},
 			From:     "rcptguard@localhost",
 			Relay:    "127.0.0.1:25",
 			STARTTLS: "opportunistic",

@@ -169,3 +169,40 @@ func TestMissingConfigFile(t *testing.T) {
 		t.Fatalf("error %v does not name the file", err)
 	}
 }
+
+// TestContribConfigIsTheDefaults keeps contrib/rcptguard.toml, which shows
+// every key with its default, true; and every key is documented in the
+// README.
+func TestContribConfigIsTheDefaults(t *testing.T) {
+	const path = "../../../contrib/rcptguard.toml"
+	cfg, err := LoadConfig(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	def := defaultConfig()
+	def.Path = path
+	if !reflect.DeepEqual(*cfg, def) {
+		t.Fatalf("contrib/rcptguard.toml differs from the defaults:\n%+v\n%+v", *cfg, def)
+	}
+	text, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	readme, err := os.ReadFile("../../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	section := ""
+	for _, line := range strings.Split(string(text), "\n") {
+		line = strings.TrimSpace(line)
+		switch {
+		case strings.HasPrefix(line, "["):
+			section = strings.Trim(line, "[]")
+		case line != "" && !strings.HasPrefix(line, "#"):
+			key, _, _ := strings.Cut(line, " =")
+			if !strings.Contains(string(readme), "`"+section+"."+key+"`") {
+				t.Errorf("README does not document %s.%s", section, key)
+			}
+		}
+	}
+}
