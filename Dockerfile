@@ -1,25 +1,39 @@
-# rcptguard: static binary in a distroless image, running as a non-root user.
-#   docker build -t rcptguard .
-#   docker run -v rcptguard-state:/var/lib/rcptguard -v ./rcptguard.toml:/etc/rcptguard/rcptguard.toml:ro \
-#              -p 127.0.0.1:10040:10040 rcptguard
+# rcptguard: a static binary in a distroless image, running as a non-root user.
+#
+#   docker build --build-arg VERSION=v0.1.0 --build-arg COMMIT=$(git rev-parse HEAD) -t rcptguard .
+#   docker run -d --name rcptguard \
+#       -v rcptguard-state:/var/lib/rcptguard \
+#       -v /etc/rcptguard/rcptguard.toml:/etc/rcptguard/rcptguard.toml:ro \
+#       -p 127.0.0.1:10040:10040 rcptguard
+#
+# In a container, policy.listen must be "0.0.0.0:10040" for the published port
+# to reach it (publish it on the host's loopback only, as above).
+
 FROM golang:1.26-bookworm AS build
 WORKDIR /src
 COPY go.mod go.sum ./
 RUN go mod download
 COPY . .
-RUN CGO_ENABLED=0 go build -trimpath -ldflags="-s -w" -o /out/rcptguard ./cmd/rcptguard \
- && mkdir -p /out/state && /out/rcptguard version
+ARG VERSION=""
+ARG COMMIT=""
+RUN CGO_ENABLED=0 go build -trimpath \
+      -ldflags="-s -w -X github.com/rcptguard/rcptguard/cmd/rcptguard/app.version=${VERSION} -X github.com/rcptguard/rcptguard/cmd/rcptguard/app.commit=${COMMIT}" \
+      -o /out/rcptguard ./cmd/rcptguard \
+ && /out/rcptguard version \
+ && mkdir -p /out/state/spool
 
 FROM gcr.io/distroless/static-debian12:nonroot
 COPY --from=build /out/rcptguard /usr/local/bin/rcptguard
 COPY --from=build --chown=65532:65532 /out/state /var/lib/rcptguard
+COPY contrib/rcptguard.toml /etc/rcptguard/rcptguard.toml
 USER 65532:65532
-VOLUME ["/var/lib/rcptguard"]
-# Policy service. In a container the config must listen on 0.0.0.0:10040
-# (policy.listen) for the port to be reachable; publish it on loopback only.
-EXPOSE 10040
-# Metrics, when metrics.listen = "0.0.0.0:9410".
-EXPOSE 9410
 ENV RCPTGUARD_CONFIG=/etc/rcptguard/rcptguard.toml
+VOLUME ["/var/lib/rcptguard"]
+# Policy service (policy.listen).
+EXPOSE 10040
+# Prometheus metrics, when metrics.listen = "0.0.0.0:9410".
+EXPOSE 9410
+HEALTHCHECK --interval=30s --timeout=5s --start-period=5s --retries=3 \
+    CMD ["/usr/local/bin/rcptguard", "health"]
 ENTRYPOINT ["/usr/local/bin/rcptguard"]
 CMD ["serve"]

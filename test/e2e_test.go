@@ -222,6 +222,20 @@ func TestAbuserBlockedAfterLimitAndRestartAndUnblock(t *testing.T) {
 	if !strings.Contains(d.logs.String(), "rcptguard blocked") {
 		t.Errorf("no block log line:\n%s", d.logs)
 	}
+	// The fail2ban filter in contrib/ finds the client of the block line.
+	re := fail2banRegex(t)
+	found := false
+	for _, line := range strings.Split(d.logs.String(), "\n") {
+		if m := re.FindStringSubmatch(line); m != nil {
+			found = true
+			if host := m[re.SubexpIndex("host")]; host != "198.51.100.23" {
+				t.Errorf("fail2ban filter found host %q in %q", host, line)
+			}
+		}
+	}
+	if !found {
+		t.Error("the fail2ban filter matches no log line")
+	}
 
 	// The block survives a restart.
 	d.stop()
@@ -438,5 +452,22 @@ func hup(t *testing.T, d *daemon, want string) {
 			t.Fatalf("no %q log line after SIGHUP:\n%s", want, d.logs)
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestHealthCommand(t *testing.T) {
+	w := newWorld(t)
+	d := startDaemon(t, w.config(t, ""))
+	cfg := filepath.Join(w.dir, "health.toml")
+	if err := os.WriteFile(cfg, []byte(fmt.Sprintf("[policy]\nlisten = [%q]\n[blocklist]\npath = %q\n", d.addr, filepath.Join(w.dir, "state", "blocklist"))), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if out := runCLI(t, "health", "-config", cfg); !strings.HasPrefix(out, "ok ") || !strings.Contains(out, "action=DUNNO") {
+		t.Fatalf("health: %q", out)
+	}
+	d.stop()
+	var out, errOut bytes.Buffer
+	if err := app.Run(context.Background(), []string{"health", "-config", cfg, "-timeout", "1s"}, &out, &errOut); err == nil {
+		t.Fatalf("health succeeded with the daemon stopped: %q", out.String())
 	}
 }

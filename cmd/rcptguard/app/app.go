@@ -29,6 +29,7 @@ Commands:
   list    [-config FILE]                   print the blocklist
   block   [-config FILE] [-reason TEXT] IDENTITY
   unblock [-config FILE] IDENTITY
+  health  [-config FILE]                   check that the running service answers
   version                                  print version, commit and Go version
 
 The configuration file is TOML. Without -config, $RCPTGUARD_CONFIG is read,
@@ -73,6 +74,8 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return cmdBlock(ctx, args, stdout, stderr)
 	case "unblock":
 		return cmdUnblock(ctx, args, stdout, stderr)
+	case "health":
+		return cmdHealth(ctx, args, stdout, stderr)
 	case "version", "-version", "--version":
 		fmt.Fprintln(stdout, versionString())
 		return nil
@@ -112,13 +115,16 @@ func parseFlags(fs *flag.FlagSet, config *string, args []string) (*Config, error
 	return cfg, nil
 }
 
-// version is set at build time with
-// -ldflags "-X github.com/rcptguard/rcptguard/cmd/rcptguard/app.version=v1.2.3";
-// otherwise the module version from the build info is used.
-var version = ""
+// version and commit may be set at build time with
+//
+//	-ldflags "-X github.com/rcptguard/rcptguard/cmd/rcptguard/app.version=v1.2.3
+//	          -X github.com/rcptguard/rcptguard/cmd/rcptguard/app.commit=abc123"
+//
+// otherwise they come from the build info (module version, VCS revision).
+var version, commit = "", ""
 
 func versionString() string {
-	v, commit, goVersion := version, "unknown", "unknown"
+	v, rev, goVersion := version, commit, "unknown"
 	if bi, ok := debug.ReadBuildInfo(); ok {
 		goVersion = bi.GoVersion
 		if v == "" {
@@ -128,17 +134,24 @@ func versionString() string {
 		for _, s := range bi.Settings {
 			switch s.Key {
 			case "vcs.revision":
-				commit = s.Value
+				if rev == "" {
+					rev = s.Value
+				}
 			case "vcs.modified":
 				if s.Value == "true" {
 					dirty = "+dirty"
 				}
 			}
 		}
-		commit += dirty
+		if rev != "" {
+			rev += dirty
+		}
+	}
+	if rev == "" {
+		rev = "unknown"
 	}
 	if v == "" || v == "(devel)" {
 		v = "devel"
 	}
-	return fmt.Sprintf("rcptguard %s commit %s %s", v, commit, goVersion)
+	return fmt.Sprintf("rcptguard %s commit %s %s", v, rev, goVersion)
 }
