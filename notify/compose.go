@@ -1,0 +1,603 @@
+package notify
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"mime"
+	"mime/multipart"
+	"mime/quotedprintable"
+	"net/mail"
+	"net/textproto"
+	"strconv"
+	"strings"
+	"time"
+	"unicode/utf8"
+)
+
+// jsonVersion is the "version" of the JSON part. It changes only when a
+// field changes meaning or goes away; new fields may be added without it.
+const jsonVersion = 1
+
+// jsonReport is the application/json part. Its field names are a stable
+// interface, documented in doc.go.
+type jsonReport struct {
+	Version       int             `json:"version"`
+	Kind          string          `json:"kind"`
+	Identity      string          `json:"identity"`
+	Time          string          `json:"time"`
+	Mode          string          `json:"mode"`
+	Count         int             `json:"count"`
+	Limit         int             `json:"limit"`
+	Period        string          `json:"period"`
+	PeriodSeconds int64           `json:"period_seconds"`
+	Action        string          `json:"action"`
+	Hostname      string          `json:"hostname"`
+	Clients       []jsonClient    `json:"clients"`
+	Recipients    []jsonRecipient `json:"recipients"`
+	QueueIDs      []string        `json:"queue_ids"`
+}
+
+type jsonClient struct {
+	Address string `json:"address"`
+	Name    string `json:"name"`
+	Count   int    `json:"count"`
+}
+
+type jsonRecipient struct {
+	Address string `json:"address"`
+	Time    string `json:"time"`
+	Reason  string `json:"reason"`
+	MX      string `json:"mx"`
+	Reply   string `json:"reply"`
+}
+
+// Compose builds the report message to the abuse desk: RFC 5322 headers
+// and a multipart/mixed body with a text/plain part for people and an
+// application/json part (report.json) for ticket systems, CRLF line
+// endings, 7-bit clean (quoted-printable bodies, RFC 2047 encoded headers),
+// no line longer than 998 octets whatever the report holds.
+//
+// from is the From address and to the To addresses, each in net/mail
+// syntax ("abuse@example.com" or "Abuse Desk <abuse@example.com>"), with
+// ASCII addresses. Compose is pure except for a random Message-ID when
+// r.MessageID is empty.
+func Compose(r Report, from string, to []string) ([]byte, error) {
+	if err := r.validate(); err != nil {
+		return nil, err
+	}
+	fromAddr, err := parseAddress(from)
+	if err != nil {
+		return nil, fmt.Errorf("notify: from: %w", err)
+	}
+	if len(to) == 0 {
+		return nil, fmt.Errorf("notify: no To address")
+	}
+	toAddrs := make([]string, len(to))
+	for i, t := range to {
+		a, err := parseAddress(t)
+		if err != nil {
+			return nil, fmt.Errorf("notify: to: %w", err)
+		}
+		toAddrs[i] = a.String()
+	}
+	msgID, err := messageID(r)
+	if err != nil {
+		return nil, err
+	}
+
+	js, err := reportJSON(r)
+	if err != nil {
+		return nil, err
+	}
+
+	var b bytes.Buffer
+	writeField(&b, "Date", r.Time.Format(time.RFC1123Z))
+	writeField(&b, "From", fromAddr.String())
+	writeField(&b, "To", strings.Join(toAddrs, ", "))
+	writeField(&b, "Subject", encodeText(subject(r)))
+	writeField(&b, "Message-ID", "<"+msgID+">")
+	writeField(&b, "Auto-Submitted", "auto-generated")
+	writeField(&b, "X-Rcptguard-Kind", string(r.Kind))
+	writeField(&b, "X-Rcptguard-Identity", encodeText(clean(r.Identity, maxSubjectID)))
+	writeField(&b, "MIME-Version", "1.0")
+
+	mw := multipart.NewWriter(&b)
+	if err := mw.SetBoundary(boundary(msgID)); err != nil {
+		return nil, fmt.Errorf("notify: boundary: %w", err)
+	}
+	writeField(&b, "Content-Type", mime.FormatMediaType("multipart/mixed", map[string]string{"boundary": mw.Boundary()}))
+	b.WriteString("\r\n")
+
+	if err := writeQPPart(mw, textproto.MIMEHeader{
+		"Content-Type":        {"text/plain; charset=utf-8"},
+		"Content-Disposition": {"inline"},
+	}, []byte(reportText(r))); err != nil {
+		return nil, err
+	}
+	if err := writeQPPart(mw, textproto.MIMEHeader{
+		"Content-Type":        {mime.FormatMediaType("application/json", map[string]string{"charset": "utf-8", "name": "report.json"})},
+		"Content-Disposition": {mime.FormatMediaType("inline", map[string]string{"filename": "report.json"})},
+	}, js); err != nil {
+		return nil, err
+	}
+	if err := mw.Close(); err != nil {
+		return nil, fmt.Errorf("notify: compose: %w", err)
+	}
+	return b.Bytes(), nil
+}
+
+// ComposeUserWarning builds the warning to the account holder: a short
+// text/plain message in plain words (their account sent mail to many
+// addresses that do not exist; change the password if it was not them;
+// whom to ask), without technical details or commands. It goes to the
+// address r.UserAddress returns and fails when there is none. replyTo,
+// when not empty, becomes the Reply-To header (the abuse desk), so that a
+// customer's answer reaches people.
+func ComposeUserWarning(r Report, from string, replyTo []string) ([]byte, error) {
+	if err := r.validate(); err != nil {
+		return nil, err
+	}
+	user, ok := r.UserAddress()
+	if !ok {
+		return nil, fmt.Errorf("notify: no user warning for a %s report about %q", r.Kind, clean(r.Identity, maxSubjectID))
+	}
+	fromAddr, err := parseAddress(from)
+	if err != nil {
+		return nil, fmt.Errorf("notify: from: %w", err)
+	}
+	var replyAddrs []string
+	for _, t := range replyTo {
+		a, err := parseAddress(t)
+		if err != nil {
+			return nil, fmt.Errorf("notify: reply-to: %w", err)
+		}
+		replyAddrs = append(replyAddrs, a.String())
+	}
+	msgID, err := messageID(r)
+	if err != nil {
+		return nil, err
+	}
+
+	var b bytes.Buffer
+	writeField(&b, "Date", r.Time.Format(time.RFC1123Z))
+	writeField(&b, "From", fromAddr.String())
+	writeField(&b, "To", (&mail.Address{Address: user}).String())
+	if len(replyAddrs) > 0 {
+		writeField(&b, "Reply-To", strings.Join(replyAddrs, ", "))
+	}
+	writeField(&b, "Subject", "Your email account sent mail to addresses that do not exist")
+	writeField(&b, "Message-ID", "<"+msgID+">")
+	writeField(&b, "Auto-Submitted", "auto-generated")
+	writeField(&b, "MIME-Version", "1.0")
+	writeField(&b, "Content-Type", "text/plain; charset=utf-8")
+	writeField(&b, "Content-Transfer-Encoding", "quoted-printable")
+	b.WriteString("\r\n")
+	qp := quotedprintable.NewWriter(&b)
+	if _, err := qp.Write([]byte(userText(r, user, len(replyAddrs) > 0))); err != nil {
+		return nil, fmt.Errorf("notify: compose: %w", err)
+	}
+	if err := qp.Close(); err != nil {
+		return nil, fmt.Errorf("notify: compose: %w", err)
+	}
+	b.WriteString("\r\n")
+	return b.Bytes(), nil
+}
+
+// parseAddress parses one net/mail address and insists on an ASCII
+// address, so that headers and the SMTP envelope need no SMTPUTF8.
+func parseAddress(s string) (*mail.Address, error) {
+	a, err := mail.ParseAddress(s)
+	if err != nil {
+		return nil, fmt.Errorf("%q: %w", clean(s, maxField), err)
+	}
+	if !isASCII(a.Address) {
+		return nil, fmt.Errorf("%q: non-ASCII addresses are not supported", clean(s, maxField))
+	}
+	return a, nil
+}
+
+// messageID returns r.MessageID, checked, or a new random ID at r's host.
+func messageID(r Report) (string, error) {
+	if r.MessageID != "" {
+		id := r.MessageID
+		left, right, ok := strings.Cut(id, "@")
+		if !ok || left == "" || right == "" || len(id) > 250 || strings.ContainsAny(id, "<>()[]\\,;:\" ") || !isASCII(id) || !isClean(id) {
+			return "", fmt.Errorf("notify: bad Message-ID %q", clean(id, maxField))
+		}
+		return id, nil
+	}
+	return newMessageID(r.Hostname), nil
+}
+
+// boundary derives the MIME boundary from the Message-ID, so that a fixed
+// Message-ID gives identical bytes. "=_" cannot occur in quoted-printable
+// or base64 text, so the boundary never collides with a part's content.
+func boundary(msgID string) string {
+	sum := sha256.Sum256([]byte(msgID))
+	return "=_rcptguard_" + hex.EncodeToString(sum[:12])
+}
+
+// writeQPPart adds a quoted-printable encoded part.
+func writeQPPart(mw *multipart.Writer, h textproto.MIMEHeader, body []byte) error {
+	h.Set("Content-Transfer-Encoding", "quoted-printable")
+	w, err := mw.CreatePart(h)
+	if err != nil {
+		return fmt.Errorf("notify: compose: %w", err)
+	}
+	qp := quotedprintable.NewWriter(w)
+	if _, err := qp.Write(body); err != nil {
+		return fmt.Errorf("notify: compose: %w", err)
+	}
+	if err := qp.Close(); err != nil {
+		return fmt.Errorf("notify: compose: %w", err)
+	}
+	return nil
+}
+
+// writeField writes one header field, folded at spaces so that lines stay
+// within 78 octets where the value allows it. value must hold no CR or LF
+// and be ASCII; the callers cut untrusted parts short, so no line comes
+// near 998 octets.
+func writeField(b *bytes.Buffer, name, value string) {
+	b.WriteString(name)
+	b.WriteByte(':')
+	n := len(name) + 1
+	for i, w := range strings.Split(value, " ") {
+		if i > 0 && w != "" && n > len(name)+1 && n+1+len(w) > 78 {
+			b.WriteString("\r\n")
+			n = 0
+		}
+		b.WriteByte(' ')
+		b.WriteString(w)
+		n += 1 + len(w)
+	}
+	b.WriteString("\r\n")
+}
+
+// encodeText prepares unstructured header text: as it is when it is
+// ASCII, else as RFC 2047 Q-encoded words (split at 75 characters, so
+// writeField can fold between them).
+func encodeText(s string) string {
+	if isASCII(s) {
+		return s
+	}
+	return mime.QEncoding.Encode("utf-8", s)
+}
+
+// subject is the Subject of a report, the identity cut short.
+func subject(r Report) string {
+	id := clean(r.Identity, maxSubjectID)
+	switch r.Kind {
+	case KindBlock:
+		return fmt.Sprintf("[rcptguard] blocked %s: %d invalid recipients in %s", id, r.Count, formatPeriod(r.Period))
+	case KindWouldBlock:
+		return fmt.Sprintf("[rcptguard] would block %s: %d invalid recipients in %s", id, r.Count, formatPeriod(r.Period))
+	default:
+		return fmt.Sprintf("[rcptguard] warning %s: %d of %d", id, r.Count, r.Limit)
+	}
+}
+
+// reportJSON renders the application/json part.
+func reportJSON(r Report) ([]byte, error) {
+	j := jsonReport{
+		Version:       jsonVersion,
+		Kind:          string(r.Kind),
+		Identity:      strings.ToValidUTF8(r.Identity, "\uFFFD"),
+		Time:          r.Time.Format(time.RFC3339),
+		Mode:          field(r.Mode),
+		Count:         r.Count,
+		Limit:         r.Limit,
+		Period:        formatPeriod(r.Period),
+		PeriodSeconds: int64(r.Period / time.Second),
+		Action:        field(r.Action),
+		Hostname:      field(r.Hostname),
+		Clients:       []jsonClient{},
+		Recipients:    []jsonRecipient{},
+		QueueIDs:      []string{},
+	}
+	for _, c := range head(r.Clients, maxClients) {
+		j.Clients = append(j.Clients, jsonClient{Address: field(c.Address), Name: field(c.Name), Count: c.Count})
+	}
+	for _, rc := range head(r.Recipients, maxRecipients) {
+		t := ""
+		if !rc.Time.IsZero() {
+			t = rc.Time.Format(time.RFC3339)
+		}
+		j.Recipients = append(j.Recipients, jsonRecipient{Address: field(rc.Address), Time: t, Reason: field(rc.Reason), MX: field(rc.MX), Reply: field(rc.Reply)})
+	}
+	for _, q := range head(r.QueueIDs, maxQueueIDs) {
+		j.QueueIDs = append(j.QueueIDs, field(q))
+	}
+	var b bytes.Buffer
+	enc := json.NewEncoder(&b)
+	enc.SetEscapeHTML(false)
+	enc.SetIndent("", "  ")
+	if err := enc.Encode(j); err != nil {
+		return nil, fmt.Errorf("notify: json: %w", err)
+	}
+	return b.Bytes(), nil
+}
+
+// field is an untrusted value for the JSON part: valid UTF-8, at most
+// maxField runes. JSON escapes control characters itself.
+func field(s string) string {
+	s = strings.ToValidUTF8(s, "\uFFFD")
+	if utf8.RuneCountInString(s) > maxField {
+		s = string([]rune(s)[:maxField]) + "..."
+	}
+	return s
+}
+
+func head[T any](s []T, n int) []T {
+	if len(s) > n {
+		return s[:n]
+	}
+	return s
+}
+
+// textWriter builds a text body: lines end in "\n" (the quoted-printable
+// encoder turns them into CRLF), prose is wrapped at 72 columns.
+type textWriter struct {
+	strings.Builder
+}
+
+// para writes a paragraph wrapped at 72 columns, then an empty line.
+func (w *textWriter) para(format string, args ...any) {
+	w.wrapped(fmt.Sprintf(format, args...), "")
+	w.WriteString("\n")
+}
+
+// step writes a numbered paragraph, its lines after the first indented
+// under the text, then an empty line.
+func (w *textWriter) step(n int, format string, args ...any) {
+	w.wrapped(strconv.Itoa(n)+". "+fmt.Sprintf(format, args...), "   ")
+	w.WriteString("\n")
+}
+
+// wrapped writes s wrapped at 72 columns; lines after the first are
+// indented by indent. A word longer than a line stands on its own line
+// (quoted-printable soft breaks keep the encoded lines short).
+func (w *textWriter) wrapped(s, indent string) {
+	n := 0
+	for i, word := range strings.Fields(s) {
+		l := utf8.RuneCountInString(word)
+		if i > 0 {
+			if n+1+l > 72 {
+				w.WriteString("\n" + indent)
+				n = utf8.RuneCountInString(indent)
+			} else {
+				w.WriteString(" ")
+				n++
+			}
+		}
+		w.WriteString(word)
+		n += l
+	}
+	w.WriteString("\n")
+}
+
+// line writes one line as it is.
+func (w *textWriter) line(format string, args ...any) {
+	fmt.Fprintf(&w.Builder, format, args...)
+	w.WriteString("\n")
+}
+
+// fact writes a "Label: value" line with values aligned at column 13.
+func (w *textWriter) fact(label, value string) {
+	w.line("%-12s %s", label+":", value)
+}
+
+// plural writes n and the noun, in the singular for 1.
+func plural(n int, one, many string) string {
+	if n == 1 {
+		return "1 " + one
+	}
+	return strconv.Itoa(n) + " " + many
+}
+
+// reportText is the text/plain part of an abuse desk report.
+func reportText(r Report) string {
+	var w textWriter
+	id := clean(r.Identity, maxIdentity)
+	who := "the account " + id
+	if isIP(r.Identity) {
+		who = "the client address " + id
+	}
+	period := formatPeriod(r.Period)
+	tried := fmt.Sprintf("In the last %s it sent mail to %s that do not exist", humanPeriod(r.Period), plural(r.Count, "address", "addresses"))
+
+	switch r.Kind {
+	case KindBlock:
+		w.para("rcptguard blocked %s.", who)
+		w.para("%s; its limit is %d. From now on Postfix holds its mail: nothing of it is delivered, and nothing is lost, until you release or delete it.", tried, r.Limit)
+	case KindWouldBlock:
+		w.para("rcptguard would have blocked %s, but it runs in monitor mode: nothing was blocked and its mail is delivered as before.", who)
+		w.para("%s; its limit is %d.", tried, r.Limit)
+	case KindWarning:
+		w.para("Warning: %s is close to its limit.", who)
+		then := "it will be blocked"
+		if r.Mode == "monitor" {
+			then = "it would be blocked, but rcptguard runs in monitor mode and blocks nothing"
+		}
+		w.para("%s. Once it passes %d, %s.", tried, r.Limit, then)
+	}
+
+	w.fact("Identity", id)
+	w.fact("Time", r.Time.Format(time.RFC3339))
+	w.fact("Local time", r.Time.Format("Monday 2 January 2006, 15:04:05 MST"))
+	w.fact("Mode", clean(r.Mode, maxField))
+	w.fact("Count", plural(r.Count, "invalid recipient", "invalid recipients"))
+	w.fact("Limit", plural(r.Limit, "invalid recipient", "invalid recipients"))
+	w.fact("Window", period)
+	switch {
+	case r.Action == "":
+	case r.Kind == KindWouldBlock:
+		w.fact("Action", clean(r.Action, maxField)+" (not applied: monitor mode)")
+	default:
+		w.fact("Action", clean(r.Action, maxField))
+	}
+	if r.Hostname != "" {
+		w.fact("Server", clean(r.Hostname, maxField))
+	}
+	w.line("")
+
+	clients := head(r.Clients, maxClients)
+	if len(clients) == 0 {
+		w.para("No client address was recorded.")
+	} else {
+		w.line("Client addresses seen (%d):", len(r.Clients))
+		for _, c := range clients {
+			name := clean(c.Name, maxField)
+			if name == "" || strings.EqualFold(name, "unknown") {
+				name = "no reverse name"
+			} else {
+				name = "reverse name " + name
+			}
+			w.line("- %s, %s, %s", clean(c.Address, maxField), name, plural(c.Count, "request", "requests"))
+		}
+		if len(r.Clients) > len(clients) {
+			w.line("(%d more not shown)", len(r.Clients)-len(clients))
+		}
+		w.line("")
+	}
+
+	rcpts := head(r.Recipients, maxRecipients)
+	if len(rcpts) == 0 {
+		w.para("No invalid recipient was recorded.")
+	} else {
+		w.line("Invalid recipients, most recent first (%d shown of %d):", len(rcpts), max(r.Count, len(rcpts)))
+		for _, rc := range rcpts {
+			var about []string
+			if rc.Reason != "" {
+				about = append(about, clean(rc.Reason, maxField))
+			}
+			if !rc.Time.IsZero() {
+				about = append(about, rc.Time.In(r.Time.Location()).Format(time.RFC3339))
+			}
+			item := "- " + clean(rc.Address, maxField)
+			if len(about) > 0 {
+				item += " (" + strings.Join(about, ", ") + ")"
+			}
+			w.line("%s", item)
+			switch {
+			case rc.MX != "" && rc.Reply != "":
+				w.line("  %s replied: %s", clean(rc.MX, maxField), clean(rc.Reply, maxField))
+			case rc.MX != "":
+				w.line("  MX host: %s", clean(rc.MX, maxField))
+			case rc.Reply != "":
+				w.line("  Reply: %s", clean(rc.Reply, maxField))
+			}
+		}
+		w.line("")
+	}
+
+	qids := head(r.QueueIDs, maxQueueIDs)
+	if len(qids) == 0 {
+		if r.Kind == KindBlock {
+			w.para("No message has been held yet.")
+		}
+	} else {
+		w.line("Messages held, by Postfix queue ID (%d):", len(r.QueueIDs))
+		for _, q := range qids {
+			w.line("- %s", clean(q, maxField))
+		}
+		if len(r.QueueIDs) > len(qids) {
+			w.line("(%d more not shown)", len(r.QueueIDs)-len(qids))
+		}
+		w.line("")
+	}
+
+	w.line("What to do")
+	w.line("")
+	if !isClean(r.Identity) {
+		w.para("The identity holds control characters or invalid UTF-8, shown escaped above, so no command can name it here. Its exact bytes are in the JSON part (report.json).")
+		writeHoldCommands(&w, r, 1, "")
+		return w.String()
+	}
+	arg := shellArg(r.Identity)
+	safe := "Make sure the account is safe again: most likely someone else knows its password, so change it."
+	check := "Check whether the account is compromised; if so, change its password."
+	if isIP(r.Identity) {
+		safe = "Find out what on that machine sends this mail (a compromised web form, script or PC) and stop it."
+		check = "Check what on that machine sends this mail (a compromised web form, script or PC)."
+	}
+	switch r.Kind {
+	case KindBlock:
+		w.step(1, "%s", safe)
+		w.step(2, "Unblock it, so that its new mail flows again:")
+		w.line("   rcptguard unblock %s", arg)
+		w.line("")
+	default:
+		w.step(1, "%s", check)
+		w.step(2, "To block it now by hand:")
+		w.line("   rcptguard block %s", arg)
+		w.line("")
+	}
+	writeHoldCommands(&w, r, 3, arg)
+	return w.String()
+}
+
+// writeHoldCommands writes the steps for held mail: list it, look at it,
+// release or delete it, one line per listed queue ID. arg is the shell
+// quoted identity, "" when no command may name it.
+func writeHoldCommands(w *textWriter, r Report, step int, arg string) {
+	qids := head(r.QueueIDs, maxQueueIDs)
+	if len(qids) == 0 && r.Kind != KindBlock {
+		return
+	}
+	w.step(step, "Look at the held mail, then release what is legitimate (Postfix delivers it) and delete the rest.")
+	if arg != "" && isAddress(r.Identity) && !isIP(r.Identity) {
+		w.line("   List the held mail sent with the account's address as sender:")
+		w.line("   postqueue -j | jq -r --arg sender %s 'select(.queue_name == \"hold\" and .sender == $sender) | .queue_id'", arg)
+	} else {
+		w.line("   List everything in the hold queue, with each message's sender:")
+		w.line(`   postqueue -j | jq -r 'select(.queue_name == "hold") | "\(.queue_id) \(.sender)"'`)
+	}
+	w.line("")
+	w.line("   Show one message:")
+	w.line("   postcat -vq QUEUEID")
+	w.line("")
+	if len(qids) == 0 {
+		w.line("   Release one message:")
+		w.line("   postsuper -H QUEUEID")
+		w.line("")
+		w.line("   Delete one message:")
+		w.line("   postsuper -d QUEUEID")
+		w.line("")
+		return
+	}
+	w.line("   Release the held messages listed above:")
+	for _, q := range qids {
+		w.line("   postsuper -H %s", shellArg(clean(q, maxField)))
+	}
+	w.line("")
+	w.line("   Or delete them:")
+	for _, q := range qids {
+		w.line("   postsuper -d %s", shellArg(clean(q, maxField)))
+	}
+	w.line("")
+}
+
+// userText is the body of the warning to the account holder.
+func userText(r Report, user string, canReply bool) string {
+	var w textWriter
+	w.para("Hello,")
+	w.para("This is an automatic message about your email account %s.", user)
+	w.para("In the last %s, your account sent mail to %s that do not exist. People rarely do that by mistake. Most often it means that someone else knows your password and uses your account to send unwanted mail.",
+		humanPeriod(r.Period), plural(r.Count, "address", "addresses"))
+	w.para("If you did not send this mail, please change your password now.")
+	w.para("If you did send it, for example to an old list of addresses, please remove the addresses that no longer work.")
+	if r.Mode != "monitor" {
+		w.para("If this goes on, your account will be stopped from sending mail, to protect you and the people you write to.")
+	}
+	if canReply {
+		w.para("If you have questions, please reply to this message or contact our support.")
+	} else {
+		w.para("If you have questions, please contact our support.")
+	}
+	w.line("Thank you.")
+	return w.String()
+}

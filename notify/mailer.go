@@ -1,0 +1,772 @@
+package notify
+
+import (
+	"context"
+	crand "crypto/rand"
+	"crypto/tls"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/emersion/go-sasl"
+	"github.com/emersion/go-smtp"
+)
+
+// STARTTLS policies for Config.StartTLS.
+const (
+	StartTLSRequired      = "required"      // no TLS, no delivery
+	StartTLSOpportunistic = "opportunistic" // TLS when the relay offers it
+	StartTLSOff           = "off"           // never TLS
+)
+
+// Timeouts of one delivery attempt.
+const (
+	dialTimeout       = 30 * time.Second
+	commandTimeout    = 30 * time.Second
+	submissionTimeout = 2 * time.Minute
+	attemptTimeout    = 5 * time.Minute
+	// maxSleep bounds the sender's sleep, so that it looks at the spool
+	// at least this often (files put there by hand, a clock that jumped).
+	maxSleep = time.Hour
+)
+
+// Dialer opens network connections; *net.Dialer is one.
+type Dialer interface {
+	DialContext(ctx context.Context, network, addr string) (net.Conn, error)
+}
+
+// Config holds a Mailer's options. New fills the defaults.
+type Config struct {
+	// To are the abuse desk addresses ("abuse@example.com" or
+	// "Abuse Desk <abuse@example.com>"). Empty: no report is sent, but a
+	// user warning still is when WarnUser is set.
+	To []string
+	// From is the report's sender, in the same syntax; default
+	// "rcptguard@localhost".
+	From string
+	// Relay is the SMTP relay, "host:port"; default "127.0.0.1:25".
+	Relay string
+	// Username, when set, makes the Mailer authenticate with SASL PLAIN,
+	// or LOGIN when the relay does not offer PLAIN. The password is sent
+	// only over TLS or to a relay on a loopback address, and it never
+	// appears in logs or errors.
+	Username, Password string
+	// StartTLS is StartTLSRequired, StartTLSOpportunistic (the default)
+	// or StartTLSOff.
+	StartTLS string
+	// TLSSkipVerify accepts any relay certificate. Unless it is set, the
+	// certificate must be valid for the relay's host name or IP address.
+	TLSSkipVerify bool
+	// TLSConfig, when set, is the base of the TLS configuration (tests
+	// put RootCAs there); ServerName defaults to the relay host.
+	TLSConfig *tls.Config
+	// Spool is the spool directory, created 0700 when missing. It may be
+	// "" for a Mailer used only with SendNow.
+	Spool string
+	// MaxAge is how long a message is retried before it is given up,
+	// with an error log; default 5 days.
+	MaxAge time.Duration
+	// WarnUser also sends each warning to the identity itself when it is
+	// an email address (see Report.UserAddress).
+	WarnUser bool
+	// Hostname names this machine in EHLO and Message-IDs; default
+	// os.Hostname().
+	Hostname string
+	// Logger receives the Mailer's logs; default: discarded.
+	Logger *slog.Logger
+	// Now is the clock; default time.Now.
+	Now func() time.Time
+	// Dialer connects to the relay; default a net.Dialer.
+	Dialer Dialer
+	// Backoff is the wait after the attempt-th failed attempt (1, 2, ...);
+	// default 1 minute doubling to 1 hour, each ±20% at random.
+	Backoff func(attempt int) time.Duration
+}
+
+// ErrNoStartTLS is the error of an attempt in StartTLSRequired mode when
+// the relay does not offer STARTTLS.
+var ErrNoStartTLS = errors.New("notify: the relay does not offer STARTTLS (notify.starttls is \"required\")")
+
+// ErrInsecureAuth is the error of an attempt that would send the password
+// in clear text to a relay that is not on a loopback address.
+var ErrInsecureAuth = errors.New("notify: refusing to send the relay password without TLS to a relay that is not on loopback")
+
+// ErrNoSpool is returned by Enqueue and Run of a Mailer without a spool.
+var ErrNoSpool = errors.New("notify: no spool directory configured")
+
+// Mailer sends reports through an SMTP relay. Enqueue puts a report in
+// the durable spool; Run, in a goroutine the caller owns, delivers what is
+// in the spool. SendNow sends one report at once, without the spool. A
+// Mailer is safe for concurrent use.
+type Mailer struct {
+	cfg     Config
+	from    string   // envelope sender
+	to      []string // envelope recipients
+	host    string   // relay host, for TLS ServerName
+	spool   *spool
+	log     *slog.Logger
+	wake    chan struct{}
+	running atomic.Bool
+
+	mu      sync.Mutex
+	retryAt map[string]time.Time // floor for the next attempt, when a header update failed
+}
+
+// New checks cfg, fills its defaults and creates the spool directory.
+func New(cfg Config) (*Mailer, error) {
+	var errs []error
+	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf("notify: "+format, args...)) }
+
+	if cfg.From == "" {
+		cfg.From = "rcptguard@localhost"
+	}
+	if cfg.Relay == "" {
+		cfg.Relay = "127.0.0.1:25"
+	}
+	if cfg.StartTLS == "" {
+		cfg.StartTLS = StartTLSOpportunistic
+	}
+	if cfg.MaxAge <= 0 {
+		cfg.MaxAge = 5 * 24 * time.Hour
+	}
+	if cfg.Hostname == "" {
+		cfg.Hostname, _ = os.Hostname()
+	}
+	cfg.Hostname = sanitizeHostname(cfg.Hostname)
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.Dialer == nil {
+		cfg.Dialer = &net.Dialer{Timeout: dialTimeout}
+	}
+	if cfg.Backoff == nil {
+		cfg.Backoff = DefaultBackoff
+	}
+
+	m := &Mailer{log: cfg.Logger, wake: make(chan struct{}, 1), retryAt: make(map[string]time.Time)}
+	if a, err := parseAddress(cfg.From); err != nil {
+		bad("from: %v", err)
+	} else {
+		m.from = a.Address
+	}
+	for i, t := range cfg.To {
+		a, err := parseAddress(t)
+		if err != nil {
+			bad("to[%d]: %v", i, err)
+			continue
+		}
+		m.to = append(m.to, a.Address)
+	}
+	host, port, err := net.SplitHostPort(cfg.Relay)
+	if err != nil {
+		bad("relay: %v", err)
+	} else if p, err := strconv.Atoi(port); err != nil || p < 1 || p > 65535 || host == "" {
+		bad("relay: %q is not host:port", cfg.Relay)
+	}
+	m.host = host
+	switch cfg.StartTLS {
+	case StartTLSRequired, StartTLSOpportunistic, StartTLSOff:
+	default:
+		bad("starttls: must be %q, %q or %q, got %q", StartTLSRequired, StartTLSOpportunistic, StartTLSOff, cfg.StartTLS)
+	}
+	if cfg.Username != "" && cfg.Password == "" {
+		bad("password: required when a username is set")
+	}
+	if strings.ContainsAny(cfg.Username, "\x00\r\n") {
+		bad("username: holds control characters")
+	}
+	if len(errs) > 0 {
+		return nil, errors.Join(errs...)
+	}
+	if cfg.Spool != "" {
+		s, err := openSpool(cfg.Spool)
+		if err != nil {
+			return nil, err
+		}
+		m.spool = s
+	}
+	m.cfg = cfg
+	return m, nil
+}
+
+// DefaultBackoff is the wait after the attempt-th failed delivery attempt:
+// 1 minute, doubling with each attempt up to 1 hour, each ±20% at random
+// so that spooled messages spread out.
+func DefaultBackoff(attempt int) time.Duration {
+	d := time.Minute
+	for i := 1; i < attempt && d < time.Hour; i++ {
+		d *= 2
+	}
+	d = min(d, time.Hour)
+	return time.Duration(float64(d) * (0.8 + 0.4*rand.Float64()))
+}
+
+// Pending is the number of messages in the spool.
+func (m *Mailer) Pending() int {
+	if m.spool == nil {
+		return 0
+	}
+	return m.spool.count()
+}
+
+// Enqueue composes the messages for r and writes each to the spool (one
+// file per message, synced) before it returns, then wakes Run. It never
+// waits for the relay. The report goes to Config.To, if any; a warning
+// also goes to the identity when Config.WarnUser is set and the identity
+// is an email address. Empty Hostname and zero Time in r are filled in.
+func (m *Mailer) Enqueue(ctx context.Context, r Report) error {
+	if m.spool == nil {
+		return ErrNoSpool
+	}
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("notify: enqueue: %w", err)
+	}
+	if r.Hostname == "" {
+		r.Hostname = m.cfg.Hostname
+	}
+	if r.Time.IsZero() {
+		r.Time = m.cfg.Now()
+	}
+	var errs []error
+	queued := 0
+	if len(m.to) > 0 {
+		rr := r
+		if rr.MessageID == "" {
+			rr.MessageID = newMessageID(rr.Hostname)
+		}
+		msg, err := Compose(rr, m.cfg.From, m.cfg.To)
+		if err == nil {
+			err = m.queue(r, rr.MessageID, m.to, msg)
+		}
+		if err != nil {
+			errs = append(errs, err)
+		} else {
+			queued++
+		}
+	}
+	if user, ok := r.UserAddress(); ok && m.cfg.WarnUser {
+		ru := r
+		ru.MessageID = newMessageID(ru.Hostname)
+		msg, err := ComposeUserWarning(ru, m.cfg.From, m.cfg.To)
+		if err == nil {
+			err = m.queue(r, ru.MessageID, []string{user}, msg)
+		}
+		if err != nil {
+			errs = append(errs, err)
+		} else {
+			queued++
+		}
+	}
+	if queued > 0 {
+		select {
+		case m.wake <- struct{}{}:
+		default:
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// queue writes one message to the spool.
+func (m *Mailer) queue(r Report, msgID string, to []string, msg []byte) error {
+	now := m.cfg.Now()
+	hdr := spoolHeader{
+		From:        m.from,
+		To:          to,
+		Created:     now,
+		NextAttempt: now,
+		Kind:        string(r.Kind),
+		Identity:    r.Identity,
+		MessageID:   "<" + msgID + ">",
+	}
+	name, err := m.spool.add(hdr, msg, now)
+	if err != nil {
+		return fmt.Errorf("notify: enqueue %s report: %w", r.Kind, err)
+	}
+	m.log.Info("report queued", slog.String("identity", r.Identity), slog.String("kind", string(r.Kind)),
+		slog.String("message_id", hdr.MessageID), slog.Any("to", to), slog.String("spool_file", name))
+	return nil
+}
+
+// newMessageID returns a random Message-ID (without brackets) at host.
+func newMessageID(host string) string {
+	var buf [16]byte
+	_, _ = crand.Read(buf[:]) // crypto/rand.Read does not fail
+	return hex.EncodeToString(buf[:]) + "@" + sanitizeHostname(host)
+}
+
+// SendNow composes r and sends it to Config.To at once, without the
+// spool, and returns the relay's answer as an error with context when it
+// was not accepted for every recipient. It is for `rcptguard notify-test`.
+func (m *Mailer) SendNow(ctx context.Context, r Report) error {
+	if len(m.to) == 0 {
+		return fmt.Errorf("notify: no To addresses configured")
+	}
+	if r.Hostname == "" {
+		r.Hostname = m.cfg.Hostname
+	}
+	if r.Time.IsZero() {
+		r.Time = m.cfg.Now()
+	}
+	msg, err := Compose(r, m.cfg.From, m.cfg.To)
+	if err != nil {
+		return err
+	}
+	_, failures := m.deliver(ctx, m.from, m.to, msg)
+	var errs []error
+	for _, f := range failures {
+		errs = append(errs, f.err)
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("notify: send report: %w", errors.Join(errs...))
+	}
+	return nil
+}
+
+// Run is the sender loop. It moves temporary files a crash left behind
+// into the spool's corrupt/ directory, then delivers the spooled messages
+// (those a previous process left, too) and every message Enqueue adds,
+// until ctx is done; then it returns nil. A message's file is removed only
+// after the relay accepted it (250 after DATA). A failed attempt is tried
+// again after Config.Backoff; recipients the relay accepted are not sent
+// to again. A 5xx reply is logged as an error on each attempt, a 4xx or a
+// connection failure as a warning; both are retried until the message is
+// older than Config.MaxAge, when it is moved to the spool's failed/
+// directory with an error log. Run must not be called twice at once.
+func (m *Mailer) Run(ctx context.Context) error {
+	if m.spool == nil {
+		return ErrNoSpool
+	}
+	if !m.running.CompareAndSwap(false, true) {
+		return errors.New("notify: Run is already running")
+	}
+	defer m.running.Store(false)
+
+	moved, err := m.spool.sweepTemp()
+	for _, p := range moved {
+		m.log.Error("partial spool file from an earlier crash moved aside", slog.String("path", p))
+	}
+	if err != nil {
+		m.log.Error("spool: cannot sweep temporary files", slog.Any("error", err))
+	}
+	if n := m.spool.count(); n > 0 {
+		m.log.Info("replaying report spool", slog.Int("pending", n), slog.String("spool", m.spool.dir))
+	}
+
+	// The first pass tries every spooled message at once, whenever it was
+	// due: a restart often follows a fix of the relay or its settings.
+	for first := true; ; first = false {
+		next := m.runOnce(ctx, first)
+		if ctx.Err() != nil {
+			return nil
+		}
+		wait := maxSleep
+		if !next.IsZero() {
+			wait = min(max(next.Sub(m.cfg.Now()), 0), maxSleep)
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil
+		case <-m.wake:
+		case <-t.C:
+		}
+		t.Stop()
+	}
+}
+
+// runOnce makes one pass over the spool: it tries each message that is
+// due, gives up the ones older than MaxAge, moves corrupt files aside, and
+// returns the time the next message is due (zero if none is waiting).
+// With allDue every message is tried, whenever it is due.
+func (m *Mailer) runOnce(ctx context.Context, allDue bool) time.Time {
+	var next time.Time
+	soonest := func(t time.Time) {
+		if next.IsZero() || t.Before(next) {
+			next = t
+		}
+	}
+	names, err := m.spool.list()
+	if err != nil {
+		m.log.Error("spool: cannot list", slog.Any("error", err))
+		return m.cfg.Now().Add(time.Minute)
+	}
+	m.forgetExcept(names)
+	for _, name := range names {
+		if ctx.Err() != nil {
+			return next
+		}
+		e, err := m.spool.load(name)
+		switch {
+		case errors.Is(err, os.ErrNotExist):
+			continue
+		case errors.Is(err, errCorrupt):
+			dst, merr := m.spool.moveAside(name, spoolCorrupt)
+			if merr != nil {
+				m.log.Error("corrupt spool file cannot be moved aside", slog.Any("error", err), slog.Any("move_error", merr))
+				soonest(m.cfg.Now().Add(time.Minute))
+				continue
+			}
+			m.log.Error("corrupt spool file moved aside", slog.String("path", dst), slog.Any("error", err))
+			continue
+		case err != nil:
+			m.log.Error("spool file unreadable", slog.String("spool_file", name), slog.Any("error", err))
+			soonest(m.cfg.Now().Add(time.Minute))
+			continue
+		}
+
+		now := m.cfg.Now()
+		if age := now.Sub(e.hdr.Created); age > m.cfg.MaxAge {
+			dst, merr := m.spool.moveAside(name, spoolFailed)
+			attrs := []any{slog.String("identity", e.hdr.Identity), slog.String("kind", e.hdr.Kind),
+				slog.String("message_id", e.hdr.MessageID), slog.Any("to", e.hdr.To), slog.Int("attempts", e.hdr.Attempts),
+				slog.Duration("age", age), slog.String("last_error", e.hdr.LastError)}
+			if merr != nil {
+				m.log.Error("report given up after max age; cannot move it to failed/", append(attrs, slog.Any("error", merr))...)
+				soonest(now.Add(time.Minute))
+				continue
+			}
+			m.log.Error("report given up after max age, not delivered", append(attrs, slog.String("path", dst))...)
+			continue
+		}
+		due := e.hdr.NextAttempt
+		m.mu.Lock()
+		if t, ok := m.retryAt[name]; ok && t.After(due) {
+			due = t
+		}
+		m.mu.Unlock()
+		if due.After(now) && !allDue {
+			soonest(due)
+			continue
+		}
+		if t, retry := m.attempt(ctx, e); retry {
+			soonest(t)
+		}
+	}
+	return next
+}
+
+// forgetExcept drops retry floors of files that are gone.
+func (m *Mailer) forgetExcept(names []string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for name := range m.retryAt {
+		if !slices.Contains(names, name) {
+			delete(m.retryAt, name)
+		}
+	}
+}
+
+// attempt delivers one spooled message and updates the spool: the file
+// goes when every recipient has it, else its header records the attempt.
+// It returns when the message is due again, and whether it is.
+func (m *Mailer) attempt(ctx context.Context, e spoolEntry) (time.Time, bool) {
+	log := m.log.With(slog.String("identity", e.hdr.Identity), slog.String("kind", e.hdr.Kind),
+		slog.String("message_id", e.hdr.MessageID), slog.String("spool_file", e.name))
+	delivered, failures := m.deliver(ctx, e.hdr.From, e.hdr.To, e.msg)
+	if len(delivered) > 0 {
+		log.Info("report delivered", slog.Any("to", delivered), slog.String("relay", m.cfg.Relay))
+	}
+	if len(failures) == 0 {
+		if err := m.spool.remove(e.name); err != nil {
+			log.Error("delivered report cannot be removed from the spool; it may be sent again", slog.Any("error", err))
+		}
+		return time.Time{}, false
+	}
+	if ctx.Err() != nil && len(delivered) == 0 {
+		// Shutting down: this was no real attempt, the file stays as is.
+		return time.Time{}, false
+	}
+
+	now := m.cfg.Now()
+	hdr := e.hdr
+	hdr.Attempts++
+	hdr.NextAttempt = now.Add(m.cfg.Backoff(hdr.Attempts))
+	hdr.To = nil
+	var msgs []string
+	for _, f := range failures {
+		hdr.To = append(hdr.To, f.rcpts...)
+		msgs = append(msgs, f.err.Error())
+		attrs := []any{slog.Any("to", f.rcpts), slog.Int("attempts", hdr.Attempts),
+			slog.Time("next_attempt", hdr.NextAttempt), slog.Any("error", f.err)}
+		if f.permanent() {
+			log.Error("relay rejected the report permanently (5xx); retrying until max age, fix the relay or the notify settings", attrs...)
+		} else {
+			log.Warn("report not delivered, will retry", attrs...)
+		}
+	}
+	hdr.LastError = strings.Join(msgs, "; ")
+	if err := m.spool.write(e.name, hdr, e.msg); err != nil {
+		log.Error("spool file cannot be updated", slog.Any("error", err))
+		m.mu.Lock()
+		m.retryAt[e.name] = hdr.NextAttempt
+		m.mu.Unlock()
+	}
+	return hdr.NextAttempt, true
+}
+
+// failure is what went wrong for some recipients of one attempt.
+type failure struct {
+	rcpts []string
+	err   error
+}
+
+// permanent reports a 5xx reply from the relay.
+func (f failure) permanent() bool {
+	var se *smtp.SMTPError
+	return errors.As(f.err, &se) && se.Code/100 == 5
+}
+
+// deliver makes one attempt to hand msg to the relay for each recipient
+// in to. It returns the recipients the relay accepted the message for
+// (250 after DATA) and, for the others, why not.
+func (m *Mailer) deliver(ctx context.Context, from string, to []string, msg []byte) (delivered []string, failures []failure) {
+	ctx, cancel := context.WithTimeout(ctx, attemptTimeout)
+	defer cancel()
+	all := func(err error) ([]string, []failure) {
+		return nil, []failure{{rcpts: to, err: fmt.Errorf("relay %s: %w", m.cfg.Relay, err)}}
+	}
+	s, err := m.connect(ctx)
+	if err != nil {
+		return all(err)
+	}
+	defer s.close()
+	if err := s.c.Mail(from, nil); err != nil {
+		return all(fmt.Errorf("MAIL FROM:<%s>: %w", from, err))
+	}
+	var accepted []string
+	for _, rcpt := range to {
+		err := s.c.Rcpt(rcpt, nil)
+		if err == nil {
+			accepted = append(accepted, rcpt)
+			continue
+		}
+		var se *smtp.SMTPError
+		if !errors.As(err, &se) {
+			return all(fmt.Errorf("RCPT TO:<%s>: %w", rcpt, err))
+		}
+		failures = append(failures, failure{rcpts: []string{rcpt}, err: fmt.Errorf("relay %s: RCPT TO:<%s>: %w", m.cfg.Relay, rcpt, err)})
+	}
+	if len(accepted) == 0 {
+		_ = s.c.Quit()
+		return nil, failures
+	}
+	dataFailed := func(step string, err error) ([]string, []failure) {
+		return nil, append(failures, failure{rcpts: accepted, err: fmt.Errorf("relay %s: %s: %w", m.cfg.Relay, step, err)})
+	}
+	w, err := s.c.Data()
+	if err != nil {
+		return dataFailed("DATA", err)
+	}
+	if _, err := w.Write(msg); err != nil {
+		return dataFailed("DATA", err)
+	}
+	if err := w.Close(); err != nil {
+		return dataFailed("end of DATA", err)
+	}
+	_ = s.c.Quit()
+	return accepted, failures
+}
+
+// session is one SMTP connection to the relay.
+type session struct {
+	c    *smtp.Client
+	conn net.Conn
+	stop func() bool // unregisters the close on context end
+}
+
+func (s *session) close() {
+	s.stop()
+	_ = s.c.Close()
+}
+
+// connect opens a session ready for MAIL FROM: EHLO, STARTTLS as
+// Config.StartTLS says, AUTH when a username is set.
+//
+// go-smtp starts TLS only from its constructor, which says "EHLO
+// localhost" first. So, unless STARTTLS is off, a first connection asks
+// the relay (EHLO with our name) whether it offers STARTTLS; when it does,
+// the session is a second connection with STARTTLS from the start and
+// EHLO with our name over TLS.
+func (m *Mailer) connect(ctx context.Context) (*session, error) {
+	s, err := m.dial(ctx, false)
+	if err != nil {
+		return nil, err
+	}
+	if m.cfg.StartTLS != StartTLSOff {
+		offered, _ := s.c.Extension("STARTTLS")
+		switch {
+		case offered:
+			_ = s.c.Quit()
+			s.close()
+			if s, err = m.dial(ctx, true); err != nil {
+				return nil, err
+			}
+		case m.cfg.StartTLS == StartTLSRequired:
+			_ = s.c.Quit()
+			s.close()
+			return nil, ErrNoStartTLS
+		}
+	}
+	if err := m.auth(s); err != nil {
+		_ = s.c.Quit()
+		s.close()
+		return nil, err
+	}
+	return s, nil
+}
+
+// dial connects and says EHLO, over TLS when startTLS is set.
+func (m *Mailer) dial(ctx context.Context, startTLS bool) (*session, error) {
+	dctx, cancel := context.WithTimeout(ctx, dialTimeout)
+	conn, err := m.cfg.Dialer.DialContext(dctx, "tcp", m.cfg.Relay)
+	cancel()
+	if err != nil {
+		return nil, fmt.Errorf("connect: %w", err)
+	}
+	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	var c *smtp.Client
+	if startTLS {
+		c, err = smtp.NewClientStartTLS(conn, m.tlsConfig())
+		if err != nil {
+			stop()
+			conn.Close()
+			return nil, fmt.Errorf("STARTTLS: %w", err)
+		}
+	} else {
+		c = smtp.NewClient(conn)
+	}
+	c.CommandTimeout = commandTimeout
+	c.SubmissionTimeout = submissionTimeout
+	s := &session{c: c, conn: conn, stop: stop}
+	if err := c.Hello(m.cfg.Hostname); err != nil {
+		s.close()
+		var cve *tls.CertificateVerificationError
+		if errors.As(err, &cve) {
+			return nil, fmt.Errorf("TLS: the relay's certificate is not trusted (notify.tls_skip_verify accepts any): %w", err)
+		}
+		if startTLS {
+			return nil, fmt.Errorf("EHLO over TLS: %w", err)
+		}
+		return nil, fmt.Errorf("EHLO: %w", err)
+	}
+	return s, nil
+}
+
+// tlsConfig is the client TLS configuration for the relay.
+func (m *Mailer) tlsConfig() *tls.Config {
+	var c *tls.Config
+	if m.cfg.TLSConfig != nil {
+		c = m.cfg.TLSConfig.Clone()
+	} else {
+		c = &tls.Config{}
+	}
+	if c.ServerName == "" {
+		c.ServerName = m.host
+	}
+	if m.cfg.TLSSkipVerify || hostIsLoopback(m.host) {
+		// The administrator asked for it (notify.tls_skip_verify), or the
+		// relay is on this machine (a stock Postfix with its self-signed
+		// certificate): the connection never leaves the host, so there is
+		// nobody in the middle to authenticate against.
+		c.InsecureSkipVerify = true //nolint:gosec // see above
+	}
+	if c.MinVersion == 0 {
+		c.MinVersion = tls.VersionTLS12
+	}
+	return c
+}
+
+// auth authenticates when a username is set: PLAIN when the relay offers
+// it, else LOGIN; only over TLS or to a loopback relay.
+func (m *Mailer) auth(s *session) error {
+	if m.cfg.Username == "" {
+		return nil
+	}
+	if _, isTLS := s.c.TLSConnectionState(); !isTLS && !isLoopback(s.conn.RemoteAddr()) {
+		return ErrInsecureAuth
+	}
+	var (
+		client sasl.Client
+		mech   string
+	)
+	switch {
+	case s.c.SupportsAuth(sasl.Plain):
+		client, mech = sasl.NewPlainClient("", m.cfg.Username, m.cfg.Password), sasl.Plain
+	case s.c.SupportsAuth(sasl.Login):
+		client, mech = &loginClient{user: m.cfg.Username, pass: m.cfg.Password}, sasl.Login
+	default:
+		if ok, offered := s.c.Extension("AUTH"); ok {
+			return fmt.Errorf("AUTH: the relay offers neither PLAIN nor LOGIN, only %q", offered)
+		}
+		return fmt.Errorf("AUTH: the relay does not offer authentication")
+	}
+	if err := s.c.Auth(client); err != nil {
+		return fmt.Errorf("AUTH %s as %q: %w", mech, m.cfg.Username, err)
+	}
+	return nil
+}
+
+// loginClient is the SASL LOGIN mechanism, answering the server's
+// "Username:" and "Password:" prompts. Unlike go-sasl's LOGIN client it
+// sends no initial response, which every LOGIN server understands.
+type loginClient struct {
+	user, pass string
+	step       int
+}
+
+func (a *loginClient) Start() (string, []byte, error) {
+	return sasl.Login, nil, nil
+}
+
+func (a *loginClient) Next(challenge []byte) ([]byte, error) {
+	a.step++
+	switch a.step {
+	case 1: // "Username:"
+		return []byte(a.user), nil
+	case 2: // "Password:"
+		return []byte(a.pass), nil
+	}
+	return nil, sasl.ErrUnexpectedServerChallenge
+}
+
+// isLoopback reports whether a connection's remote address is on
+// loopback, where a password in clear text never crosses a network.
+func isLoopback(a net.Addr) bool {
+	if tcp, ok := a.(*net.TCPAddr); ok {
+		return tcp.IP.IsLoopback()
+	}
+	if a == nil {
+		return false
+	}
+	host, _, err := net.SplitHostPort(a.String())
+	if err != nil {
+		host = a.String()
+	}
+	ip, err := netip.ParseAddr(host)
+	return err == nil && ip.IsLoopback()
+}
+
+// hostIsLoopback reports whether the relay host is a loopback address or
+// "localhost".
+func hostIsLoopback(host string) bool {
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip, err := netip.ParseAddr(host)
+	return err == nil && ip.Unmap().IsLoopback()
+}

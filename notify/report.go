@@ -1,0 +1,308 @@
+package notify
+
+import (
+	"fmt"
+	"net/mail"
+	"net/netip"
+	"strconv"
+	"strings"
+	"time"
+	"unicode"
+	"unicode/utf8"
+)
+
+// Kind says what a Report is about.
+type Kind string
+
+// Report kinds. They are the same words the detector uses for its events.
+const (
+	// KindBlock: the identity passed its limit and was blocked.
+	KindBlock Kind = "block"
+	// KindWouldBlock: monitor mode; the identity passed its limit and
+	// would have been blocked, but nothing was blocked.
+	KindWouldBlock Kind = "would-block"
+	// KindWarning: the identity reached the warning share of its limit.
+	KindWarning Kind = "warning"
+)
+
+// Report is the facts of one block event or warning. It is plain data: the
+// caller fills it, Compose turns it into a message. Every string in it may
+// hold bytes an attacker chose (the identity, the recipients, the MX
+// replies, the reverse names, the queue IDs); Compose sanitizes them.
+type Report struct {
+	Kind     Kind
+	Identity string    // SASL user name (often an address) or a client IP address
+	Time     time.Time // when it happened; shown in its own location, so pass local time
+	Mode     string    // "enforce" or "monitor"
+	Count    int       // distinct invalid recipients in the window
+	Limit    int       // the identity's limit
+	Period   time.Duration
+	// Action is the Postfix action answered from now on, e.g.
+	// "HOLD rcptguard: x blocked: 101 invalid recipients within 1h";
+	// "" for warnings.
+	Action     string
+	Clients    []Client    // client addresses seen, with request counts
+	Recipients []Recipient // the invalid recipients, most recent first; at most 20 are shown
+	QueueIDs   []string    // Postfix queue IDs answered HOLD
+	Hostname   string      // the machine rcptguard runs on; "" means "localhost"
+
+	// MessageID, when set, is the Message-ID to use, without angle
+	// brackets ("id@host"). It is normally empty: Compose then makes a
+	// random one at Hostname. Tests set it to get byte-identical output.
+	MessageID string
+}
+
+// Client is one client address an identity connected from.
+type Client struct {
+	Address string // IP address as Postfix reported it
+	Name    string // reverse name, "" or "unknown" if there is none
+	Count   int    // requests seen from it
+}
+
+// Recipient is one recipient that turned out not to exist.
+type Recipient struct {
+	Address string
+	Time    time.Time
+	Reason  string // a word such as "mailbox-unknown" or "nxdomain"
+	MX      string // the MX host that answered, "" if none did
+	Reply   string // the MX reply line, e.g. "550 5.1.1 <x@example.com>: no such user"
+}
+
+// Bounds on what a report shows, so that no report grows without limit.
+const (
+	maxRecipients = 20
+	maxClients    = 50
+	maxQueueIDs   = 100
+	maxIdentity   = 1000 // runes of the identity shown in the body
+	maxField      = 512  // runes of any other value (RFC 5321 reply lines are shorter)
+	maxSubjectID  = 100  // runes of the identity in the Subject and X- header
+)
+
+// SampleReport returns a realistic block report for `rcptguard notify-test`:
+// an address identity, two clients, three invalid recipients and two held
+// messages. The recipients use example domains, so nothing in it points at
+// a real mailbox.
+func SampleReport(now time.Time, hostname string) Report {
+	return Report{
+		Kind:     KindBlock,
+		Identity: "sample.user@example.com",
+		Time:     now,
+		Mode:     "enforce",
+		Count:    101,
+		Limit:    100,
+		Period:   time.Hour,
+		Action:   "HOLD rcptguard: sample.user@example.com blocked: 101 invalid recipients within 1h",
+		Clients: []Client{
+			{Address: "198.51.100.23", Name: "dsl-198-51-100-23.example.net", Count: 97},
+			{Address: "2001:db8::17", Name: "", Count: 4},
+		},
+		Recipients: []Recipient{
+			{Address: "j.smith@example.org", Time: now.Add(-20 * time.Second), Reason: "mailbox-unknown",
+				MX: "mx1.example.org", Reply: "550 5.1.1 <j.smith@example.org>: Recipient address rejected: User unknown in virtual mailbox table"},
+			{Address: "info@nonexistent.example", Time: now.Add(-45 * time.Second), Reason: "nxdomain"},
+			{Address: "sales@example.net", Time: now.Add(-70 * time.Second), Reason: "mailbox-unknown",
+				MX: "mail.example.net", Reply: "550 5.1.1 The email account that you tried to reach does not exist"},
+		},
+		QueueIDs: []string{"4Xk2Lm0bQrz9vWt", "4Xk2Ln3HcPz9vWx"},
+		Hostname: hostname,
+	}
+}
+
+// validate reports the first thing that makes r impossible to compose.
+func (r Report) validate() error {
+	switch r.Kind {
+	case KindBlock, KindWouldBlock, KindWarning:
+	default:
+		return fmt.Errorf("notify: unknown report kind %q", string(r.Kind))
+	}
+	if r.Identity == "" {
+		return fmt.Errorf("notify: report has no identity")
+	}
+	if r.Time.IsZero() {
+		return fmt.Errorf("notify: report has no time")
+	}
+	return nil
+}
+
+// UserAddress returns the address to send the account holder's warning to:
+// the identity itself, when r is a warning and the identity is a plain
+// ASCII email address (no display name, no control characters). ok is false
+// otherwise, and no user warning is sent.
+func (r Report) UserAddress() (addr string, ok bool) {
+	if r.Kind != KindWarning {
+		return "", false
+	}
+	a, err := mail.ParseAddress(r.Identity)
+	if err != nil || a.Name != "" || a.Address != r.Identity || !isASCII(r.Identity) {
+		return "", false
+	}
+	if strings.ContainsFunc(r.Identity, func(c rune) bool { return c <= ' ' || c == 0x7f }) {
+		return "", false
+	}
+	return a.Address, true
+}
+
+// formatPeriod writes a window length the way the configuration does:
+// "1h", "90m", "2d", "45s"; other lengths in Go's duration syntax.
+func formatPeriod(d time.Duration) string {
+	switch {
+	case d == 0:
+		return "0s"
+	case d%(24*time.Hour) == 0:
+		return strconv.FormatInt(int64(d/(24*time.Hour)), 10) + "d"
+	case d%time.Hour == 0:
+		return strconv.FormatInt(int64(d/time.Hour), 10) + "h"
+	case d%time.Minute == 0:
+		return strconv.FormatInt(int64(d/time.Minute), 10) + "m"
+	case d%time.Second == 0:
+		return strconv.FormatInt(int64(d/time.Second), 10) + "s"
+	}
+	return d.String()
+}
+
+// humanPeriod says a window length in words: "hour", "90 minutes", "2 days".
+func humanPeriod(d time.Duration) string {
+	unit := func(n int64, one, many string) string {
+		if n == 1 {
+			return one
+		}
+		return strconv.FormatInt(n, 10) + " " + many
+	}
+	switch {
+	case d <= 0:
+		return "moment"
+	case d%(24*time.Hour) == 0:
+		return unit(int64(d/(24*time.Hour)), "day", "days")
+	case d%time.Hour == 0:
+		return unit(int64(d/time.Hour), "hour", "hours")
+	case d%time.Minute == 0:
+		return unit(int64(d/time.Minute), "minute", "minutes")
+	}
+	return unit(int64((d+time.Second-1)/time.Second), "second", "seconds")
+}
+
+// clean makes an untrusted value safe to show on one line of text: invalid
+// UTF-8 bytes and control, format and line or paragraph separator
+// characters (CR, LF, TAB, NUL, DEL, C1 controls, bidirectional overrides,
+// U+2028, ...) are written as visible Go-style escapes (\r, \x00, \u202e),
+// and the result is cut to max runes with "..." appended. So a value can
+// neither start a new header or body line nor reorder the text around it.
+func clean(s string, max int) string {
+	var b strings.Builder
+	n := 0
+	for i := 0; i < len(s); {
+		if n >= max {
+			b.WriteString("...")
+			break
+		}
+		c, size := utf8.DecodeRuneInString(s[i:])
+		switch {
+		case c == utf8.RuneError && size <= 1:
+			fmt.Fprintf(&b, `\x%02x`, s[i])
+		case c == '\r':
+			b.WriteString(`\r`)
+		case c == '\n':
+			b.WriteString(`\n`)
+		case c == '\t':
+			b.WriteString(`\t`)
+		case c < 0x80 && (c < ' ' || c == 0x7f):
+			fmt.Fprintf(&b, `\x%02x`, c)
+		case unsafeRune(c):
+			fmt.Fprintf(&b, `\u%04x`, c)
+		default:
+			b.WriteRune(c)
+		}
+		n++
+		i += size
+	}
+	return b.String()
+}
+
+// unsafeRune reports the characters clean escapes beyond ASCII controls.
+func unsafeRune(c rune) bool {
+	return unicode.IsControl(c) || unicode.In(c, unicode.Cf, unicode.Zl, unicode.Zp) ||
+		c == utf8.RuneError || c == '\ufeff'
+}
+
+// isClean reports whether clean would leave s as it is (ignoring length).
+func isClean(s string) bool {
+	return clean(s, utf8.RuneCountInString(s)) == s
+}
+
+// isASCII reports whether s is printable-or-control 7-bit text.
+func isASCII(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] >= 0x80 {
+			return false
+		}
+	}
+	return true
+}
+
+// shellSafe reports whether s needs no quoting in a POSIX shell.
+func shellSafe(s string) bool {
+	if s == "" {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch {
+		case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9':
+		case c == '@', c == '.', c == '_', c == '+', c == '-':
+		default:
+			return false
+		}
+	}
+	return true
+}
+
+// shellQuote quotes s as one POSIX shell word: as it is when it holds only
+// [A-Za-z0-9@._+-], else in single quotes with each ' written as '\”.
+func shellQuote(s string) string {
+	if shellSafe(s) {
+		return s
+	}
+	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
+}
+
+// shellArg quotes s as an argument after a command's flags: a value that
+// starts with "-" is preceded by "--", so that it is not taken as a flag.
+func shellArg(s string) string {
+	if strings.HasPrefix(s, "-") {
+		return "-- " + shellQuote(s)
+	}
+	return shellQuote(s)
+}
+
+// isIP reports whether the identity is an IP address (an unauthenticated
+// client tracked by address).
+func isIP(s string) bool {
+	_, err := netip.ParseAddr(s)
+	return err == nil
+}
+
+// isAddress reports whether the identity looks like an email address.
+func isAddress(s string) bool {
+	at := strings.LastIndexByte(s, '@')
+	return at > 0 && at < len(s)-1
+}
+
+// sanitizeHostname returns h when it is a plausible host name for a
+// Message-ID and EHLO, else "localhost".
+func sanitizeHostname(h string) string {
+	if h == "" || len(h) > 253 {
+		return "localhost"
+	}
+	for i := 0; i < len(h); i++ {
+		c := h[i]
+		switch {
+		case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9', c == '-', c == '.':
+		default:
+			return "localhost"
+		}
+	}
+	if h[0] == '.' || h[0] == '-' || h[len(h)-1] == '.' || strings.Contains(h, "..") {
+		return "localhost"
+	}
+	return h
+}

@@ -1,0 +1,240 @@
+package notify
+
+import (
+	"bytes"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+)
+
+// Spool layout. A message waiting for the relay is one file NAME.msg in the
+// spool directory; files being written are .tmp-*; files that could not be
+// read back are moved to corrupt/, messages given up after MaxAge to
+// failed/.
+const (
+	spoolSuffix  = ".msg"
+	spoolTemp    = ".tmp-"
+	spoolCorrupt = "corrupt"
+	spoolFailed  = "failed"
+	spoolVersion = 1
+)
+
+// errCorrupt marks a spool file that cannot be understood.
+var errCorrupt = errors.New("notify: corrupt spool file")
+
+// spoolHeader is the first line of a spool file, as JSON. The message
+// follows the newline that ends it, byte for byte as it goes to the relay.
+type spoolHeader struct {
+	Version     int       `json:"version"`
+	From        string    `json:"from"` // envelope sender
+	To          []string  `json:"to"`   // envelope recipients still to deliver to
+	Created     time.Time `json:"created"`
+	Attempts    int       `json:"attempts"`
+	NextAttempt time.Time `json:"next_attempt"`
+	LastError   string    `json:"last_error,omitempty"`
+	Kind        string    `json:"kind"`
+	Identity    string    `json:"identity"`
+	MessageID   string    `json:"message_id"`
+	Size        int       `json:"size"`   // of the message
+	SHA256      string    `json:"sha256"` // of the message, hex
+}
+
+// spoolEntry is one spool file read back.
+type spoolEntry struct {
+	name string
+	hdr  spoolHeader
+	msg  []byte
+}
+
+// spool is the spool directory.
+type spool struct {
+	dir string
+	// mu keeps the sweep of leftover temporary files from taking a file
+	// that is being written right now.
+	mu sync.Mutex
+}
+
+// openSpool creates dir (0700) when it is missing.
+func openSpool(dir string) (*spool, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("notify: spool: %w", err)
+	}
+	return &spool{dir: dir}, nil
+}
+
+// add writes a new spool file for msg and returns its name. The file is
+// complete and synced, and so is the directory, before add returns.
+func (s *spool) add(hdr spoolHeader, msg []byte, now time.Time) (string, error) {
+	var rnd [8]byte
+	if _, err := rand.Read(rnd[:]); err != nil {
+		return "", fmt.Errorf("notify: spool: %w", err)
+	}
+	name := fmt.Sprintf("%019d-%s%s", now.UnixNano(), hex.EncodeToString(rnd[:]), spoolSuffix)
+	if err := s.write(name, hdr, msg); err != nil {
+		return "", err
+	}
+	return name, nil
+}
+
+// write replaces (or creates) the spool file name atomically: a temporary
+// file in the spool directory, fsync, rename, fsync of the directory.
+func (s *spool) write(name string, hdr spoolHeader, msg []byte) (err error) {
+	hdr.Version = spoolVersion
+	hdr.Size = len(msg)
+	sum := sha256.Sum256(msg)
+	hdr.SHA256 = hex.EncodeToString(sum[:])
+	head, err := json.Marshal(hdr)
+	if err != nil {
+		return fmt.Errorf("notify: spool: %w", err)
+	}
+
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	tmp, err := os.CreateTemp(s.dir, spoolTemp+"*")
+	if err != nil {
+		return fmt.Errorf("notify: spool: %w", err)
+	}
+	defer func() {
+		if err != nil {
+			tmp.Close()
+			os.Remove(tmp.Name())
+		}
+	}()
+	if _, err = tmp.Write(append(append(head, '\n'), msg...)); err != nil {
+		return fmt.Errorf("notify: spool: write %s: %w", tmp.Name(), err)
+	}
+	if err = tmp.Sync(); err != nil {
+		return fmt.Errorf("notify: spool: sync %s: %w", tmp.Name(), err)
+	}
+	if err = tmp.Close(); err != nil {
+		return fmt.Errorf("notify: spool: close %s: %w", tmp.Name(), err)
+	}
+	if err = os.Rename(tmp.Name(), filepath.Join(s.dir, name)); err != nil {
+		return fmt.Errorf("notify: spool: %w", err)
+	}
+	return s.syncDir()
+}
+
+// syncDir makes renames and removals in the spool directory durable.
+func (s *spool) syncDir() error {
+	d, err := os.Open(s.dir)
+	if err != nil {
+		return fmt.Errorf("notify: spool: %w", err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("notify: spool: sync %s: %w", s.dir, err)
+	}
+	return nil
+}
+
+// list returns the names of the spooled messages, oldest first.
+func (s *spool) list() ([]string, error) {
+	des, err := os.ReadDir(s.dir)
+	if err != nil {
+		return nil, fmt.Errorf("notify: spool: %w", err)
+	}
+	var names []string
+	for _, de := range des {
+		if de.Type().IsRegular() && strings.HasSuffix(de.Name(), spoolSuffix) && !strings.HasPrefix(de.Name(), ".") {
+			names = append(names, de.Name())
+		}
+	}
+	slices.Sort(names)
+	return names, nil
+}
+
+// load reads one spool file. A file that cannot be understood yields an
+// error wrapping errCorrupt.
+func (s *spool) load(name string) (spoolEntry, error) {
+	data, err := os.ReadFile(filepath.Join(s.dir, name))
+	if err != nil {
+		return spoolEntry{}, fmt.Errorf("notify: spool: %w", err)
+	}
+	head, msg, ok := bytes.Cut(data, []byte("\n"))
+	if !ok {
+		return spoolEntry{}, fmt.Errorf("%w %s: no header line", errCorrupt, name)
+	}
+	var hdr spoolHeader
+	dec := json.NewDecoder(bytes.NewReader(head))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&hdr); err != nil {
+		return spoolEntry{}, fmt.Errorf("%w %s: header: %v", errCorrupt, name, err)
+	}
+	sum := sha256.Sum256(msg)
+	switch {
+	case hdr.Version != spoolVersion:
+		return spoolEntry{}, fmt.Errorf("%w %s: version %d", errCorrupt, name, hdr.Version)
+	case hdr.From == "" || len(hdr.To) == 0 || slices.Contains(hdr.To, ""):
+		return spoolEntry{}, fmt.Errorf("%w %s: no envelope", errCorrupt, name)
+	case hdr.Created.IsZero():
+		return spoolEntry{}, fmt.Errorf("%w %s: no creation time", errCorrupt, name)
+	case hdr.Size != len(msg) || hdr.SHA256 != hex.EncodeToString(sum[:]):
+		return spoolEntry{}, fmt.Errorf("%w %s: message is %d bytes or altered, header says %d", errCorrupt, name, len(msg), hdr.Size)
+	}
+	return spoolEntry{name: name, hdr: hdr, msg: msg}, nil
+}
+
+// remove deletes a delivered message.
+func (s *spool) remove(name string) error {
+	if err := os.Remove(filepath.Join(s.dir, name)); err != nil {
+		return fmt.Errorf("notify: spool: %w", err)
+	}
+	return s.syncDir()
+}
+
+// moveAside moves a spool file into the sub directory (corrupt or failed)
+// and returns its new path.
+func (s *spool) moveAside(name, sub string) (string, error) {
+	dir := filepath.Join(s.dir, sub)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return "", fmt.Errorf("notify: spool: %w", err)
+	}
+	dst := filepath.Join(dir, name)
+	if err := os.Rename(filepath.Join(s.dir, name), dst); err != nil {
+		return "", fmt.Errorf("notify: spool: %w", err)
+	}
+	return dst, s.syncDir()
+}
+
+// sweepTemp moves temporary files left by a crash into corrupt/ and
+// returns their new paths. Files being written by this process are safe:
+// writes hold s.mu.
+func (s *spool) sweepTemp() ([]string, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	des, err := os.ReadDir(s.dir)
+	if err != nil {
+		return nil, fmt.Errorf("notify: spool: %w", err)
+	}
+	var moved []string
+	for _, de := range des {
+		if !de.Type().IsRegular() || !strings.HasPrefix(de.Name(), spoolTemp) {
+			continue
+		}
+		dst, err := s.moveAside(de.Name(), spoolCorrupt)
+		if err != nil {
+			return moved, err
+		}
+		moved = append(moved, dst)
+	}
+	return moved, nil
+}
+
+// count is the number of spooled messages.
+func (s *spool) count() int {
+	names, err := s.list()
+	if err != nil {
+		return 0
+	}
+	return len(names)
+}
