@@ -471,3 +471,97 @@ func TestHealthCommand(t *testing.T) {
 		t.Fatalf("health succeeded with the daemon stopped: %q", out.String())
 	}
 }
+
+// TestBlockReportMailed: a block sends exactly one report through the
+// relay, authenticated, with both MIME parts; a report spooled while the
+// relay is down is delivered after a restart of the daemon.
+func TestBlockReportMailed(t *testing.T) {
+	w := newWorld(t)
+	relay := test.StartRelay(t, test.RelayConfig{AuthUser: "rcptguard@customer.test", AuthPass: "s3cret", AllowInsecureAuth: true})
+	pw := filepath.Join(w.dir, "relay-password")
+	if err := os.WriteFile(pw, []byte("s3cret\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	extra := fmt.Sprintf(`
+[notify]
+to = ["abuse@isp.test"]
+from = "rcptguard@isp.test"
+relay = %q
+username = "rcptguard@customer.test"
+password_file = %q
+starttls = "off"
+spool = %q
+`, relay.Addr, pw, filepath.Join(w.dir, "state", "spool"))
+	cfgPath := w.config(t, "")
+	text, _ := os.ReadFile(cfgPath)
+	// The world's config has a [notify] section for the spool; replace it.
+	base, _, _ := strings.Cut(string(text), "[notify]")
+	if err := os.WriteFile(cfgPath, []byte(base+extra), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	d := startDaemon(t, cfgPath)
+	c := test.DialPolicy(t, d.addr)
+	for i := range 6 {
+		c.Must(test.RcptRequest("mallory@customer.test", "mallory@customer.test", fmt.Sprintf("x%d@good.test", i), "ABC123"))
+	}
+	for range 3 { // more requests after the block: still one report
+		c.Must(rcpt("mallory@customer.test", "alice@good.test"))
+	}
+	// A warning at 4 of 5 (warn_at 0.75), then the block report.
+	msgs := relay.WaitMessages(t, 2, 10*time.Second)
+	block := reportWith(t, msgs, "Subject: [rcptguard] blocked mallory@customer.test: 6 invalid recipients in 1h")
+	if reportWith(t, msgs, "Subject: [rcptguard] warning mallory@customer.test: 4 of 5") == nil {
+		t.Error("no warning report")
+	}
+	if block.AuthUser != "rcptguard@customer.test" || len(block.To) != 1 || block.To[0] != "abuse@isp.test" {
+		t.Fatalf("report envelope: auth %q to %v", block.AuthUser, block.To)
+	}
+	for _, want := range []string{"Auto-Submitted: auto-generated", "application/json", "rcptguard unblock mallory@customer.test",
+		"x5@good.test", "postsuper -H ABC123"} {
+		if !strings.Contains(string(block.Data), want) {
+			t.Errorf("block report lacks %q", want)
+		}
+	}
+	time.Sleep(200 * time.Millisecond)
+	if n := len(relay.Messages()); n != 2 {
+		t.Fatalf("%d reports, want one warning and one block", n)
+	}
+
+	// Relay down: the next block's reports wait in the spool, across a
+	// restart, and are delivered once the relay is back.
+	relay.SetDown(true)
+	for i := range 6 {
+		c.Must(rcpt("trudy@customer.test", fmt.Sprintf("y%d@good.test", i)))
+	}
+	d.stop()
+	spooled, _ := os.ReadDir(filepath.Join(w.dir, "state", "spool"))
+	if len(spooled) == 0 {
+		t.Fatal("nothing in the spool while the relay is down")
+	}
+	relay.SetDown(false)
+	startDaemon(t, cfgPath)
+	msgs = relay.WaitMessages(t, 4, 10*time.Second)
+	if reportWith(t, msgs, "Subject: [rcptguard] blocked trudy@customer.test") == nil {
+		t.Fatal("spooled block report not delivered after the restart")
+	}
+	time.Sleep(200 * time.Millisecond)
+	if n := len(relay.Messages()); n != 4 {
+		t.Fatalf("%d reports after the restart, want 4 (each exactly once)", n)
+	}
+}
+
+// reportWith returns the message containing s, failing the test when
+// more than one does.
+func reportWith(t *testing.T, msgs []test.RelayMessage, s string) *test.RelayMessage {
+	t.Helper()
+	var found *test.RelayMessage
+	for i := range msgs {
+		if strings.Contains(string(msgs[i].Data), s) {
+			if found != nil {
+				t.Fatalf("two messages contain %q", s)
+			}
+			found = &msgs[i]
+		}
+	}
+	return found
+}

@@ -30,6 +30,7 @@ Commands:
   block   [-config FILE] [-reason TEXT] IDENTITY
   unblock [-config FILE] IDENTITY
   health  [-config FILE]                   check that the running service answers
+  notify-test [-config FILE]               send a sample abuse report now
   version                                  print version, commit and Go version
 
 The configuration file is TOML. Without -config, $RCPTGUARD_CONFIG is read,
@@ -74,6 +75,8 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return cmdBlock(ctx, args, stdout, stderr)
 	case "unblock":
 		return cmdUnblock(ctx, args, stdout, stderr)
+	case "notify-test":
+		return cmdNotifyTest(ctx, args, stdout, stderr)
 	case "health":
 		return cmdHealth(ctx, args, stdout, stderr)
 	case "version", "-version", "--version":

@@ -114,3 +114,27 @@ func TestUsageErrors(t *testing.T) {
 		t.Errorf("version: %d %q", code, out.String())
 	}
 }
+
+func TestNotifyTestCommand(t *testing.T) {
+	relay := test.StartRelay(t, test.RelayConfig{AuthUser: "reports", AuthPass: "pw", AllowInsecureAuth: true})
+	pw := writeConfig(t, "pw\n") // any file will do for the password
+	cfg := writeConfig(t, fmt.Sprintf("[notify]\nto = [\"abuse@isp.test\"]\nrelay = %q\nusername = \"reports\"\npassword_file = %q\nstarttls = \"off\"\n", relay.Addr, pw))
+	var out, errOut bytes.Buffer
+	if err := Run(context.Background(), []string{"notify-test", "-config", cfg}, &out, &errOut); err != nil {
+		t.Fatalf("notify-test: %v\n%s", err, errOut.String())
+	}
+	msgs := relay.Messages()
+	if len(msgs) != 1 || msgs[0].AuthUser != "reports" || !strings.Contains(string(msgs[0].Data), "Subject: [rcptguard] blocked") {
+		t.Fatalf("relay got %d messages", len(msgs))
+	}
+	// Without recipients it says so, as a usage error.
+	if code := Main([]string{"notify-test", "-config", writeConfig(t, "")}, &out, &errOut); code != exitUsage {
+		t.Fatalf("notify-test without notify.to: exit %d", code)
+	}
+	// A relay that is down is an error naming the relay.
+	relay.SetDown(true)
+	errOut.Reset()
+	if err := Run(context.Background(), []string{"notify-test", "-config", cfg}, &out, &errOut); err == nil || !strings.Contains(err.Error(), "notify-test") {
+		t.Fatalf("relay down: %v", err)
+	}
+}

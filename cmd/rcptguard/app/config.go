@@ -84,13 +84,16 @@ type BlocklistConfig struct {
 
 // NotifyConfig is the [notify] section: abuse reports.
 type NotifyConfig struct {
-	To           []string `toml:"to"`
-	From         string   `toml:"from"`
-	Relay        string   `toml:"relay"`
-	Username     string   `toml:"username"`
-	PasswordFile string   `toml:"password_file"`
-	STARTTLS     string   `toml:"starttls"`
-	Spool        string   `toml:"spool"`
+	To            []string `toml:"to"`
+	From          string   `toml:"from"`
+	Relay         string   `toml:"relay"`
+	Username      string   `toml:"username"`
+	PasswordFile  string   `toml:"password_file"`
+	STARTTLS      string   `toml:"starttls"`
+	TLSSkipVerify bool     `toml:"tls_skip_verify"`
+	Spool         string   `toml:"spool"`
+	MaxAge        Duration `toml:"max_age"`
+	WarnUser      bool     `toml:"warn_user"`
 }
 
 // MetricsConfig is the [metrics] section.
@@ -145,6 +148,7 @@ func defaultConfig() Config {
 			Relay:    "127.0.0.1:25",
 			STARTTLS: "opportunistic",
 			Spool:    "/var/lib/rcptguard/spool",
+			MaxAge:   Duration(5 * 24 * time.Hour),
 		},
 		Log: LogConfig{Level: "info", Format: "text"},
 	}
@@ -386,6 +390,9 @@ func (c *Config) Validate() []error {
 	}
 	if n.Username != "" && n.PasswordFile == "" {
 		bad("notify.password_file", "is required when notify.username is set")
+	}
+	if n.MaxAge.D() < time.Minute {
+		bad("notify.max_age", "must be at least 1m, got %s", n.MaxAge.D())
 	}
 	if n.Spool == "" || !strings.HasPrefix(n.Spool, "/") {
 		bad("notify.spool", "must be an absolute path, got %q", n.Spool)

@@ -109,6 +109,11 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 	}
 	defer verifier.Close()
 
+	mailer, err := newMailer(cfg, log.With("component", "notify"), true)
+	if err != nil {
+		return err
+	}
+
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	metrics := detector.NewMetrics(reg)
@@ -116,7 +121,7 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 	dcfg := detectorConfig(cfg, limits)
 	dcfg.Verifier = verifier
 	dcfg.Blocklist = blocklistAdapter{bl}
-	dcfg.Notifier = logNotifier{log: log}
+	dcfg.Notifier = reportNotifier{log: log, mailer: mailer}
 	dcfg.Logger = log
 	dcfg.Metrics = metrics
 	d, err := detector.New(dcfg)
@@ -206,6 +211,12 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 		})
 	}
 	wg.Go(func() { _ = bl.Watch(ctx, time.Second) })
+	if mailer != nil {
+		// The mailer outlives the policy listeners a little: reports
+		// spooled by the last requests are tried before it stops, and
+		// whatever is left stays in the spool for the next start.
+		wg.Go(func() { _ = mailer.Run(ctx) })
+	}
 	wg.Go(func() { housekeeping(ctx, d, bl, metrics) })
 	wg.Go(func() { reloadOnHUP(ctx, hup, cfg, d, log) })
 
@@ -318,18 +329,4 @@ func (a blocklistAdapter) Blocked(id string) (string, bool) {
 func (a blocklistAdapter) Block(ctx context.Context, id, action string) error {
 	word, text, _ := strings.Cut(action, " ")
 	return a.f.Add(ctx, blocklist.Entry{Identity: id, Action: word, Text: text})
-}
-
-// logNotifier reports events in the log only (no [notify] mail yet).
-type logNotifier struct{ log *slog.Logger }
-
-func (n logNotifier) Notify(_ context.Context, ev detector.Event) error {
-	rcpts := make([]string, len(ev.Evidence.Recipients))
-	for i, r := range ev.Evidence.Recipients {
-		rcpts[i] = r.Address
-	}
-	n.log.Warn("rcptguard report", slog.String("event", string(ev.Kind)), slog.String("identity", ev.Identity),
-		slog.Int("count", ev.Count), slog.Int("limit", ev.Limit), slog.String("period", detector.FormatPeriod(ev.Period)),
-		slog.String("mode", string(ev.Mode)), slog.Any("recipients", rcpts), slog.Any("queue_ids", ev.Evidence.QueueIDs))
-	return nil
 }

@@ -1,0 +1,125 @@
+package app
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/rcptguard/rcptguard/detector"
+	"github.com/rcptguard/rcptguard/notify"
+)
+
+// newMailer builds the report mailer the [notify] section describes; nil
+// when no report mail is configured (no notify.to and no warn_user).
+func newMailer(cfg *Config, log *slog.Logger, withSpool bool) (*notify.Mailer, error) {
+	n := cfg.Notify
+	if len(n.To) == 0 && !n.WarnUser && withSpool {
+		return nil, nil
+	}
+	password := ""
+	if n.PasswordFile != "" {
+		b, err := os.ReadFile(n.PasswordFile)
+		if err != nil {
+			return nil, fmt.Errorf("notify.password_file: %w", err)
+		}
+		password = strings.TrimRight(string(b), "\r\n")
+	}
+	spool := ""
+	if withSpool {
+		spool = n.Spool
+		if err := ensureDir(spool, "notify.spool"); err != nil {
+			return nil, err
+		}
+	}
+	m, err := notify.New(notify.Config{
+		To:            n.To,
+		From:          n.From,
+		Relay:         n.Relay,
+		Username:      n.Username,
+		Password:      password,
+		StartTLS:      n.STARTTLS,
+		TLSSkipVerify: n.TLSSkipVerify,
+		Spool:         spool,
+		MaxAge:        n.MaxAge.D(),
+		WarnUser:      n.WarnUser,
+		Logger:        log,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("[notify]: %w", err)
+	}
+	return m, nil
+}
+
+// reportNotifier logs every event and, when a mailer is configured, spools
+// a report for it; sending happens in the mailer's own goroutine, so a
+// policy answer never waits for the relay.
+type reportNotifier struct {
+	log    *slog.Logger
+	mailer *notify.Mailer // nil: log only
+}
+
+func (n reportNotifier) Notify(ctx context.Context, ev detector.Event) error {
+	n.log.Warn("rcptguard report", slog.String("event", string(ev.Kind)), slog.String("identity", ev.Identity),
+		slog.Int("count", ev.Count), slog.Int("limit", ev.Limit), slog.String("period", detector.FormatPeriod(ev.Period)),
+		slog.String("mode", string(ev.Mode)), slog.Int("recipients", len(ev.Evidence.Recipients)),
+		slog.Any("queue_ids", ev.Evidence.QueueIDs), slog.Bool("mailed", n.mailer != nil))
+	if n.mailer == nil {
+		return nil
+	}
+	return n.mailer.Enqueue(ctx, reportOf(ev))
+}
+
+// reportOf turns a detector event into the notify package's report.
+func reportOf(ev detector.Event) notify.Report {
+	host, _ := os.Hostname()
+	r := notify.Report{
+		Kind:     notify.Kind(ev.Kind),
+		Identity: ev.Identity,
+		Time:     ev.Time.Local(),
+		Mode:     string(ev.Mode),
+		Count:    ev.Count,
+		Limit:    ev.Limit,
+		Period:   ev.Period,
+		Action:   ev.Action,
+		QueueIDs: ev.Evidence.QueueIDs,
+		Hostname: host,
+	}
+	for _, c := range ev.Evidence.Clients {
+		r.Clients = append(r.Clients, notify.Client{Address: c.Address, Name: c.Name, Count: c.Count})
+	}
+	// The evidence keeps the oldest first; the report shows the newest first.
+	for i := len(ev.Evidence.Recipients) - 1; i >= 0; i-- {
+		x := ev.Evidence.Recipients[i]
+		r.Recipients = append(r.Recipients, notify.Recipient{Address: x.Address, Time: x.Time.Local(), Reason: x.Reason, MX: x.MX, Reply: x.Reply})
+	}
+	return r
+}
+
+// cmdNotifyTest sends a sample report to notify.to through notify.relay
+// at once, so an administrator can check the whole path.
+func cmdNotifyTest(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs, config := newFlags("notify-test", "notify-test [-config FILE]", stderr)
+	cfg, err := parseFlags(fs, config, args)
+	if err != nil {
+		return err
+	}
+	if len(cfg.Notify.To) == 0 {
+		return fmt.Errorf("%w: notify.to is empty: there is nobody to send the sample report to", errUsage)
+	}
+	m, err := newMailer(cfg, slog.New(slog.NewTextHandler(stderr, nil)), false)
+	if err != nil {
+		return err
+	}
+	host, _ := os.Hostname()
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	if err := m.SendNow(ctx, notify.SampleReport(time.Now(), host)); err != nil {
+		return fmt.Errorf("notify-test: %w", err)
+	}
+	fmt.Fprintf(stdout, "sample report sent to %s via %s\n", strings.Join(cfg.Notify.To, ", "), cfg.Notify.Relay)
+	return nil
+}
