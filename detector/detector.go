@@ -276,9 +276,9 @@ func (d *Detector) Decide(ctx context.Context, req *Request) Action {
 	// A blocked identity gets the block action, whatever the recipient.
 	if action, blocked := d.block.Blocked(id); blocked {
 		now := d.now()
-		d.limiter.Note(id, now, func(e *Evidence) {
-			e.AddClient(req.ClientAddress, req.ClientName)
-			e.AddQueueID(req.QueueID)
+		d.limiter.Note(id, now, func(e *evidence) {
+			e.addClient(req.ClientAddress, req.ClientName)
+			e.addQueueID(req.QueueID)
 		})
 		if pc.mode == ModeMonitor {
 			d.logDecision(req, id, nil, "blocked-monitor", ActionDunno, 0)
@@ -351,10 +351,9 @@ func (d *Detector) record(ctx context.Context, req *Request, id string, res call
 	pc := d.cfg.load()
 	now := d.now()
 	count := d.limiter.Add(id, res.Address, now)
-	d.limiter.Note(id, now, func(e *Evidence) {
-		e.AddClient(req.ClientAddress, req.ClientName)
-		e.AddRecipient(InvalidRecipient{Address: res.Address, Time: now, Reason: string(res.Reason),
-			MX: res.Host, Reply: res.Reply.String()})
+	d.limiter.Note(id, now, func(e *evidence) {
+		e.addClient(req.ClientAddress, req.ClientName)
+		e.addRecipient(res, now)
 	})
 	limit := pc.limitFor(id)
 	if limit == 0 {
@@ -387,7 +386,7 @@ func (d *Detector) record(ctx context.Context, req *Request, id string, res call
 			slog.Int("limit", limit), slog.String("period", pc.periodTx), slog.String("action", pc.action),
 			slog.String("client", req.ClientAddress), slog.String("queue_id", req.QueueID))
 		d.metrics.blocked()
-		d.limiter.Note(id, now, func(e *Evidence) { e.AddQueueID(req.QueueID) })
+		d.limiter.Note(id, now, func(e *evidence) { e.addQueueID(req.QueueID) })
 		d.tell(ctx, ev)
 		return Action(action), count
 	}

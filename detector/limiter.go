@@ -5,6 +5,8 @@ import (
 	"slices"
 	"sync"
 	"time"
+
+	"github.com/rcptguard/rcptguard/callout"
 )
 
 // Limiter counts, per identity, the distinct invalid recipients that fall
@@ -30,11 +32,11 @@ type limiterShard struct {
 
 // track is the state of one identity.
 type track struct {
-	hits     []hit // distinct invalid recipients in the window, oldest first
-	last     int64 // time of the last activity, unix ns
-	warned   int64 // time of the last warning, unix ns; 0 none
-	blocked  bool  // a block (or would-block) was acted on
-	evidence *Evidence
+	hits    []hit // distinct invalid recipients in the window, oldest first
+	last    int64 // time of the last activity, unix ns
+	warned  int64 // time of the last warning, unix ns; 0 none
+	blocked bool  // a block (or would-block) was acted on
+	ev      evidence
 }
 
 // hit is one distinct invalid recipient: a hash of the address and when it
@@ -46,7 +48,7 @@ type hit struct {
 
 // Evidence is what a report tells about an identity: where it connected
 // from, which invalid recipients it tried (the most recent, at most
-// MaxRecipients) and the queue IDs of its mail that was held.
+// MaxRecipients, oldest first) and the queue IDs of its mail that was held.
 type Evidence struct {
 	Clients    []ClientSeen
 	Recipients []InvalidRecipient
@@ -68,6 +70,25 @@ type InvalidRecipient struct {
 	Reason  string
 	MX      string
 	Reply   string
+}
+
+// evidence is Evidence as the limiter keeps it for every tracked
+// identity: compact, sharing its strings with the verdict cache and the
+// requests, the reply kept as its parts and formatted only for a report.
+type evidence struct {
+	clients  []ClientSeen
+	rcpts    []evRecipient
+	queueIDs *[]string // only blocked identities have any
+}
+
+type evRecipient struct {
+	addr   string
+	t      int64 // unix ns
+	reason string
+	mx     string
+	code   uint16
+	enh    [3]uint16
+	text   string
 }
 
 // Evidence bounds: what a report shows.
@@ -183,9 +204,9 @@ func (l *Limiter) MarkBlocked(id string) bool {
 }
 
 // Note updates the evidence kept for id: fn runs with the identity's
-// evidence (allocated on first use) under the identity's lock, so it must
-// be quick and must not call back into the Limiter.
-func (l *Limiter) Note(id string, now time.Time, fn func(*Evidence)) {
+// evidence under the identity's lock, so it must be quick and must not
+// call back into the Limiter.
+func (l *Limiter) Note(id string, now time.Time, fn func(*evidence)) {
 	s := l.shard(id)
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -195,27 +216,29 @@ func (l *Limiter) Note(id string, now time.Time, fn func(*Evidence)) {
 		s.m[id] = tr
 	}
 	tr.last = max(tr.last, now.UnixNano())
-	if tr.evidence == nil {
-		tr.evidence = &Evidence{}
-	}
-	fn(tr.evidence)
+	fn(&tr.ev)
 }
 
-// Evidence returns a copy of what is known about id.
+// Evidence returns what is known about id, for a report.
 func (l *Limiter) Evidence(id string) Evidence {
 	s := l.shard(id)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	tr := s.m[id]
-	if tr == nil || tr.evidence == nil {
+	if tr == nil {
 		return Evidence{}
 	}
-	e := tr.evidence
-	return Evidence{
-		Clients:    slices.Clone(e.Clients),
-		Recipients: slices.Clone(e.Recipients),
-		QueueIDs:   slices.Clone(e.QueueIDs),
+	e := &tr.ev
+	out := Evidence{Clients: slices.Clone(e.clients)}
+	if e.queueIDs != nil {
+		out.QueueIDs = slices.Clone(*e.queueIDs)
 	}
+	for _, r := range e.rcpts {
+		reply := callout.Reply{Code: int(r.code), Enhanced: [3]int{int(r.enh[0]), int(r.enh[1]), int(r.enh[2])}, Text: r.text}
+		out.Recipients = append(out.Recipients, InvalidRecipient{Address: r.addr, Time: time.Unix(0, r.t),
+			Reason: r.reason, MX: r.mx, Reply: reply.String()})
+	}
+	return out
 }
 
 // Sweep forgets identities with no activity for a whole period and returns
@@ -262,36 +285,54 @@ func (l *Limiter) Len() int {
 	return n
 }
 
-// AddRecipient appends r to the evidence, keeping the most recent
-// MaxRecipients and one entry per address.
-func (e *Evidence) AddRecipient(r InvalidRecipient) {
-	e.Recipients = slices.DeleteFunc(e.Recipients, func(x InvalidRecipient) bool { return x.Address == r.Address })
-	if len(e.Recipients) >= MaxRecipients {
-		e.Recipients = slices.Delete(e.Recipients, 0, len(e.Recipients)-MaxRecipients+1)
+// addRecipient records an invalid recipient with the verdict that said
+// so, keeping the most recent MaxRecipients and one entry per address.
+func (e *evidence) addRecipient(res callout.Result, now time.Time) {
+	e.rcpts = slices.DeleteFunc(e.rcpts, func(x evRecipient) bool { return x.addr == res.Address })
+	if len(e.rcpts) >= MaxRecipients {
+		e.rcpts = slices.Delete(e.rcpts, 0, len(e.rcpts)-MaxRecipients+1)
 	}
-	e.Recipients = append(e.Recipients, r)
+	r := evRecipient{addr: res.Address, t: now.UnixNano(), reason: string(res.Reason), mx: res.Host,
+		code: uint16(min(max(res.Reply.Code, 0), 999)), text: res.Reply.Text}
+	for i, v := range res.Reply.Enhanced {
+		r.enh[i] = uint16(min(max(v, 0), 999))
+	}
+	if e.rcpts == nil {
+		// Most identities never get a second one: no spare capacity.
+		e.rcpts = make([]evRecipient, 0, 1)
+	}
+	e.rcpts = append(e.rcpts, r)
 }
 
-// AddClient counts one request from a client address.
-func (e *Evidence) AddClient(addr, name string) {
-	for i := range e.Clients {
-		if e.Clients[i].Address == addr {
-			e.Clients[i].Count++
+// addClient counts one request from a client address.
+func (e *evidence) addClient(addr, name string) {
+	for i := range e.clients {
+		if e.clients[i].Address == addr {
+			e.clients[i].Count++
 			if name != "" {
-				e.Clients[i].Name = name
+				e.clients[i].Name = name
 			}
 			return
 		}
 	}
-	if len(e.Clients) < MaxClients {
-		e.Clients = append(e.Clients, ClientSeen{Address: addr, Name: name, Count: 1})
+	if len(e.clients) < MaxClients {
+		if e.clients == nil {
+			e.clients = make([]ClientSeen, 0, 1)
+		}
+		e.clients = append(e.clients, ClientSeen{Address: addr, Name: name, Count: 1})
 	}
 }
 
-// AddQueueID remembers a queue ID that was answered with the block action.
-func (e *Evidence) AddQueueID(id string) {
-	if id == "" || slices.Contains(e.QueueIDs, id) || len(e.QueueIDs) >= MaxQueueIDs {
+// addQueueID remembers a queue ID that was answered with the block action.
+func (e *evidence) addQueueID(id string) {
+	if id == "" {
 		return
 	}
-	e.QueueIDs = append(e.QueueIDs, id)
+	if e.queueIDs == nil {
+		e.queueIDs = new([]string)
+	}
+	if slices.Contains(*e.queueIDs, id) || len(*e.queueIDs) >= MaxQueueIDs {
+		return
+	}
+	*e.queueIDs = append(*e.queueIDs, id)
 }

@@ -7,6 +7,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/rcptguard/rcptguard/callout"
 )
 
 var t0 = time.Date(2026, 11, 22, 10, 0, 0, 0, time.UTC)
@@ -91,16 +93,21 @@ func TestLimiterSweep(t *testing.T) {
 func TestEvidenceBounds(t *testing.T) {
 	l := NewLimiter(time.Hour)
 	for i := range 50 {
-		l.Note("u", t0, func(e *Evidence) {
-			e.AddRecipient(InvalidRecipient{Address: "r" + strconv.Itoa(i) + "@x"})
-			e.AddClient("192.0.2."+strconv.Itoa(i), "")
-			e.AddQueueID("Q" + strconv.Itoa(i%7))
+		l.Note("u", t0, func(e *evidence) {
+			e.addRecipient(callout.Result{Address: "r" + strconv.Itoa(i) + "@x"}, t0)
+			e.addClient("192.0.2."+strconv.Itoa(i), "")
+			e.addQueueID("Q" + strconv.Itoa(i%7))
 		})
 	}
-	l.Note("u", t0, func(e *Evidence) { e.AddRecipient(InvalidRecipient{Address: "r45@x"}) })
+	l.Note("u", t0, func(e *evidence) {
+		e.addRecipient(callout.Result{Address: "r45@x", Host: "mx.x", Reply: callout.Reply{Code: 550, Enhanced: [3]int{5, 1, 10}, Text: "gone"}}, t0)
+	})
 	e := l.Evidence("u")
 	if len(e.Recipients) != MaxRecipients || e.Recipients[len(e.Recipients)-1].Address != "r45@x" || e.Recipients[0].Address != "r30@x" {
 		t.Fatalf("recipients %d, first %v last %v", len(e.Recipients), e.Recipients[0], e.Recipients[len(e.Recipients)-1])
+	}
+	if last := e.Recipients[len(e.Recipients)-1]; last.Reply != "550 5.1.10 gone" || last.MX != "mx.x" || !last.Time.Equal(t0) {
+		t.Fatalf("recipient evidence %+v", last)
 	}
 	if len(e.Clients) != MaxClients || len(e.QueueIDs) != 7 {
 		t.Fatalf("clients %d, queue IDs %d", len(e.Clients), len(e.QueueIDs))
