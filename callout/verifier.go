@@ -288,6 +288,16 @@ func (v *Verifier) Verify(ctx context.Context, address string) Result {
 	}
 }
 
+// Cached returns the cached verdict for address, if there is a fresh one,
+// without parsing, DNS or SMTP: the cheap first try of a caller that must
+// otherwise set up a wait.
+func (v *Verifier) Cached(address string) (Result, bool) {
+	fast := fastKey(address)
+	res, ok := v.lookup(fast)
+	res.Address = fast
+	return res, ok
+}
+
 // fastKey is the cache key for an address as Postfix usually sends it:
 // bare and lower case, in which case it costs no allocation.
 func fastKey(s string) string {

@@ -24,6 +24,12 @@ type Verifier interface {
 	Verify(ctx context.Context, addr string) callout.Result
 }
 
+// CachedVerifier is a Verifier that can also answer from its cache alone,
+// without blocking; the detector then skips the timer a wait needs.
+type CachedVerifier interface {
+	Cached(addr string) (callout.Result, bool)
+}
+
 // Blocklist is the list of blocked identities.
 type Blocklist interface {
 	// Blocked returns the Postfix action for a blocked identity.
@@ -99,6 +105,7 @@ type Config struct {
 type Detector struct {
 	cfg     atomicConfig
 	verify  Verifier
+	cached  CachedVerifier // verify, when it can answer from a cache; else nil
 	block   Blocklist
 	notify  Notifier
 	log     *slog.Logger
@@ -167,6 +174,7 @@ func New(cfg Config) (*Detector, error) {
 		ctx:     ctx,
 		cancel:  cancel,
 	}
+	d.cached, _ = cfg.Verifier.(CachedVerifier)
 	d.cfg.c = pc
 	return d, nil
 }
@@ -238,6 +246,14 @@ func (d *Detector) Reload(cfg Config) error {
 	return nil
 }
 
+// cachedVerdict asks the verifier's cache, when it has one.
+func (d *Detector) cachedVerdict(rcpt string) (callout.Result, bool) {
+	if d.cached == nil {
+		return callout.Result{}, false
+	}
+	return d.cached.Cached(rcpt)
+}
+
 // Close waits for background verifications to end.
 func (d *Detector) Close() {
 	d.cancel()
@@ -307,12 +323,16 @@ func (d *Detector) Decide(ctx context.Context, req *Request) Action {
 		return ActionDunno
 	}
 
-	// Verify, waiting at most pc.wait; a verification that takes longer
-	// goes on and is counted when it ends.
-	wctx, cancel := context.WithTimeout(ctx, pc.wait)
+	// Verify: from the cache when the verifier has the verdict at hand,
+	// else waiting at most pc.wait; a verification that takes longer goes
+	// on and is counted when it ends.
+	res, cached := d.cachedVerdict(rcpt)
 	start := time.Now()
-	res := d.verify.Verify(wctx, rcpt)
-	cancel()
+	if !cached {
+		wctx, cancel := context.WithTimeout(ctx, pc.wait)
+		res = d.verify.Verify(wctx, rcpt)
+		cancel()
+	}
 	d.metrics.verified(res, time.Since(start))
 	if res.Reason == callout.ReasonCanceled {
 		// The server reuses *req for the connection's next request.
