@@ -90,7 +90,7 @@ func TestSystemdUnit(t *testing.T) {
 	for _, want := range []string{
 		"ExecStart=/usr/local/bin/rcptguard serve -config /etc/rcptguard/rcptguard.toml",
 		"ExecReload=/bin/kill -HUP $MAINPID",
-		"DynamicUser=yes", "StateDirectory=rcptguard", "ProtectSystem=strict", "NoNewPrivileges=yes",
+		"User=rcptguard", "StateDirectory=rcptguard", "StateDirectoryMode=0755", "ProtectSystem=strict", "NoNewPrivileges=yes",
 	} {
 		if !strings.Contains(unit, want) {
 			t.Errorf("systemd unit lacks %q", want)
