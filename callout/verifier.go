@@ -22,6 +22,10 @@ import (
 // IP addresses on a sender's behalf is not something rcptguard does.
 const ReasonAddressLiteral Reason = "address-literal"
 
+// ReasonRateLimited is the reason when the cap on connections to the
+// recipient's domain or MX host was reached: nothing was sent.
+const ReasonRateLimited Reason = "rate-limited"
+
 // Config holds a Verifier's options. New fills the defaults documented on
 // each field.
 type Config struct {
@@ -81,6 +85,20 @@ type Config struct {
 	AcceptAllMX []string
 	// NoTLS disables STARTTLS on probes.
 	NoTLS bool
+	// PerDomainRate and PerHostRate cap the new SMTP connections per
+	// minute to one recipient domain and to one MX host (defaults 30 and
+	// 300): a recipient list aimed at one domain must not turn rcptguard
+	// into a flood of connections to it. Over the cap a verification is
+	// unknown, reason "rate-limited", and nothing is sent.
+	PerDomainRate, PerHostRate int
+	// SessionIdle is how long a session stays open, after its last
+	// recipient, for more recipients of the same domain (default 2s, as
+	// Postfix's smtp_connection_cache_time_limit). Negative: no waiting.
+	SessionIdle time.Duration
+	// LocalAddrs lists this host's own addresses, never probed unless
+	// AllowPrivate (an MX pointing back at us). Default: the addresses of
+	// the network interfaces, read at New.
+	LocalAddrs []netip.Addr
 
 	// Logger receives debug lines per probe. Default: discard.
 	Logger *slog.Logger
@@ -104,6 +122,8 @@ type Verifier struct {
 	log   *slog.Logger
 	cache *ristretto.Cache[string, cacheEntry]
 	hosts hostSlots
+	conns rateWindows // new connections per domain and per MX host, this minute
+	local map[netip.Addr]bool
 
 	ctx    context.Context // ends at Close
 	cancel context.CancelFunc
@@ -131,7 +151,9 @@ type call struct {
 // domainQueue holds the calls waiting for a session to their domain.
 type domainQueue struct {
 	pending []*call
-	workers int
+	workers int           // worker goroutines for the domain, idle ones included
+	idle    int           // workers holding an open session, waiting for calls
+	wake    chan struct{} // one token per idle worker woken by join
 }
 
 // cacheEntry is what the cache keeps: a verdict and when it expires by
@@ -168,6 +190,12 @@ func New(cfg Config) (*Verifier, error) {
 	setDefault(&cfg.CacheSize, 64<<20)
 	setDefault(&cfg.PerHost, 4)
 	setDefault(&cfg.MaxRcpts, 20)
+	setDefault(&cfg.SessionIdle, 2*time.Second)
+	setDefault(&cfg.PerDomainRate, 30)
+	setDefault(&cfg.PerHostRate, 300)
+	if cfg.LocalAddrs == nil {
+		cfg.LocalAddrs = interfaceAddrs()
+	}
 	if cfg.SingleRcptMX == nil {
 		cfg.SingleRcptMX = DefaultSingleRcptMX
 	}
@@ -226,6 +254,8 @@ func New(cfg Config) (*Verifier, error) {
 		log:      cfg.Logger,
 		cache:    cache,
 		hosts:    hostSlots{limit: cfg.PerHost, used: map[string]*hostSlot{}},
+		conns:    rateWindows{now: cfg.Now, m: map[string]int{}},
+		local:    addrSet(cfg.LocalAddrs),
 		ctx:      ctx,
 		cancel:   cancel,
 		inflight: map[string]*call{},
@@ -365,11 +395,19 @@ func (v *Verifier) join(a Address, key string) *call {
 	v.inflight[key] = c
 	q := v.domains[a.Domain]
 	if q == nil {
-		q = &domainQueue{}
+		q = &domainQueue{wake: make(chan struct{}, v.cfg.PerHost)}
 		v.domains[a.Domain] = q
 	}
 	q.pending = append(q.pending, c)
-	if q.workers < v.cfg.PerHost {
+	switch {
+	case q.idle > 0:
+		// A worker keeps a session to the domain open: it takes the call
+		// over that session, with no new connection.
+		q.idle--
+		q.wake <- struct{}{}
+	case q.workers < v.cfg.PerHost && len(q.pending) > q.workers-q.idle:
+		// More calls wait than busy workers will pick up at their next
+		// turn: another session, up to PerHost.
 		q.workers++
 		v.wg.Add(1)
 		go v.work(a.Domain, q)
@@ -377,11 +415,36 @@ func (v *Verifier) join(a Address, key string) *call {
 	return c
 }
 
-// take hands a worker the next batch of its domain's calls, or nil when
-// there is none, in which case the worker is no longer counted.
-func (v *Verifier) take(domain string, q *domainQueue, n int) []*call {
+// take hands a worker the next batch of its domain's calls. When there is
+// none and linger is set (the worker holds an open session), it waits up
+// to SessionIdle for a call to arrive, as Postfix's connection cache
+// does, so a sender mailing one recipient after another over the same
+// domain does not make one connection per recipient. It returns nil when
+// the worker should end; the worker is then no longer counted.
+func (v *Verifier) take(domain string, q *domainQueue, n int, linger bool) []*call {
 	v.mu.Lock()
 	defer v.mu.Unlock()
+	if len(q.pending) == 0 && linger && v.cfg.SessionIdle > 0 && v.ctx.Err() == nil {
+		q.idle++
+		v.mu.Unlock()
+		t := time.NewTimer(v.cfg.SessionIdle)
+		woken := false
+		select {
+		case <-q.wake:
+			woken = true
+		case <-t.C:
+		case <-v.ctx.Done():
+		}
+		t.Stop()
+		v.mu.Lock()
+		if !woken {
+			select {
+			case <-q.wake: // join counted an idle worker out just as we gave up
+			default:
+				q.idle--
+			}
+		}
+	}
 	if len(q.pending) == 0 {
 		q.workers--
 		if q.workers == 0 {
@@ -428,7 +491,7 @@ func (v *Verifier) work(domain string, q *domainQueue) {
 	w := &worker{v: v, domain: domain}
 	defer w.closeSession()
 	for {
-		batch := v.take(domain, q, v.cfg.MaxRcpts)
+		batch := v.take(domain, q, v.cfg.MaxRcpts, w.sess != nil)
 		if batch == nil {
 			return
 		}
@@ -513,7 +576,7 @@ func (w *worker) run(batch []*call) {
 		}
 		ips := h.IPs
 		if !v.cfg.AllowPrivate {
-			ips = safeIPs(h.IPs)
+			ips = v.safeIPs(h.IPs)
 		}
 		switch {
 		case len(ips) == 0 && len(h.IPs) > 0:
@@ -572,7 +635,14 @@ func (w *worker) probeHost(ctx context.Context, h Host, ips []netip.Addr, calls 
 	if w.sess != nil && w.sess.host.Name != h.Name {
 		w.closeSession()
 	}
+	reused := w.sess != nil
 	if w.sess == nil {
+		if !v.conns.take("d:"+w.domain, v.cfg.PerDomainRate) || !v.conns.take("h:"+h.Name, v.cfg.PerHostRate) {
+			setAll(calls, Result{Status: StatusUnknown, Reason: ReasonRateLimited, Host: h.Name,
+				Detail: fmt.Sprintf("connection cap reached for %s or %s (callout.per_domain_rate %d, per_host_rate %d a minute)",
+					w.domain, h.Name, v.cfg.PerDomainRate, v.cfg.PerHostRate)})
+			return nil
+		}
 		if err := v.hosts.acquire(ctx, h.Name); err != nil {
 			setAll(calls, Result{Status: StatusUnknown, Reason: v.failureReason(ctx, ReasonTimeout), Host: h.Name,
 				Detail: "waiting for a free connection slot to " + h.Name})
@@ -611,9 +681,16 @@ func (w *worker) probeHost(ctx context.Context, h Host, ips []netip.Addr, calls 
 		return nil
 	}
 	if err := s.mail(v.cfg.MailFrom, needUTF8); err != nil {
-		res := v.sessionFailure(ctx, h, err)
 		var se *stageError
-		if errors.As(err, &se) && !se.reply.IsZero() {
+		errors.As(err, &se)
+		if reused && se != nil && (se.reply.IsZero() || se.reply.Code == 421) && ctx.Err() == nil {
+			// The server closed the idle session meanwhile (or is
+			// closing it with 421): start anew.
+			w.closeSession()
+			return w.probeHost(ctx, h, ips, todo)
+		}
+		res := v.sessionFailure(ctx, h, err)
+		if se != nil && !se.reply.IsZero() {
 			res.Status, res.Reason = Classify(StageMail, se.reply)
 			if se.reply.Code/100 == 5 {
 				// A permanent refusal of the probe itself: leave this
@@ -796,14 +873,64 @@ func matchDomain(patterns []string, name string) bool {
 	return false
 }
 
-func safeIPs(ips []netip.Addr) []netip.Addr {
+// safeIPs keeps the addresses the verifier may connect to: public ones
+// that are not this host's own.
+func (v *Verifier) safeIPs(ips []netip.Addr) []netip.Addr {
 	var out []netip.Addr
 	for _, ip := range ips {
-		if SafeAddr(ip) {
+		if SafeAddr(ip) && !v.local[ip.Unmap()] {
 			out = append(out, ip)
 		}
 	}
 	return out
+}
+
+// interfaceAddrs returns the addresses of this host's network interfaces.
+func interfaceAddrs() []netip.Addr {
+	addrs, err := net.InterfaceAddrs()
+	if err != nil {
+		return nil
+	}
+	var out []netip.Addr
+	for _, a := range addrs {
+		if p, err := netip.ParsePrefix(a.String()); err == nil {
+			out = append(out, p.Addr())
+		}
+	}
+	return out
+}
+
+func addrSet(addrs []netip.Addr) map[netip.Addr]bool {
+	m := make(map[netip.Addr]bool, len(addrs))
+	for _, a := range addrs {
+		m[a.Unmap()] = true
+	}
+	return m
+}
+
+// rateWindows counts events per key in fixed one-minute windows.
+type rateWindows struct {
+	now    func() time.Time
+	mu     sync.Mutex
+	minute int64          // the window the counts are for
+	m      map[string]int // events per key in this window
+}
+
+// take counts one event for key and reports whether it stays within max
+// this minute. A new minute starts every count afresh.
+func (r *rateWindows) take(key string, max int) bool {
+	minute := r.now().Unix() / 60
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if minute != r.minute {
+		clear(r.m)
+		r.minute = minute
+	}
+	if r.m[key] >= max {
+		return false
+	}
+	r.m[key]++
+	return true
 }
 
 func joinIPs(ips []netip.Addr) string {

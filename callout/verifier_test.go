@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"net/netip"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -509,4 +510,96 @@ func BenchmarkVerifyProbe(b *testing.B) {
 	b.StopTimer()
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "probes/s")
 	b.ReportMetric(float64(mx.Conns()), "conns")
+}
+
+func TestVerifyConnectionCaps(t *testing.T) {
+	mx := test.StartMX(t, test.MXConfig{})
+	// One recipient per session (as for Microsoft 365) makes every
+	// recipient need its own connection: the cap must hold them back.
+	zone := `
+capped.test. 300 IN MX 0 capped-test.mail.protection.outlook.com.
+capped-test.mail.protection.outlook.com. 300 IN A 127.0.0.2
+`
+	r := newRig(t, zone, route("127.0.0.2", mx), func(c *Config) { c.PerDomainRate = 5 })
+	var wg sync.WaitGroup
+	var limited atomic.Int32
+	for i := range 50 {
+		wg.Go(func() {
+			if res := r.v.Verify(context.Background(), fmt.Sprintf("u%d@capped.test", i)); res.Reason == ReasonRateLimited {
+				limited.Add(1)
+			} else if res.Status != StatusInvalid {
+				t.Errorf("u%d: %s", i, res)
+			}
+		})
+	}
+	wg.Wait()
+	if c := mx.Conns(); c > 5 {
+		t.Fatalf("%d connections to one domain with a cap of 5 a minute", c)
+	}
+	if limited.Load() != 45 {
+		t.Fatalf("%d rate-limited verdicts, want 45", limited.Load())
+	}
+	// The next minute the cap starts afresh.
+	r.clock.Advance(time.Minute)
+	if res := r.verify("late@capped.test"); res.Status != StatusInvalid {
+		t.Fatalf("after a minute: %s", res)
+	}
+}
+
+func TestVerifyRefusesOwnAddresses(t *testing.T) {
+	// A public address, as a value only: the dialer refuses everything,
+	// nothing leaves the machine.
+	zone := `
+self.test. 300 IN MX 10 mx.self.test.
+mx.self.test. 300 IN A 93.184.215.14
+`
+	var dials atomic.Int32
+	dialer := dialFunc(func(ctx context.Context, network, addr string) (net.Conn, error) {
+		dials.Add(1)
+		return nil, fmt.Errorf("test dialer: refusing %s", addr)
+	})
+	for _, tc := range []struct {
+		local     []netip.Addr
+		want      Reason
+		wantDials int32
+	}{
+		{[]netip.Addr{netip.MustParseAddr("93.184.215.14")}, ReasonUnsafeAddress, 0},
+		{[]netip.Addr{}, ReasonUnreachable, 1},
+	} {
+		dials.Store(0)
+		r := newRig(t, zone, nil, func(c *Config) {
+			c.AllowPrivate = false
+			c.Dialer = dialer
+			c.LocalAddrs = tc.local
+		})
+		if res := r.verify("a@self.test"); res.Reason != tc.want || dials.Load() != tc.wantDials {
+			t.Errorf("local %v: %s after %d dials, want %s after %d", tc.local, res, dials.Load(), tc.want, tc.wantDials)
+		}
+	}
+}
+
+// TestVerifySessionLingers: recipients of one domain asked one after the
+// other, as one smtpd process asks, share one connection; a session the
+// MX closed while idle is replaced without a false verdict.
+func TestVerifySessionLingers(t *testing.T) {
+	mx := test.StartMX(t, test.MXConfig{Mailboxes: []string{"a@example.test"}, IdleTimeout: 150 * time.Millisecond})
+	r := newRig(t, zoneOneMX, route("127.0.0.2", mx), func(c *Config) { c.SessionIdle = time.Second })
+	for i := range 10 {
+		if res := r.verify(fmt.Sprintf("serial%d@example.test", i)); res.Status != StatusInvalid {
+			t.Fatalf("serial%d: %s", i, res)
+		}
+	}
+	if c := mx.Conns(); c != 1 {
+		t.Fatalf("10 serial recipients used %d connections, want 1", c)
+	}
+	// The MX drops the idle session after 150ms, before our 1s linger
+	// ends; the next recipient is probed over a new connection and gets
+	// its real verdict.
+	time.Sleep(400 * time.Millisecond)
+	if res := r.verify("a@example.test"); res.Status != StatusValid {
+		t.Fatalf("after the MX closed the idle session: %s", res)
+	}
+	if mx.Conns() != 2 {
+		t.Fatalf("%d connections, want a second one after the idle close", mx.Conns())
+	}
 }

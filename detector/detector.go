@@ -98,6 +98,10 @@ type Config struct {
 	// Limits overrides Limit per identity ("user@example.com") or per
 	// domain of the identity ("*@example.com").
 	Limits map[string]int
+	// ProbeRate caps the verifications per identity per minute that the
+	// cache cannot answer; past it a recipient is not verified (DUNNO,
+	// nothing counted). 0: no cap.
+	ProbeRate int
 }
 
 // Detector makes the decision for each policy request. Create it with New;
@@ -112,6 +116,7 @@ type Detector struct {
 	metrics *Metrics
 	now     func() time.Time
 	limiter *Limiter
+	probes  *ProbeBudget
 
 	ctx    context.Context // ends at Close: background verifications
 	cancel context.CancelFunc
@@ -129,6 +134,7 @@ type policyConfig struct {
 	local    map[string]bool
 	exempt   map[string]bool
 	limits   map[string]int
+	probe    int
 	period   time.Duration
 	periodTx string
 }
@@ -171,6 +177,7 @@ func New(cfg Config) (*Detector, error) {
 		metrics: cfg.Metrics,
 		now:     cfg.Now,
 		limiter: NewLimiter(cfg.Period),
+		probes:  NewProbeBudget(),
 		ctx:     ctx,
 		cancel:  cancel,
 	}
@@ -208,6 +215,7 @@ func newPolicyConfig(cfg Config) (*policyConfig, error) {
 		local:    map[string]bool{},
 		exempt:   map[string]bool{},
 		limits:   map[string]int{},
+		probe:    cfg.ProbeRate,
 		period:   cfg.Period,
 		periodTx: FormatPeriod(cfg.Period),
 	}
@@ -328,6 +336,13 @@ func (d *Detector) Decide(ctx context.Context, req *Request) Action {
 	// on and is counted when it ends.
 	res, cached := d.cachedVerdict(rcpt)
 	start := time.Now()
+	if !cached && !d.probes.Take(id, d.now(), pc.probe) {
+		res = callout.Result{Address: rcpt, Status: callout.StatusUnknown, Reason: callout.ReasonRateLimited,
+			Detail: fmt.Sprintf("more than %d verifications this minute for this identity (callout.per_identity_rate)", pc.probe)}
+		d.logDecision(req, id, &res, "probe-rate", ActionDunno, 0)
+		d.metrics.answered(answerDunno)
+		return ActionDunno
+	}
 	if !cached {
 		wctx, cancel := context.WithTimeout(ctx, pc.wait)
 		res = d.verify.Verify(wctx, rcpt)

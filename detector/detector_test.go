@@ -358,3 +358,46 @@ func BenchmarkDecideCached(b *testing.B) {
 		}
 	}
 }
+
+// fakeCachingVerifier answers only from its "cache" the addresses in
+// cached; others count as probes.
+type fakeCachingVerifier struct {
+	fakeVerifier
+	cached map[string]bool
+}
+
+func (f *fakeCachingVerifier) Cached(addr string) (callout.Result, bool) {
+	if !f.cached[addr] {
+		return callout.Result{}, false
+	}
+	return callout.Result{Address: addr, Status: callout.StatusValid, Reason: callout.ReasonAccepted, Cached: true}, true
+}
+
+func TestDecideProbeRatePerIdentity(t *testing.T) {
+	v := &fakeCachingVerifier{fakeVerifier: fakeVerifier{results: map[string]callout.Result{}}, cached: map[string]bool{"friend@x.test": true}}
+	now := t0
+	d, err := New(Config{Verifier: v, Blocklist: &fakeBlocklist{entries: map[string]string{}}, Limit: 1000, ProbeRate: 10,
+		Now: func() time.Time { return now }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	for i := range 30 {
+		d.Decide(context.Background(), rcptRequest("lister@example.com", fmt.Sprintf("n%d@x.test", i)))
+	}
+	if v.count() != 10 {
+		t.Fatalf("%d probes in a minute with a cap of 10", v.count())
+	}
+	if got := d.Limiter().Count("lister@example.com", now); got != 10 {
+		t.Fatalf("count %d: rate-limited recipients must not count", got)
+	}
+	// Cached verdicts are not probes and are still answered.
+	d.Decide(context.Background(), rcptRequest("lister@example.com", "friend@x.test"))
+	// Another identity has its own budget; the next minute starts afresh.
+	d.Decide(context.Background(), rcptRequest("other@example.com", "m@x.test"))
+	now = now.Add(time.Minute)
+	d.Decide(context.Background(), rcptRequest("lister@example.com", "late@x.test"))
+	if v.count() != 12 {
+		t.Fatalf("%d probes, want 12", v.count())
+	}
+}

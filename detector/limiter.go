@@ -336,3 +336,44 @@ func (e *evidence) addQueueID(id string) {
 	}
 	*e.queueIDs = append(*e.queueIDs, id)
 }
+
+// ProbeBudget caps, per identity, the verifications per minute that are
+// not answered from the cache, so that rcptguard cannot be used as a probe
+// oracle or a traffic amplifier by a sender with a long list. Counts are
+// kept per fixed minute and forgotten when the minute ends.
+type ProbeBudget struct {
+	seed   maphash.Seed
+	shards [limiterShards]probeShard
+}
+
+type probeShard struct {
+	mu     sync.Mutex
+	minute int64
+	m      map[string]int
+}
+
+// NewProbeBudget returns an empty budget.
+func NewProbeBudget() *ProbeBudget {
+	return &ProbeBudget{seed: maphash.MakeSeed()}
+}
+
+// Take counts one probe for id at now and reports whether it stays within
+// perMinute; perMinute <= 0 means no cap.
+func (b *ProbeBudget) Take(id string, now time.Time, perMinute int) bool {
+	if perMinute <= 0 {
+		return true
+	}
+	minute := now.Unix() / 60
+	s := &b.shards[maphash.String(b.seed, id)%limiterShards]
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.minute != minute || s.m == nil {
+		s.m = make(map[string]int)
+		s.minute = minute
+	}
+	if s.m[id] >= perMinute {
+		return false
+	}
+	s.m[id]++
+	return true
+}

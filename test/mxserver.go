@@ -52,6 +52,9 @@ type MXConfig struct {
 	MaxRcptsPerSession int
 	// TLS offers STARTTLS with a self-signed certificate.
 	TLS bool
+	// IdleTimeout closes a connection that sends nothing for this long,
+	// with "421 Idle timeout" (default 30s).
+	IdleTimeout time.Duration
 }
 
 // MX is an in-process SMTP server, listening on 127.0.0.1, playing a
@@ -87,6 +90,9 @@ func StartMXAt(t testing.TB, addr string, cfg MXConfig) *MX {
 	s := smtp.NewServer(smtp.BackendFunc(m.newSession))
 	s.Domain = "mx.test"
 	s.ReadTimeout = 30 * time.Second
+	if cfg.IdleTimeout > 0 {
+		s.ReadTimeout = cfg.IdleTimeout
+	}
 	s.WriteTimeout = 30 * time.Second
 	s.ErrorLog = log.New(io.Discard, "", 0)
 	s.EnableSMTPUTF8 = true

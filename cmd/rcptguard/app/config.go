@@ -38,9 +38,11 @@ type Config struct {
 
 // PolicyConfig is the [policy] section: where Postfix reaches us.
 type PolicyConfig struct {
-	Listen      []string `toml:"listen"`
-	SocketMode  string   `toml:"socket_mode"`
-	IdleTimeout Duration `toml:"idle_timeout"`
+	Listen         []string `toml:"listen"`
+	SocketMode     string   `toml:"socket_mode"`
+	IdleTimeout    Duration `toml:"idle_timeout"`
+	RequestTimeout Duration `toml:"request_timeout"`
+	MaxConnections int      `toml:"max_connections"`
 }
 
 // DetectorConfig is the [detector] section: counting and blocking.
@@ -75,6 +77,10 @@ type CalloutConfig struct {
 	AcceptAllDomains []string `toml:"accept_all_domains"`
 	AcceptAllMX      []string `toml:"accept_all_mx"`
 	STARTTLS         bool     `toml:"starttls"`
+	SessionIdle      Duration `toml:"session_idle"`
+	PerIdentityRate  int      `toml:"per_identity_rate"`
+	PerDomainRate    int      `toml:"per_domain_rate"`
+	PerHostRate      int      `toml:"per_host_rate"`
 }
 
 // BlocklistConfig is the [blocklist] section.
@@ -111,9 +117,11 @@ type LogConfig struct {
 func defaultConfig() Config {
 	return Config{
 		Policy: PolicyConfig{
-			Listen:      []string{"127.0.0.1:10040"},
-			SocketMode:  "0660",
-			IdleTimeout: Duration(5 * time.Minute),
+			Listen:         []string{"127.0.0.1:10040"},
+			SocketMode:     "0660",
+			IdleTimeout:    Duration(5 * time.Minute),
+			RequestTimeout: Duration(30 * time.Second),
+			MaxConnections: 1000,
 		},
 		Detector: DetectorConfig{
 			Limit:  100,
@@ -140,6 +148,10 @@ func defaultConfig() Config {
 			AcceptAllDomains: slices.Clone(callout.DefaultAcceptAllDomains),
 			AcceptAllMX:      slices.Clone(callout.DefaultAcceptAllMX),
 			STARTTLS:         true,
+			SessionIdle:      Duration(2 * time.Second),
+			PerIdentityRate:  120,
+			PerDomainRate:    30,
+			PerHostRate:      300,
 		},
 		Blocklist: BlocklistConfig{Path: "/var/lib/rcptguard/blocklist"},
 		Notify: NotifyConfig{
@@ -284,6 +296,12 @@ func (c *Config) Validate() []error {
 	if c.Policy.IdleTimeout.D() <= 0 {
 		bad("policy.idle_timeout", "must be positive")
 	}
+	if c.Policy.RequestTimeout.D() <= 0 || c.Policy.RequestTimeout.D() > 10*time.Minute {
+		bad("policy.request_timeout", "must be between 0 and 10m, got %s", c.Policy.RequestTimeout.D())
+	}
+	if c.Policy.MaxConnections < 1 {
+		bad("policy.max_connections", "must be at least 1, got %d", c.Policy.MaxConnections)
+	}
 
 	d := &c.Detector
 	if d.Limit < 0 {
@@ -355,6 +373,18 @@ func (c *Config) Validate() []error {
 	}
 	if co.PerHost < 1 || co.PerHost > 100 {
 		bad("callout.per_host", "must be between 1 and 100, got %d", co.PerHost)
+	}
+	if co.SessionIdle.D() < 0 || co.SessionIdle.D() > time.Minute {
+		bad("callout.session_idle", "must be between 0 and 1m, got %s", co.SessionIdle.D())
+	}
+	if co.PerIdentityRate < 0 {
+		bad("callout.per_identity_rate", "must be 0 (no cap) or more, got %d", co.PerIdentityRate)
+	}
+	if co.PerDomainRate < 1 {
+		bad("callout.per_domain_rate", "must be at least 1, got %d", co.PerDomainRate)
+	}
+	if co.PerHostRate < 1 {
+		bad("callout.per_host_rate", "must be at least 1, got %d", co.PerHostRate)
 	}
 	for _, list := range []struct {
 		key string

@@ -137,9 +137,11 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 	}
 
 	srv, err := detector.NewServer(detector.ServerConfig{
-		Handler:     d,
-		Logger:      log.With("component", "policy"),
-		IdleTimeout: cfg.Policy.IdleTimeout.D(),
+		Handler:        d,
+		Logger:         log.With("component", "policy"),
+		IdleTimeout:    cfg.Policy.IdleTimeout.D(),
+		RequestTimeout: cfg.Policy.RequestTimeout.D(),
+		MaxConns:       cfg.Policy.MaxConnections,
 	})
 	if err != nil {
 		return err
@@ -263,6 +265,7 @@ func detectorConfig(cfg *Config, limits map[string]int) detector.Config {
 		LocalDomains:  dc.LocalDomains,
 		Exempt:        dc.Exempt,
 		Limits:        limits,
+		ProbeRate:     cfg.Callout.PerIdentityRate,
 	}
 }
 

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"time"
 
 	"github.com/rcptguard/rcptguard/callout"
 )
@@ -74,7 +75,19 @@ func newVerifier(cfg *Config, logger *slog.Logger, transcript io.Writer) (*callo
 		AcceptAllDomains: co.AcceptAllDomains,
 		AcceptAllMX:      co.AcceptAllMX,
 		NoTLS:            !co.STARTTLS,
+		SessionIdle:      sessionIdle(co.SessionIdle.D()),
+		PerDomainRate:    co.PerDomainRate,
+		PerHostRate:      co.PerHostRate,
 		Logger:           logger,
 		Transcript:       transcript,
 	})
+}
+
+// sessionIdle maps the config's 0 ("do not keep sessions open") to the
+// callout package's negative value; its 0 means the default.
+func sessionIdle(d time.Duration) time.Duration {
+	if d == 0 {
+		return -1
+	}
+	return d
 }
