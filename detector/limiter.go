@@ -111,6 +111,17 @@ func (l *Limiter) shard(id string) *limiterShard {
 	return &l.shards[maphash.String(l.seed, id)%limiterShards]
 }
 
+// track returns the state of id, created when missing; the caller holds
+// s.mu.
+func (s *limiterShard) track(id string) *track {
+	tr := s.m[id]
+	if tr == nil {
+		tr = &track{}
+		s.m[id] = tr
+	}
+	return tr
+}
+
 // Add records that rcpt, a recipient of id, does not exist, and returns the
 // number of distinct invalid recipients of id in the window ending at now.
 // A recipient already in the window is not counted again; its time moves
@@ -121,11 +132,7 @@ func (l *Limiter) Add(id, rcpt string, now time.Time) int {
 	s := l.shard(id)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	tr := s.m[id]
-	if tr == nil {
-		tr = &track{}
-		s.m[id] = tr
-	}
+	tr := s.track(id)
 	tr.last = max(tr.last, t)
 	tr.expire(t - l.period)
 	if i := slices.IndexFunc(tr.hits, func(x hit) bool { return x.h == h }); i >= 0 {
@@ -173,11 +180,8 @@ func (l *Limiter) Warn(id string, now time.Time) bool {
 	s := l.shard(id)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	tr := s.m[id]
-	if tr == nil {
-		tr = &track{last: t}
-		s.m[id] = tr
-	}
+	tr := s.track(id)
+	tr.last = max(tr.last, t)
 	if tr.warned != 0 && t-tr.warned < l.period {
 		return false
 	}
@@ -191,11 +195,7 @@ func (l *Limiter) MarkBlocked(id string) bool {
 	s := l.shard(id)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	tr := s.m[id]
-	if tr == nil {
-		tr = &track{}
-		s.m[id] = tr
-	}
+	tr := s.track(id)
 	if tr.blocked {
 		return false
 	}
@@ -210,11 +210,7 @@ func (l *Limiter) Note(id string, now time.Time, fn func(*evidence)) {
 	s := l.shard(id)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	tr := s.m[id]
-	if tr == nil {
-		tr = &track{}
-		s.m[id] = tr
-	}
+	tr := s.track(id)
 	tr.last = max(tr.last, now.UnixNano())
 	fn(&tr.ev)
 }
