@@ -134,6 +134,7 @@ func Open(cfg Config) (*File, []Problem, error) {
 	f.writeMu.Lock()
 	f.install(d, st, loadOpen)
 	f.writeMu.Unlock()
+	f.removeStaleTemps()
 	f.log.Info("blocklist loaded", "path", f.path, "entries", len(d.entries), "problems", len(d.problems))
 	return f, d.problems, nil
 }
@@ -544,6 +545,30 @@ func (f *File) publishLocked() map[string]Entry {
 	}
 	f.snap.Store(&snapshot{m: m})
 	return m
+}
+
+// staleTempAge is how old a temporary file of ours must be before Open
+// removes it: a write in progress in another process is never that slow.
+const staleTempAge = time.Minute
+
+// removeStaleTemps deletes temporary files that a process killed in the
+// middle of a write left behind (the file itself is never damaged: the
+// temporary file is renamed over it only when complete).
+func (f *File) removeStaleTemps() {
+	pattern := filepath.Join(filepath.Dir(f.path), "."+filepath.Base(f.path)+".tmp-*")
+	names, err := filepath.Glob(pattern)
+	if err != nil {
+		return
+	}
+	for _, n := range names {
+		fi, err := os.Lstat(n)
+		if err != nil || !fi.Mode().IsRegular() || time.Since(fi.ModTime()) < staleTempAge {
+			continue
+		}
+		if err := os.Remove(n); err == nil {
+			f.log.Info("blocklist: removed a temporary file left by an interrupted write", "path", n)
+		}
+	}
 }
 
 // writeAtomic replaces the file at path with data: it writes a temporary

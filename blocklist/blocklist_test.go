@@ -378,6 +378,8 @@ func TestValidIdentity(t *testing.T) {
 		{"us\u0085er", false},
 		{"us\u00a0er", false},
 		{"us\u2028er", false},
+		{"moc.elpmaxe@\u202eevil", false},
+		{"zero\u200bwidth@example.com", false},
 		{"\xff\xfe", false},
 	}
 	for _, tt := range tests {
@@ -780,5 +782,47 @@ func BenchmarkAdd(b *testing.B) {
 		if err := f.Add(context.Background(), blocklist.Entry{Identity: fmt.Sprintf("u%d@example.com", i), Action: "HOLD"}); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// TestLineIsZeroOnlyBeforeTheWrite: the daemon tells a block that is on
+// disk from one still pending by Entry.Line.
+func TestLineIsZeroOnlyBeforeTheWrite(t *testing.T) {
+	f, _, err := blocklist.Open(blocklist.Config{Path: filepath.Join(t.TempDir(), "blocklist")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Add(context.Background(), blocklist.Entry{Identity: "a@example.com", Action: "HOLD"}); err != nil {
+		t.Fatal(err)
+	}
+	if e, ok := f.Lookup("a@example.com"); !ok || e.Line == 0 {
+		t.Fatalf("entry %+v after a successful write, want a line number", e)
+	}
+}
+
+// TestOpenRemovesStaleTemps: temporary files a killed writer left behind
+// are removed at Open once they are old; a fresh one (a write in progress
+// elsewhere) is left alone.
+func TestOpenRemovesStaleTemps(t *testing.T) {
+	dir := t.TempDir()
+	old := filepath.Join(dir, ".blocklist.tmp-123")
+	fresh := filepath.Join(dir, ".blocklist.tmp-456")
+	for _, p := range []string{old, fresh} {
+		if err := os.WriteFile(p, []byte("partial"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	past := time.Now().Add(-time.Hour)
+	if err := os.Chtimes(old, past, past); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := blocklist.Open(blocklist.Config{Path: filepath.Join(dir, "blocklist")}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(old); !os.IsNotExist(err) {
+		t.Errorf("stale temporary file kept: %v", err)
+	}
+	if _, err := os.Stat(fresh); err != nil {
+		t.Errorf("fresh temporary file removed: %v", err)
 	}
 }

@@ -127,6 +127,11 @@ func ValidIdentity(s string) error {
 			return fmt.Errorf("%w: contains white space", ErrInvalidIdentity)
 		case unicode.IsControl(r):
 			return fmt.Errorf("%w: contains control character %U", ErrInvalidIdentity, r)
+		case unicode.Is(unicode.Cf, r) || r == '\u2028' || r == '\u2029':
+			// Bidirectional overrides, zero-width characters and line
+			// separators would make a listing or a log lie about what it
+			// shows.
+			return fmt.Errorf("%w: contains format character %U", ErrInvalidIdentity, r)
 		}
 	}
 	return nil

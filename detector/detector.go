@@ -32,7 +32,10 @@ type CachedVerifier interface {
 
 // Blocklist is the list of blocked identities.
 type Blocklist interface {
-	// Blocked returns the Postfix action for a blocked identity.
+	// Blocked returns the Postfix action for a blocked identity. For a
+	// block not yet on disk it may wait a little (about a second) for the
+	// write in progress: an identity answered blocked must still be
+	// blocked after a crash.
 	Blocked(identity string) (action string, ok bool)
 	// Block adds identity with the action to answer. An error means the
 	// entry could not be written yet; the block still holds in memory.
@@ -412,7 +415,13 @@ func (d *Detector) record(ctx context.Context, req *Request, id string, res call
 		}
 		action := fmt.Sprintf("%s rcptguard: %s blocked: %d invalid recipients within %s", pc.action, id, count, pc.periodTx)
 		ev.Action = action
-		if err := d.block.Block(ctx, id, action); err != nil {
+		// The file lock may be held by a stuck `rcptguard block`, the disk
+		// may hang: the answer to Postfix must not wait for long. The block
+		// holds in memory meanwhile and is written as soon as possible.
+		bctx, cancel := context.WithTimeout(ctx, time.Second)
+		err := d.block.Block(bctx, id, action)
+		cancel()
+		if err != nil {
 			d.log.Error("blocklist write failed; the block holds in memory and is written when possible",
 				slog.String("identity", id), slog.Any("error", err))
 			d.metrics.blocklistError()
@@ -488,14 +497,16 @@ func identity(req *Request, relays []netip.Prefix) (id string, ok bool) {
 }
 
 // validIdentity refuses what could break a log line, the blocklist file or
-// a report: control characters, white space, invalid UTF-8, a leading '#',
-// more than 320 bytes.
+// a report: control characters, white space, format characters such as
+// bidirectional overrides, invalid UTF-8, a leading '#', more than 320
+// bytes.
 func validIdentity(s string) bool {
 	if len(s) > 320 || !utf8.ValidString(s) || s[0] == '#' {
 		return false
 	}
 	for _, r := range s {
-		if r <= ' ' || r == 0x7f || unicode.IsSpace(r) || unicode.IsControl(r) {
+		if r <= ' ' || r == 0x7f || unicode.IsSpace(r) || unicode.IsControl(r) ||
+			unicode.Is(unicode.Cf, r) || r == '\u2028' || r == '\u2029' {
 			return false
 		}
 	}

@@ -136,6 +136,7 @@ func TestDecideIgnoresWhatIsNotOurs(t *testing.T) {
 		{Request: "smtpd_access_policy", ProtocolState: "RCPT", SASLUsername: "bad user", Sender: "u@x", Recipient: "a@b"},
 		{Request: "smtpd_access_policy", ProtocolState: "RCPT", SASLUsername: "bad\r\nuser", Sender: "u@x", Recipient: "a@b"},
 		{Request: "smtpd_access_policy", ProtocolState: "RCPT", SASLUsername: "#comment", Sender: "u@x", Recipient: "a@b"},
+		{Request: "smtpd_access_policy", ProtocolState: "RCPT", SASLUsername: "moc.elpmaxe@\u202eevil", Sender: "u@x", Recipient: "a@b"},
 	}
 	for _, r := range tests {
 		if a := h.ask(r); a != ActionDunno {

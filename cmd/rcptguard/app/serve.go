@@ -323,6 +323,14 @@ func (a blocklistAdapter) Blocked(id string) (string, bool) {
 	if !ok {
 		return "", false
 	}
+	if e.Line == 0 {
+		// Not on disk yet: a write is in progress, or the disk refuses.
+		// Wait for it a little, so that a block Postfix is told about
+		// survives a crash; past that, the block holds from memory.
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		_ = a.f.Flush(ctx)
+		cancel()
+	}
 	if e.Text == "" {
 		return e.Action, true
 	}
