@@ -1,0 +1,20 @@
+package test_test
+
+import (
+	"os"
+	"strings"
+	"testing"
+
+	"github.com/rcptguard/rcptguard/cmd/rcptguard/app"
+)
+
+// TestMain lets crash_test.go run the daemon as a separate process that
+// can be killed with SIGKILL: the test binary re-executes itself with
+// RCPTGUARD_TEST_DAEMON=1 and the command line in RCPTGUARD_TEST_ARGS
+// (split at white space), and then runs `rcptguard` instead of the tests.
+func TestMain(m *testing.M) {
+	if os.Getenv("RCPTGUARD_TEST_DAEMON") == "1" {
+		os.Exit(app.Main(strings.Fields(os.Getenv("RCPTGUARD_TEST_ARGS")), os.Stdout, os.Stderr))
+	}
+	os.Exit(m.Run())
+}
