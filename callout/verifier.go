@@ -424,10 +424,17 @@ func (v *Verifier) join(a Address, key string) *call {
 func (v *Verifier) take(domain string, q *domainQueue, n int, linger bool) []*call {
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	if len(q.pending) == 0 && linger && v.cfg.SessionIdle > 0 && v.ctx.Err() == nil {
+	// Woken for a call another worker took first, wait again until the
+	// idle time is up.
+	idleUntil := time.Now().Add(v.cfg.SessionIdle)
+	for len(q.pending) == 0 && linger && v.cfg.SessionIdle > 0 && v.ctx.Err() == nil {
+		left := time.Until(idleUntil)
+		if left <= 0 {
+			break
+		}
 		q.idle++
 		v.mu.Unlock()
-		t := time.NewTimer(v.cfg.SessionIdle)
+		t := time.NewTimer(left)
 		woken := false
 		select {
 		case <-q.wake:
