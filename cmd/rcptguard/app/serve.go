@@ -65,7 +65,9 @@ func newLogger(c LogConfig, w io.Writer) *slog.Logger {
 // gracefully: listeners close, requests in flight are answered, background
 // verifications end, the blocklist is flushed.
 func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) error {
-	log := newLogger(cfg.Log, logOut)
+	logBuf := newLogBuffer(logOut)
+	defer logBuf.Flush()
+	log := slog.New(flushingHandler{Handler: newLogger(cfg.Log, logBuf).Handler(), buf: logBuf})
 	if err := ensureDir(filepath.Dir(cfg.Blocklist.Path), "blocklist.path"); err != nil {
 		return err
 	}
@@ -212,6 +214,7 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 			}
 		})
 	}
+	wg.Go(func() { logBuf.run(ctx) })
 	wg.Go(func() { _ = bl.Watch(ctx, time.Second) })
 	if mailer != nil {
 		// The mailer outlives the policy listeners a little: reports
