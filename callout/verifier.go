@@ -238,9 +238,10 @@ func New(cfg Config) (*Verifier, error) {
 		cfg.Now = time.Now
 	}
 	cache, err := ristretto.NewCache(&ristretto.Config[string, cacheEntry]{
-		// About ten counters per entry the cache can hold, an entry
-		// costing some 256 bytes.
-		NumCounters:        max(cfg.CacheSize/256*10, 1000),
+		// Ten counters per entry the cache can hold, an entry with its
+		// bookkeeping taking some 512 bytes: the admission sketch and its
+		// bloom filter are allocated whole at start, 6 MiB for 64 MiB.
+		NumCounters:        max(cfg.CacheSize/512*10, 1000),
 		MaxCost:            cfg.CacheSize,
 		BufferItems:        64,
 		IgnoreInternalCost: true,
