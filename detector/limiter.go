@@ -83,12 +83,30 @@ type evidence struct {
 
 type evRecipient struct {
 	addr   string
-	t      int64 // unix ns
-	reason string
 	mx     string
-	code   uint16
-	enh    [3]uint16
-	text   string
+	text   string    // the reply's text
+	t      uint32    // unix seconds (to 2106)
+	code   uint16    // the reply's code
+	enh    [3]uint16 // the reply's enhanced code
+	reason uint8     // index in invalidReasons
+}
+
+// invalidReasons are the reasons an invalid verdict can have; evidence
+// keeps an index (one byte) rather than the string (sixteen), which
+// brings the entry into a smaller allocation size class.
+var invalidReasons = []callout.Reason{
+	"invalid", // any other
+	callout.ReasonNoMailbox, callout.ReasonNXDomain, callout.ReasonNullMX,
+	callout.ReasonNoMailHost, callout.ReasonBadSyntax,
+}
+
+func reasonIndex(r callout.Reason) uint8 {
+	for i, x := range invalidReasons {
+		if x == r {
+			return uint8(i)
+		}
+	}
+	return 0
 }
 
 // Evidence bounds: what a report shows.
@@ -231,8 +249,8 @@ func (l *Limiter) Evidence(id string) Evidence {
 	}
 	for _, r := range e.rcpts {
 		reply := callout.Reply{Code: int(r.code), Enhanced: [3]int{int(r.enh[0]), int(r.enh[1]), int(r.enh[2])}, Text: r.text}
-		out.Recipients = append(out.Recipients, InvalidRecipient{Address: r.addr, Time: time.Unix(0, r.t),
-			Reason: r.reason, MX: r.mx, Reply: reply.String()})
+		out.Recipients = append(out.Recipients, InvalidRecipient{Address: r.addr, Time: time.Unix(int64(r.t), 0),
+			Reason: string(invalidReasons[r.reason]), MX: r.mx, Reply: reply.String()})
 	}
 	return out
 }
@@ -288,7 +306,7 @@ func (e *evidence) addRecipient(res callout.Result, now time.Time) {
 	if len(e.rcpts) >= MaxRecipients {
 		e.rcpts = slices.Delete(e.rcpts, 0, len(e.rcpts)-MaxRecipients+1)
 	}
-	r := evRecipient{addr: res.Address, t: now.UnixNano(), reason: string(res.Reason), mx: res.Host,
+	r := evRecipient{addr: res.Address, t: uint32(max(now.Unix(), 0)), reason: reasonIndex(res.Reason), mx: res.Host,
 		code: uint16(min(max(res.Reply.Code, 0), 999)), text: res.Reply.Text}
 	for i, v := range res.Reply.Enhanced {
 		r.enh[i] = uint16(min(max(v, 0), 999))
