@@ -148,7 +148,11 @@ func (s *syncBuffer) Write(p []byte) (int, error) {
 	return s.b.Write(p)
 }
 
+// String returns what was logged. The daemon writes routine decision
+// lines in batches, at most 100ms late, so it first waits a little longer
+// than that: every request answered before the call is in the text.
 func (s *syncBuffer) String() string {
+	time.Sleep(150 * time.Millisecond)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.String()
