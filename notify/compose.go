@@ -196,6 +196,9 @@ func parseAddress(s string) (*mail.Address, error) {
 	if !isASCII(a.Address) {
 		return nil, fmt.Errorf("%q: non-ASCII addresses are not supported", clean(s, maxField))
 	}
+	if len(a.Address) > 254 {
+		return nil, fmt.Errorf("%q: longer than 254 octets (RFC 5321)", clean(s, maxField))
+	}
 	return a, nil
 }
 

@@ -126,10 +126,15 @@ func (r Report) validate() error {
 
 // UserAddress returns the address to send the account holder's warning to:
 // the identity itself, when r is a warning and the identity is a plain
-// ASCII email address (no display name, no control characters). ok is false
+// ASCII email address of at most 254 octets (no display name, no control
+// characters). ok is false
 // otherwise, and no user warning is sent.
 func (r Report) UserAddress() (addr string, ok bool) {
 	if r.Kind != KindWarning {
+		return "", false
+	}
+	// RFC 5321 §4.5.3.1.3: a path is 256 octets with its angle brackets.
+	if len(r.Identity) > 254 {
 		return "", false
 	}
 	a, err := mail.ParseAddress(r.Identity)
