@@ -17,6 +17,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/rcptguard/rcptguard/test"
 )
 
 // srvTestWait bounds every wait in these tests, so that a bug fails a test
@@ -24,22 +26,7 @@ import (
 const srvTestWait = 5 * time.Second
 
 // srvLogBuffer collects a server's log lines for assertions.
-type srvLogBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *srvLogBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *srvLogBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
+type srvLogBuffer = test.Buffer
 
 // srvWaitFor polls cond until it holds, failing the test after srvTestWait.
 func srvWaitFor(t testing.TB, what string, cond func() bool) {

@@ -34,14 +34,8 @@ type world struct {
 	dir  string
 }
 
-func newWorld(t *testing.T) *world {
-	t.Helper()
-	good := test.StartMXAt(t, "127.0.0.2:0", test.MXConfig{Mailboxes: []string{"alice@good.test", "bob@good.test", "carol@good.test"}})
-	_, port, _ := net.SplitHostPort(good.Addr)
-	test.StartMXAt(t, "127.0.0.3:"+port, test.MXConfig{Unknown: &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 7, 1}, Message: "Greylisted, try again in 5 minutes"}})
-	test.StartMXAt(t, "127.0.0.4:"+port, test.MXConfig{RcptDelay: 2 * time.Second})
-	test.StartMXAt(t, "127.0.0.5:"+port, test.MXConfig{Unknown: &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 7, 1}, Message: "Service unavailable; client host blocked using zen.spamhaus.org"}})
-	dns := test.StartDNS(t, `
+// worldZone is the zone newWorld serves; faultWorld adds to it.
+const worldZone = `
 good.test. 300 IN MX 10 mx.good.test.
 mx.good.test. 300 IN A 127.0.0.2
 grey.test. 300 IN MX 10 mx.grey.test.
@@ -50,7 +44,16 @@ slow.test. 300 IN MX 10 mx.slow.test.
 mx.slow.test. 300 IN A 127.0.0.4
 block.test. 300 IN MX 10 mx.block.test.
 mx.block.test. 300 IN A 127.0.0.5
-`)
+`
+
+func newWorld(t *testing.T) *world {
+	t.Helper()
+	good := test.StartMXAt(t, "127.0.0.2:0", test.MXConfig{Mailboxes: []string{"alice@good.test", "bob@good.test", "carol@good.test"}})
+	_, port, _ := net.SplitHostPort(good.Addr)
+	test.StartMXAt(t, "127.0.0.3:"+port, test.MXConfig{Unknown: &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 7, 1}, Message: "Greylisted, try again in 5 minutes"}})
+	test.StartMXAt(t, "127.0.0.4:"+port, test.MXConfig{RcptDelay: 2 * time.Second})
+	test.StartMXAt(t, "127.0.0.5:"+port, test.MXConfig{Unknown: &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 7, 1}, Message: "Service unavailable; client host blocked using zen.spamhaus.org"}})
+	dns := test.StartDNS(t, worldZone)
 	return &world{dns: dns, port: port, dir: t.TempDir()}
 }
 
@@ -137,25 +140,15 @@ func startDaemon(t *testing.T, configPath string) *daemon {
 	return d
 }
 
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
+// syncBuffer is where an in-process daemon logs.
+type syncBuffer struct{ test.Buffer }
 
 // String returns what was logged. The daemon writes routine decision
 // lines in batches, at most 100ms late, so it first waits a little longer
 // than that: every request answered before the call is in the text.
 func (s *syncBuffer) String() string {
 	time.Sleep(150 * time.Millisecond)
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
+	return s.Buffer.String()
 }
 
 func rcpt(user, to string) map[string]string {

@@ -25,18 +25,6 @@ import (
 	"github.com/rcptguard/rcptguard/test"
 )
 
-// worldZone is the zone newWorld serves; faultWorld adds to it.
-const worldZone = `
-good.test. 300 IN MX 10 mx.good.test.
-mx.good.test. 300 IN A 127.0.0.2
-grey.test. 300 IN MX 10 mx.grey.test.
-mx.grey.test. 300 IN A 127.0.0.3
-slow.test. 300 IN MX 10 mx.slow.test.
-mx.slow.test. 300 IN A 127.0.0.4
-block.test. 300 IN MX 10 mx.block.test.
-mx.block.test. 300 IN A 127.0.0.5
-`
-
 // faultMX is an MX host with a misbehaviour, at its own loopback address
 // and domain.
 type faultMX struct {
