@@ -61,11 +61,11 @@ type File struct {
 	// writeMu serializes reading the disk state into memory and writing
 	// it; it is held while waiting for the file lock. It guards the next
 	// four fields.
-	writeMu sync.Mutex
-	stamp   stamp    // of the content on disk
-	changes []change // for OnChange, once writeMu is released
-	failing bool     // the last write retried by Watch failed
-	broken  bool     // the last check by Watch failed
+	writeMu chan struct{} // one token: a semaphore, so waiting for it can end with a context
+	stamp   stamp         // of the content on disk
+	changes []change      // for OnChange, once writeMu is released
+	failing bool          // the last write retried by Watch failed
+	broken  bool          // the last check by Watch failed
 
 	// mu guards the fields below. It is never held during I/O.
 	mu      sync.Mutex
@@ -119,6 +119,7 @@ func Open(cfg Config) (*File, []Problem, error) {
 		log:      cfg.Logger,
 		onChange: cfg.OnChange,
 		seed:     maphash.MakeSeed(),
+		writeMu:  make(chan struct{}, 1),
 		disk:     map[string]Entry{},
 		pending:  map[string]op{},
 	}
@@ -131,9 +132,9 @@ func Open(cfg Config) (*File, []Problem, error) {
 		return nil, nil, err
 	}
 	d := parseDocument(data)
-	f.writeMu.Lock()
+	f.writeMu <- struct{}{}
 	f.install(d, st, loadOpen)
-	f.writeMu.Unlock()
+	<-f.writeMu
 	f.removeStaleTemps()
 	f.log.Info("blocklist loaded", "path", f.path, "entries", len(d.entries), "problems", len(d.problems))
 	return f, d.problems, nil
@@ -234,7 +235,9 @@ func (f *File) record(o op) uint64 {
 // sync makes sure the op with sequence number seq is on disk, writing it
 // unless a concurrent write already did.
 func (f *File) sync(ctx context.Context, seq uint64) error {
-	f.writeMu.Lock()
+	if err := f.lockWrite(ctx); err != nil {
+		return err
+	}
 	defer f.unlockWrite()
 	f.mu.Lock()
 	done := seq <= f.durable
@@ -245,10 +248,12 @@ func (f *File) sync(ctx context.Context, seq uint64) error {
 	return f.flushLocked(ctx)
 }
 
-// Flush writes the pending changes, if any. ctx bounds the wait for the
-// file lock.
+// Flush writes the pending changes, if any. ctx bounds the wait for a
+// write in progress and for the file lock.
 func (f *File) Flush(ctx context.Context) error {
-	f.writeMu.Lock()
+	if err := f.lockWrite(ctx); err != nil {
+		return err
+	}
 	defer f.unlockWrite()
 	return f.flushLocked(ctx)
 }
@@ -312,7 +317,7 @@ func (f *File) flushLocked(ctx context.Context) error {
 // problems in it. Pending changes stay applied. On error the in-memory
 // table is unchanged.
 func (f *File) Reload() ([]Problem, error) {
-	f.writeMu.Lock()
+	f.writeMu <- struct{}{}
 	defer f.unlockWrite()
 	data, st, err := f.read()
 	if err != nil {
@@ -355,7 +360,7 @@ func (f *File) poll(ctx context.Context, interval time.Duration) {
 	}
 	ctx, cancel := context.WithTimeout(ctx, max(interval, 100*time.Millisecond))
 	defer cancel()
-	f.writeMu.Lock()
+	f.writeMu <- struct{}{}
 	defer f.unlockWrite()
 	n := f.Pending()
 	err := f.flushLocked(ctx)
@@ -373,7 +378,7 @@ func (f *File) poll(ctx context.Context, interval time.Duration) {
 // refresh reloads the file if it changed since it was last read or
 // written. It logs a failure once, and the recovery.
 func (f *File) refresh() {
-	f.writeMu.Lock()
+	f.writeMu <- struct{}{}
 	defer f.unlockWrite()
 	err := f.refreshLocked()
 	switch {
@@ -505,12 +510,22 @@ func (f *File) install(d document, st stamp, how loadKind) {
 // change is a call of OnChange waiting for the locks to be released.
 type change struct{ added, removed []string }
 
+// lockWrite takes f.writeMu, or gives up when ctx ends.
+func (f *File) lockWrite(ctx context.Context) error {
+	select {
+	case f.writeMu <- struct{}{}:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("blocklist %s: waiting for a write in progress: %w", f.path, ctx.Err())
+	}
+}
+
 // unlockWrite releases f.writeMu and then calls OnChange for the changes
 // noticed while it was held.
 func (f *File) unlockWrite() {
 	changes := f.changes
 	f.changes = nil
-	f.writeMu.Unlock()
+	<-f.writeMu
 	for _, c := range changes {
 		f.onChange(c.added, c.removed)
 	}

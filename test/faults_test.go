@@ -398,6 +398,17 @@ func TestFaultBlocklistLockHeld(t *testing.T) {
 	if a := c2.Must(rcpt("honest@customer.test", "alice@good.test")); a != "DUNNO" {
 		t.Errorf("honest user answered %q", a)
 	}
+	// While the lock stays held, the blocked identity's next requests are
+	// answered from memory at once: one bounded wait, not one per request.
+	for i := range 3 {
+		start := time.Now()
+		if a := c2.Must(rcpt("abuser@customer.test", "alice@good.test")); !strings.HasPrefix(a, "HOLD ") {
+			t.Errorf("blocked identity answered %q with the lock held", a)
+		}
+		if el := time.Since(start); el > 300*time.Millisecond {
+			t.Errorf("request %d of the blocked identity took %v with the lock held", i, el)
+		}
+	}
 	release()
 	pollUntil(t, 3500*time.Millisecond, "the entry was not written after the lock was released", func() bool {
 		data, _ := os.ReadFile(w.blocklistPath())

@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -122,7 +123,7 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 
 	dcfg := detectorConfig(cfg, limits)
 	dcfg.Verifier = verifier
-	dcfg.Blocklist = blocklistAdapter{bl}
+	dcfg.Blocklist = newBlocklistAdapter(bl)
 	dcfg.Notifier = reportNotifier{log: log, mailer: mailer}
 	dcfg.Logger = log
 	dcfg.Metrics = metrics
@@ -319,19 +320,34 @@ func reload(path string, d *detector.Detector) error {
 }
 
 // blocklistAdapter gives the detector the blocklist file as it wants it.
-type blocklistAdapter struct{ f *blocklist.File }
+type blocklistAdapter struct {
+	f        *blocklist.File
+	failedAt *atomic.Int64 // unix ns of the last failed wait for a write
+}
+
+func newBlocklistAdapter(f *blocklist.File) blocklistAdapter {
+	return blocklistAdapter{f: f, failedAt: new(atomic.Int64)}
+}
+
+// writeRetryPause is how long after a failed write the adapter answers
+// from memory without waiting again (the blocklist's watcher retries
+// every second meanwhile).
+const writeRetryPause = 5 * time.Second
 
 func (a blocklistAdapter) Blocked(id string) (string, bool) {
 	e, ok := a.f.Lookup(id)
 	if !ok {
 		return "", false
 	}
-	if e.Line == 0 {
+	if e.Line == 0 && time.Since(time.Unix(0, a.failedAt.Load())) > writeRetryPause {
 		// Not on disk yet: a write is in progress, or the disk refuses.
 		// Wait for it a little, so that a block Postfix is told about
-		// survives a crash; past that, the block holds from memory.
+		// survives a crash; past that, the block holds from memory, and
+		// while the disk keeps refusing nobody waits for it again.
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		_ = a.f.Flush(ctx)
+		if err := a.f.Flush(ctx); err != nil {
+			a.failedAt.Store(time.Now().UnixNano())
+		}
 		cancel()
 	}
 	if e.Text == "" {
@@ -342,5 +358,9 @@ func (a blocklistAdapter) Blocked(id string) (string, bool) {
 
 func (a blocklistAdapter) Block(ctx context.Context, id, action string) error {
 	word, text, _ := strings.Cut(action, " ")
-	return a.f.Add(ctx, blocklist.Entry{Identity: id, Action: word, Text: text})
+	err := a.f.Add(ctx, blocklist.Entry{Identity: id, Action: word, Text: text})
+	if err != nil {
+		a.failedAt.Store(time.Now().UnixNano())
+	}
+	return err
 }
