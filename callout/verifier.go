@@ -298,6 +298,15 @@ func (v *Verifier) Verify(ctx context.Context, address string) Result {
 	}
 	a, err := ParseAddress(address)
 	if err != nil {
+		// Postfix hands policy services the recipient in its internal,
+		// unquoted form: RCPT TO:<"john doe"@example.com> arrives as
+		// john doe@example.com. Quote such a local part again, as Postfix
+		// does on the wire, before calling the address bad.
+		if q, ok := requoteLocal(address); ok {
+			a, err = ParseAddress(q)
+		}
+	}
+	if err != nil {
 		return Result{Address: boundText(fast, 320), Status: StatusInvalid, Reason: ReasonBadSyntax, Detail: err.Error()}
 	}
 	key := a.Key()
@@ -327,6 +336,33 @@ func (v *Verifier) Cached(address string) (Result, bool) {
 	res, ok := v.lookup(fast)
 	res.Address = fast
 	return res, ok
+}
+
+// requoteLocal turns local@domain whose local part is not a dot-atom into
+// "local"@domain, escaping backslashes and quotes (RFC 5321 §4.1.2
+// quoted-string). ok is false when there is nothing to quote: no '@', an
+// empty local part, or a local part that is quoted already.
+func requoteLocal(s string) (string, bool) {
+	if len(s) >= 2 && s[0] == '<' && s[len(s)-1] == '>' {
+		s = s[1 : len(s)-1]
+	}
+	at := strings.LastIndexByte(s, '@')
+	if at <= 0 || s[0] == '"' {
+		return "", false
+	}
+	local := s[:at]
+	var b strings.Builder
+	b.Grow(len(s) + 4)
+	b.WriteByte('"')
+	for i := 0; i < len(local); i++ {
+		if c := local[i]; c == '"' || c == '\\' {
+			b.WriteByte('\\')
+		}
+		b.WriteByte(local[i])
+	}
+	b.WriteByte('"')
+	b.WriteString(s[at:])
+	return b.String(), true
 }
 
 // fastKey is the cache key for an address as Postfix usually sends it:
@@ -422,24 +458,29 @@ func (v *Verifier) join(a Address, key string) *call {
 // does, so a sender mailing one recipient after another over the same
 // domain does not make one connection per recipient. It returns nil when
 // the worker should end; the worker is then no longer counted.
-func (v *Verifier) take(domain string, q *domainQueue, n int, linger bool) []*call {
+func (v *Verifier) take(domain string, q *domainQueue, n int, lingerHost string) []*call {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	// Woken for a call another worker took first, wait again until the
-	// idle time is up.
+	// idle time is up. A worker that another domain waits behind for a
+	// connection slot to the same MX host (one host serves thousands of
+	// hosted domains) gives the slot up at once instead.
 	idleUntil := time.Now().Add(v.cfg.SessionIdle)
-	for len(q.pending) == 0 && linger && v.cfg.SessionIdle > 0 && v.ctx.Err() == nil {
+	for len(q.pending) == 0 && lingerHost != "" && v.cfg.SessionIdle > 0 && v.ctx.Err() == nil {
 		left := time.Until(idleUntil)
 		if left <= 0 {
 			break
 		}
+		wanted := v.hosts.wanted(lingerHost)
 		q.idle++
 		v.mu.Unlock()
 		t := time.NewTimer(left)
-		woken := false
+		woken, yield := false, false
 		select {
 		case <-q.wake:
 			woken = true
+		case <-wanted:
+			yield = true
 		case <-t.C:
 		case <-v.ctx.Done():
 		}
@@ -451,6 +492,9 @@ func (v *Verifier) take(domain string, q *domainQueue, n int, linger bool) []*ca
 			default:
 				q.idle--
 			}
+		}
+		if yield {
+			break
 		}
 	}
 	if len(q.pending) == 0 {
@@ -499,7 +543,11 @@ func (v *Verifier) work(domain string, q *domainQueue) {
 	w := &worker{v: v, domain: domain}
 	defer w.closeSession()
 	for {
-		batch := v.take(domain, q, v.cfg.MaxRcpts, w.sess != nil)
+		lingerHost := ""
+		if w.sess != nil {
+			lingerHost = w.sess.host.Name
+		}
+		batch := v.take(domain, q, v.cfg.MaxRcpts, lingerHost)
 		if batch == nil {
 			return
 		}
@@ -509,9 +557,10 @@ func (v *Verifier) work(domain string, q *domainQueue) {
 
 // worker holds the state of one domain worker goroutine.
 type worker struct {
-	v      *Verifier
-	domain string
-	sess   *session
+	v       *Verifier
+	domain  string
+	sess    *session
+	primary string // the most preferred MX host of the current batch
 }
 
 func (w *worker) closeSession() {
@@ -560,6 +609,9 @@ func (w *worker) run(batch []*call) {
 		}
 	}
 
+	if len(hosts) > 0 {
+		w.primary = hosts[0].Name
+	}
 	// Whatever happens below, every call of the batch ends finished.
 	defer func() {
 		for _, c := range batch {
@@ -778,7 +830,10 @@ func (w *worker) finishAccepted(accepted []*call, h Host, mayProbe bool) {
 	catchAll := false
 	if known, ok := v.lookup(keyCatchAll + w.domain); ok {
 		catchAll = known.Status != StatusValid
-	} else if mayProbe && v.cfg.CatchAllProbe && w.sess != nil {
+	} else if mayProbe && v.cfg.CatchAllProbe && w.sess != nil && h.Name == w.primary {
+		// Only the most preferred MX speaks for the domain: a backup MX
+		// often relays whatever it gets, and that says nothing about the
+		// domain's mailboxes.
 		probe := randomLocal() + "@" + w.domain
 		r, err := w.sess.rcpt(probe)
 		if err != nil {
@@ -967,6 +1022,27 @@ type hostSlots struct {
 type hostSlot struct {
 	n       int
 	waiters []chan struct{}
+	want    chan struct{} // closed when someone has to wait for a slot
+}
+
+// closedChan is always ready.
+var closedChan = func() chan struct{} { c := make(chan struct{}); close(c); return c }()
+
+// wanted returns a channel that is closed once somebody waits for a slot
+// to host, so that a holder idling on its slot can give it up.
+func (hs *hostSlots) wanted(host string) <-chan struct{} {
+	hs.mu.Lock()
+	defer hs.mu.Unlock()
+	s := hs.used[host]
+	switch {
+	case s == nil:
+		return nil
+	case len(s.waiters) > 0:
+		return closedChan
+	case s.want == nil:
+		s.want = make(chan struct{})
+	}
+	return s.want
 }
 
 // acquire takes a slot for host, waiting for one until ctx ends.
@@ -984,6 +1060,10 @@ func (hs *hostSlots) acquire(ctx context.Context, host string) error {
 	}
 	ch := make(chan struct{})
 	s.waiters = append(s.waiters, ch)
+	if s.want != nil {
+		close(s.want) // wake the holders idling on their slots
+		s.want = nil
+	}
 	hs.mu.Unlock()
 	select {
 	case <-ch:

@@ -603,3 +603,59 @@ func TestVerifySessionLingers(t *testing.T) {
 		t.Fatalf("%d connections, want a second one after the idle close", mx.Conns())
 	}
 }
+
+// TestVerifyUnquotedLocalParts: Postfix passes the recipient in its
+// internal form, without the quotes it had on the wire; such addresses are
+// probed with the quotes restored (the MX accepts the quoted form and, like
+// Postfix, records it unquoted), not called bad syntax.
+func TestVerifyUnquotedLocalParts(t *testing.T) {
+	mx := test.StartMX(t, test.MXConfig{Mailboxes: []string{"john doe@example.test", "john..doe@example.test"}})
+	r := newRig(t, zoneOneMX, route("127.0.0.2", mx))
+	for _, tc := range []struct {
+		in         string
+		wantStatus Status
+		wantAddr   string
+	}{
+		{"john doe@example.test", StatusValid, `"john doe"@example.test`},
+		{"john..doe@example.test", StatusValid, `"john..doe"@example.test`},
+		{`a"b@example.test`, StatusInvalid, `"a\"b"@example.test`},
+		{".lead@example.test", StatusInvalid, `".lead"@example.test`},
+	} {
+		res := r.verify(tc.in)
+		if res.Status != tc.wantStatus || res.Reply.Code == 0 || res.Address != tc.wantAddr {
+			t.Errorf("%q: %s, want %s for %s after a probe", tc.in, res, tc.wantStatus, tc.wantAddr)
+		}
+	}
+	// What cannot be an address stays bad syntax, with no network use.
+	rcpts := len(mx.Rcpts())
+	for _, in := range []string{"no-at-sign", "@example.test", "user@", "user@exa mple.test"} {
+		if res := r.verify(in); res.Reason != ReasonBadSyntax {
+			t.Errorf("%q: %s, want bad-syntax", in, res)
+		}
+	}
+	if len(mx.Rcpts()) != rcpts {
+		t.Error("a bad address was probed")
+	}
+}
+
+// TestVerifySharedMXNotStarved: idle sessions of some domains must not
+// keep every connection slot of an MX host that other domains use too
+// (one host serves thousands of hosted domains).
+func TestVerifySharedMXNotStarved(t *testing.T) {
+	zone := "mx.shared.test. 300 IN A 127.0.0.2\n"
+	for _, d := range []string{"a1", "a2", "a3", "a4", "b"} {
+		zone += d + ".test. 300 IN MX 10 mx.shared.test.\n"
+	}
+	mx := test.StartMX(t, test.MXConfig{})
+	r := newRig(t, zone, route("127.0.0.2", mx), func(c *Config) { c.PerHost = 4; c.SessionIdle = 10 * time.Second })
+	for _, d := range []string{"a1", "a2", "a3", "a4"} {
+		r.verify("x@" + d + ".test") // each leaves a session idling on a slot
+	}
+	start := time.Now()
+	if res := r.verify("someone@b.test"); res.Status != StatusInvalid {
+		t.Fatalf("a fifth domain on the shared MX: %s", res)
+	}
+	if el := time.Since(start); el > time.Second {
+		t.Fatalf("a fifth domain waited %v for a slot held by idle sessions", el)
+	}
+}

@@ -265,10 +265,20 @@ func (d *Detector) cachedVerdict(rcpt string) (callout.Result, bool) {
 	return d.cached.Cached(rcpt)
 }
 
-// Close waits for background verifications to end.
-func (d *Detector) Close() {
+// Close lets background verifications (those that outlived their policy
+// answer) end and count, waiting at most grace, then cancels the rest and
+// waits for them.
+func (d *Detector) Close(grace time.Duration) {
+	done := make(chan struct{})
+	go func() { d.wg.Wait(); close(done) }()
+	t := time.NewTimer(grace)
+	defer t.Stop()
+	select {
+	case <-done:
+	case <-t.C:
+	}
 	d.cancel()
-	d.wg.Wait()
+	<-done
 }
 
 // Limiter gives access to the per-identity state, for the wiring
@@ -398,7 +408,7 @@ func (d *Detector) record(ctx context.Context, req *Request, id string, res call
 		return ActionDunno, count
 	}
 	if count > limit {
-		if !d.limiter.MarkBlocked(id) {
+		if !d.limiter.MarkBlocked(id, pc.mode) {
 			// Another request got here first and blocked: answer like it.
 			if a, ok := d.block.Blocked(id); ok && pc.mode == ModeEnforce {
 				return Action(a), count

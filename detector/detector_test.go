@@ -115,7 +115,7 @@ func newHarness(t *testing.T, cfg Config) *harness {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(d.Close)
+	t.Cleanup(func() { d.Close(0) })
 	h.d = d
 	return h
 }
@@ -349,7 +349,7 @@ func BenchmarkDecideCached(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer d.Close()
+	defer d.Close(0)
 	req := rcptRequest("alice@example.com", "friend@example.org")
 	ctx := context.Background()
 	b.ReportAllocs()
@@ -382,7 +382,7 @@ func TestDecideProbeRatePerIdentity(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer d.Close()
+	defer d.Close(0)
 	for i := range 30 {
 		d.Decide(context.Background(), rcptRequest("lister@example.com", fmt.Sprintf("n%d@x.test", i)))
 	}
@@ -400,5 +400,24 @@ func TestDecideProbeRatePerIdentity(t *testing.T) {
 	d.Decide(context.Background(), rcptRequest("lister@example.com", "late@x.test"))
 	if v.count() != 12 {
 		t.Fatalf("%d probes, want 12", v.count())
+	}
+}
+
+// TestDecideMonitorThenEnforce: an identity that passed its limit in
+// monitor mode is blocked once the mode is switched to enforce, at its
+// next invalid recipient.
+func TestDecideMonitorThenEnforce(t *testing.T) {
+	h := newHarness(t, Config{Limit: 2, Mode: ModeMonitor})
+	for i := range 3 {
+		h.ask(rcptRequest("grace@example.com", fmt.Sprintf("m%d@x.test", i)))
+	}
+	if err := h.d.Reload(Config{Limit: 2, Mode: ModeEnforce}); err != nil {
+		t.Fatal(err)
+	}
+	if a := h.ask(rcptRequest("grace@example.com", "e0@x.test")); !strings.HasPrefix(string(a), "HOLD ") {
+		t.Fatalf("after switching to enforce: %q", a)
+	}
+	if k := h.n.kinds(); len(k) != 2 || k[0] != EventWouldBlock || k[1] != EventBlock {
+		t.Fatalf("events %v, want would-block then block", k)
 	}
 }

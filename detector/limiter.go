@@ -35,7 +35,7 @@ type track struct {
 	hits    []hit // distinct invalid recipients in the window, oldest first
 	last    int64 // time of the last activity, unix ns
 	warned  int64 // time of the last warning, unix ns; 0 none
-	blocked bool  // a block (or would-block) was acted on
+	blocked Mode  // the mode a block was acted on in ("" none)
 	ev      evidence
 }
 
@@ -207,17 +207,19 @@ func (l *Limiter) Warn(id string, now time.Time) bool {
 	return true
 }
 
-// MarkBlocked records that id was blocked and reports whether it was not
-// already: only the first caller acts on a block.
-func (l *Limiter) MarkBlocked(id string) bool {
+// MarkBlocked records that id was blocked in mode and reports whether the
+// caller is the first to act on it: only one request per identity acts on
+// a block. A would-block in monitor mode does not stand in the way of a
+// real block once the mode is enforce.
+func (l *Limiter) MarkBlocked(id string, mode Mode) bool {
 	s := l.shard(id)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	tr := s.track(id)
-	if tr.blocked {
+	if tr.blocked == ModeEnforce || tr.blocked == mode {
 		return false
 	}
-	tr.blocked = true
+	tr.blocked = mode
 	return true
 }
 

@@ -57,7 +57,8 @@ func TestVerifyCommand(t *testing.T) {
 		{"STARTTLS", test.MXConfig{TLS: true, Mailboxes: []string{"alice@example.test"}}, "alice@example.test", "alice@example.test valid accepted"},
 		{"null MX", test.MXConfig{}, "x@nullmx.test", "x@nullmx.test invalid null-mx"},
 		{"NXDOMAIN", test.MXConfig{}, "x@nowhere.test", "x@nowhere.test invalid nxdomain"},
-		{"syntax", test.MXConfig{}, "x..y@example.test", "x..y@example.test invalid bad-syntax"},
+		{"syntax", test.MXConfig{}, "user@bad..domain.test", "user@bad..domain.test invalid bad-syntax"},
+		{"unquoted local part, as Postfix passes it", test.MXConfig{Mailboxes: []string{"x..y@example.test"}}, "x..y@example.test", `"x..y"@example.test valid accepted`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -134,7 +134,7 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 	detMu.Lock()
 	det = d
 	detMu.Unlock()
-	defer d.Close()
+	defer d.Close(0)
 	if hooks.Detector != nil {
 		hooks.Detector(d)
 	}
@@ -206,22 +206,35 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 		hooks.Ready(addrs, metricsAddr)
 	}
 
+	// A policy listener that fails for another reason than shutdown ends
+	// the service (and systemd restarts it): running on without it would
+	// leave Postfix silently unchecked.
+	ctx, stop := context.WithCancel(ctx)
+	defer stop()
 	var wg sync.WaitGroup
 	serveErrs := make(chan error, len(listeners))
 	for _, ln := range listeners {
 		wg.Go(func() {
 			if err := srv.Serve(ctx, ln); err != nil {
+				log.Error("policy listener failed; stopping", slog.String("listen", ln.Addr().String()), slog.Any("error", err))
 				serveErrs <- fmt.Errorf("policy %s: %w", ln.Addr(), err)
+				stop()
 			}
 		})
 	}
 	wg.Go(func() { logBuf.run(ctx) })
 	wg.Go(func() { _ = bl.Watch(ctx, time.Second) })
+	// The mailer outlives the policy listeners and the background
+	// verifications: reports of the last blocks are spooled and tried
+	// before it stops; whatever is left stays in the spool for the next
+	// start.
+	mailCtx, stopMail := context.WithCancel(context.Background())
+	defer stopMail()
+	mailDone := make(chan struct{})
 	if mailer != nil {
-		// The mailer outlives the policy listeners a little: reports
-		// spooled by the last requests are tried before it stops, and
-		// whatever is left stays in the spool for the next start.
-		wg.Go(func() { _ = mailer.Run(ctx) })
+		go func() { defer close(mailDone); _ = mailer.Run(mailCtx) }()
+	} else {
+		close(mailDone)
 	}
 	wg.Go(func() { housekeeping(ctx, d, bl, metrics) })
 	wg.Go(func() { reloadOnHUP(ctx, hup, cfg, d, log) })
@@ -234,7 +247,11 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 		_ = metricsSrv.Shutdown(sctx)
 		cancel()
 	}
-	d.Close()
+	// Verifications still running in the background may end in a block:
+	// let them, within the callout timeout.
+	d.Close(cfg.Callout.Timeout.D() + time.Second)
+	stopMail()
+	<-mailDone
 	fctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	var errs []error
