@@ -100,6 +100,16 @@ type daemon struct {
 
 func startDaemon(t *testing.T, configPath string) *daemon {
 	t.Helper()
+	d := &daemon{logs: &syncBuffer{}}
+	d.addr, d.metrics, d.stop = serveInProcess(t, configPath, d.logs)
+	return d
+}
+
+// serveInProcess runs `rcptguard serve` with the configuration file in
+// this process, logging to logs, and returns the policy and metrics
+// addresses and a stop function (also called at the test's cleanup).
+func serveInProcess(t *testing.T, configPath string, logs io.Writer) (addr, metrics string, stop func()) {
+	t.Helper()
 	cfg, err := app.LoadConfig(configPath)
 	if err != nil {
 		t.Fatal(err)
@@ -107,14 +117,12 @@ func startDaemon(t *testing.T, configPath string) *daemon {
 	ctx, cancel := context.WithCancel(context.Background())
 	ready := make(chan [2]string, 1)
 	done := make(chan error, 1)
-	logs := &syncBuffer{}
 	go func() {
 		done <- app.Serve(ctx, cfg, logs, app.Hooks{Ready: func(policy []string, metrics string) { ready <- [2]string{policy[0], metrics} }})
 	}()
-	d := &daemon{logs: logs}
 	select {
 	case a := <-ready:
-		d.addr, d.metrics = a[0], a[1]
+		addr, metrics = a[0], a[1]
 	case err := <-done:
 		cancel()
 		t.Fatalf("serve ended before it was ready: %v\n%s", err, logs)
@@ -123,7 +131,7 @@ func startDaemon(t *testing.T, configPath string) *daemon {
 		t.Fatal("serve not ready in 10s")
 	}
 	var once sync.Once
-	d.stop = func() {
+	stop = func() {
 		once.Do(func() {
 			cancel()
 			select {
@@ -136,8 +144,8 @@ func startDaemon(t *testing.T, configPath string) *daemon {
 			}
 		})
 	}
-	t.Cleanup(d.stop)
-	return d
+	t.Cleanup(stop)
+	return addr, metrics, stop
 }
 
 // syncBuffer is where an in-process daemon logs.

@@ -4,7 +4,6 @@ package test_test
 
 import (
 	"bufio"
-	"context"
 	"flag"
 	"fmt"
 	"io"
@@ -18,7 +17,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/rcptguard/rcptguard/cmd/rcptguard/app"
 	"github.com/rcptguard/rcptguard/test"
 )
 
@@ -42,41 +40,7 @@ func (c *countingWriter) Write(p []byte) (int, error) {
 // it. It returns the policy address and a stop function.
 func startQuietDaemon(t *testing.T, configPath string, logs io.Writer) (string, func()) {
 	t.Helper()
-	cfg, err := app.LoadConfig(configPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	ready := make(chan string, 1)
-	done := make(chan error, 1)
-	go func() {
-		done <- app.Serve(ctx, cfg, logs, app.Hooks{Ready: func(p []string, _ string) { ready <- p[0] }})
-	}()
-	var addr string
-	select {
-	case addr = <-ready:
-	case err := <-done:
-		cancel()
-		t.Fatalf("serve ended before it was ready: %v", err)
-	case <-time.After(10 * time.Second):
-		cancel()
-		t.Fatal("serve not ready in 10s")
-	}
-	var once sync.Once
-	stop := func() {
-		once.Do(func() {
-			cancel()
-			select {
-			case err := <-done:
-				if err != nil {
-					t.Errorf("serve: %v", err)
-				}
-			case <-time.After(20 * time.Second):
-				t.Error("serve did not stop in 20s")
-			}
-		})
-	}
-	t.Cleanup(stop)
+	addr, _, stop := serveInProcess(t, configPath, logs)
 	return addr, stop
 }
 
