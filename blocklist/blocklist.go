@@ -111,18 +111,8 @@ func Open(cfg Config) (*File, []Problem, error) {
 	if cfg.Path == "" {
 		return nil, nil, errors.New("blocklist: no path")
 	}
-	dir := filepath.Dir(cfg.Path)
-	fi, err := os.Stat(dir)
-	if err != nil {
-		return nil, nil, fmt.Errorf("blocklist %s: directory: %w", cfg.Path, err)
-	}
-	if !fi.IsDir() {
-		return nil, nil, fmt.Errorf("blocklist %s: %s is not a directory", cfg.Path, dir)
-	}
-	if fi.Mode().Perm()&0o002 != 0 {
-		// Even with the sticky bit: another user could create the file
-		// or its lock file first, or plant a link.
-		return nil, nil, fmt.Errorf("blocklist %s: directory %s is writable by every user (mode %04o); fix: chmod o-w %s, or set blocklist.path to a directory of rcptguard's own", cfg.Path, dir, fi.Mode().Perm(), dir)
+	if err := checkDir(cfg.Path); err != nil {
+		return nil, nil, err
 	}
 	f := &File{
 		path:     cfg.Path,
@@ -154,6 +144,49 @@ func Open(cfg Config) (*File, []Problem, error) {
 	f.removeStaleTemps()
 	f.log.Info("blocklist loaded", "path", f.path, "entries", len(d.entries), "problems", len(d.problems))
 	return f, d.problems, nil
+}
+
+// checkDir checks the directory of the table at path: it exists and not
+// every user may write to it.
+func checkDir(path string) error {
+	dir := filepath.Dir(path)
+	fi, err := os.Stat(dir)
+	if err != nil {
+		return fmt.Errorf("blocklist %s: directory: %w", path, err)
+	}
+	if !fi.IsDir() {
+		return fmt.Errorf("blocklist %s: %s is not a directory", path, dir)
+	}
+	if fi.Mode().Perm()&0o002 != 0 {
+		// Even with the sticky bit: another user could create the file
+		// or its lock file first, or plant a link.
+		return fmt.Errorf("blocklist %s: directory %s is writable by every user (mode %04o); fix: chmod o-w %s, or set blocklist.path to a directory of rcptguard's own", path, dir, fi.Mode().Perm(), dir)
+	}
+	return nil
+}
+
+// CheckWritable checks, without changing the table, that this process can
+// write the table at path: its directory is fit (see [Config.Path]), the
+// lock file can be opened for writing (it is created when missing), and a
+// file can be created in the directory, as every write does. The error
+// names the path that failed and the fix.
+func CheckWritable(path string) error {
+	if err := checkDir(path); err != nil {
+		return err
+	}
+	fd, err := openLockFile(path + ".lock")
+	if err != nil {
+		return fmt.Errorf("blocklist %s: %w", path, err)
+	}
+	fd.Close()
+	dir, base := filepath.Split(path)
+	tmp, err := os.CreateTemp(dir, "."+base+".tmp-*")
+	if err != nil {
+		return fmt.Errorf("blocklist %s: cannot create files in %s (%w); fix: run as root or as the owner of %s, or set blocklist.path to a directory this user owns", path, filepath.Clean(dir), err, filepath.Clean(dir))
+	}
+	tmp.Close()
+	os.Remove(tmp.Name())
+	return nil
 }
 
 // create writes the file with only the header comment if it is missing,

@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"io/fs"
+	"os"
 )
 
 // lockFile fails: this platform has no flock(2), and writing without the
@@ -21,3 +22,8 @@ const oNoFollow = 0
 func fileID(fi fs.FileInfo) (dev, ino uint64) { return 0, 0 }
 
 func isLinkError(error) bool { return false }
+
+// openLockFile fails: see lockFile.
+func openLockFile(path string) (*os.File, error) {
+	return nil, errors.New("lock " + path + ": file locking is not supported on this platform")
+}
