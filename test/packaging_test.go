@@ -71,7 +71,8 @@ func TestDockerfile(t *testing.T) {
 	}
 	for _, want := range []string{
 		"ENV RCPTGUARD_CONFIG=/etc/rcptguard/rcptguard.toml",
-		"COPY contrib/rcptguard.toml /etc/rcptguard/rcptguard.toml",
+		"COPY --from=build /out/rcptguard.toml /etc/rcptguard/rcptguard.toml",
+		`/^\[policy\]/,/^\[detector\]/ s|^listen = .*|listen = ["127.0.0.1:10040"]|`,
 		`VOLUME ["/var/lib/rcptguard"]`,
 		"EXPOSE 10040",
 		"EXPOSE 9410",

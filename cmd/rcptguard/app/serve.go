@@ -163,14 +163,9 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 		}
 	}
 	var addrs []string
+	lc := detector.ListenConfig{SocketMode: os.FileMode(mode), SocketGroup: cfg.Policy.SocketGroup}
 	for _, addr := range cfg.Policy.Listen {
-		if p, ok := strings.CutPrefix(addr, "unix:"); ok {
-			if err := ensureDir(filepath.Dir(p), "policy.listen"); err != nil {
-				closeAll()
-				return err
-			}
-		}
-		ln, err := detector.Listen(addr, os.FileMode(mode))
+		ln, err := lc.Listen(addr)
 		if err != nil {
 			closeAll()
 			return fmt.Errorf("policy.listen: %w", err)
