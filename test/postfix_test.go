@@ -1,6 +1,7 @@
 package test_test
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -10,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/rcptguard/rcptguard/cmd/rcptguard/app"
 	"github.com/rcptguard/rcptguard/test"
 )
 
@@ -242,6 +244,21 @@ spool = %q
 	}) {
 		t.FailNow()
 	}
+
+	// rcptguard doctor, as a postmaster runs it after the install, finds
+	// nothing wrong, and asks rcptguard through the socket as user
+	// postfix. Its output is logged.
+	t.Run("doctor finds nothing wrong", func(t *testing.T) {
+		var stdout, stderr strings.Builder
+		err := app.Run(context.Background(), []string{"doctor", "-config", configPath, "-postfix-config", sub.ConfigDir, "-rcptguard", sharedTestBinary(t)}, &stdout, &stderr)
+		t.Logf("rcptguard doctor:\n%s%s", stdout.String(), stderr.String())
+		if err != nil {
+			t.Errorf("doctor: %v", err)
+		}
+		if !strings.Contains(stdout.String(), "answers user postfix: action=DUNNO") {
+			t.Error("doctor did not ask rcptguard as user postfix")
+		}
+	})
 
 	if !t.Run("honest user's first mail is delivered", func(t *testing.T) {
 		send(t, honest, "first mail", "alice@dest.test")

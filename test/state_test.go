@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/rcptguard/rcptguard/blocklist"
+	"github.com/rcptguard/rcptguard/cmd/rcptguard/app"
 	"github.com/rcptguard/rcptguard/test"
 )
 
@@ -32,21 +33,7 @@ func runAsNobody(t *testing.T, args ...string) (string, int) {
 	}
 	uid, _ := strconv.Atoi(u.Uid)
 	gid, _ := strconv.Atoi(u.Gid)
-	// A copy of the test binary where nobody can run it.
-	bin := filepath.Join(test.SharedTempDir(t), "rcptguard.test")
-	src, err := os.Open(os.Args[0])
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer src.Close()
-	dst, err := os.OpenFile(bin, os.O_CREATE|os.O_WRONLY, 0o755)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := io.Copy(dst, src); err != nil {
-		t.Fatal(err)
-	}
-	dst.Close()
+	bin := sharedTestBinary(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, bin)
@@ -61,6 +48,29 @@ func runAsNobody(t *testing.T, args ...string) (string, int) {
 		t.Fatalf("rcptguard %s as nobody: %v\n%s", strings.Join(args, " "), err, out.String())
 	}
 	return out.String(), code
+}
+
+// sharedTestBinary copies this test binary (which is rcptguard, see
+// TestMain) where every user can run it, and returns its path.
+func sharedTestBinary(t *testing.T) string {
+	t.Helper()
+	bin := filepath.Join(test.SharedTempDir(t), "rcptguard.test")
+	src, err := os.Open(os.Args[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	dst, err := os.OpenFile(bin, os.O_CREATE|os.O_WRONLY, 0o755)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.Copy(dst, src); err != nil {
+		t.Fatal(err)
+	}
+	if err := dst.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return bin
 }
 
 // stateAsRoot makes a state directory as a root-run rcptguard leaves it
@@ -141,5 +151,57 @@ func TestServeCreatesTheBlocklist(t *testing.T) {
 	}
 	if fi, err := os.Stat(w.blocklistPath() + ".lock"); err != nil || fi.Mode().Perm() != 0o660 {
 		t.Errorf("lock file: %v, %v", fi, err)
+	}
+}
+
+// TestDoctorAsksAsPostfix: doctor asks rcptguard as Postfix's user, so a
+// socket Postfix cannot open is a finding, even though root (who runs
+// doctor) can open it; with policy.socket_group = "postfix" it answers.
+func TestDoctorAsksAsPostfix(t *testing.T) {
+	requireRealPostfix(t)
+	dir := test.SharedTempDir(t)
+	conf, queue := filepath.Join(dir, "conf"), filepath.Join(dir, "queue")
+	for _, d := range []string{conf, queue} {
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	blocklistPath := filepath.Join(dir, "state", "blocklist")
+	mainCF := "queue_directory = " + queue + "\ncompatibility_level = 3.6\n" +
+		strings.ReplaceAll(readRepoFile(t, "contrib/postfix/main.cf"), "/var/lib/rcptguard/blocklist", blocklistPath)
+	old := time.Now().Add(-time.Minute)
+	for name, text := range map[string]string{"main.cf": mainCF, "master.cf": readRepoFile(t, "contrib/postfix/master.cf")} {
+		p := filepath.Join(conf, name)
+		if err := os.WriteFile(p, []byte(text), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		_ = os.Chtimes(p, old, old) // postconf waits for files changed in the last second
+	}
+	bin := sharedTestBinary(t)
+	for _, tt := range []struct {
+		group string
+		want  string
+	}{
+		{"", "FAIL  rcptguard at unix:" + queue + "/rcptguard/policy.sock does not answer user postfix: health: dial unix"},
+		{"postfix", "ok    rcptguard at unix:" + queue + "/rcptguard/policy.sock answers user postfix: action=DUNNO"},
+	} {
+		_ = os.RemoveAll(filepath.Join(queue, "rcptguard"))
+		config := filepath.Join(dir, "rcptguard.toml")
+		text := fmt.Sprintf("[policy]\nlisten = [\"unix:%s/rcptguard/policy.sock\"]\nsocket_group = %q\n[blocklist]\npath = %q\n[notify]\nspool = %q\n",
+			queue, tt.group, blocklistPath, filepath.Join(dir, "state", "spool"))
+		if err := os.WriteFile(config, []byte(text), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		d := startDaemon(t, config)
+		var stdout, stderr bytes.Buffer
+		err := app.Run(context.Background(), []string{"doctor", "-config", config, "-postfix-config", conf, "-rcptguard", bin}, &stdout, &stderr)
+		t.Logf("socket_group %q: %v\n%s", tt.group, err, stdout.String())
+		if !strings.Contains(stdout.String(), tt.want) {
+			t.Errorf("socket_group %q: no line %q", tt.group, tt.want)
+		}
+		if (err == nil) != (tt.group == "postfix") {
+			t.Errorf("socket_group %q: doctor returned %v", tt.group, err)
+		}
+		d.stop()
 	}
 }
