@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -88,5 +89,39 @@ func TestBlockGivesUpOnAHeldLock(t *testing.T) {
 	}
 	if b, _ := os.ReadFile(path); strings.Contains(string(b), "a@example.com") {
 		t.Errorf("blocklist changed: %q", b)
+	}
+}
+
+// TestPasswordFileReadableByAllWarns: a relay password every local user
+// can read is a start-up warning naming the file and the fix; a private
+// one is not.
+func TestPasswordFileReadableByAllWarns(t *testing.T) {
+	for _, tt := range []struct {
+		mode os.FileMode
+		warn bool
+	}{{0o644, true}, {0o600, false}, {0o640, false}} {
+		dir := t.TempDir()
+		pw := filepath.Join(dir, "password")
+		if err := os.WriteFile(pw, []byte("secret\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chmod(pw, tt.mode); err != nil {
+			t.Fatal(err)
+		}
+		cfg, err := LoadConfig(writeConfig(t, fmt.Sprintf("[notify]\nto = [\"abuse@example.com\"]\nusername = \"u\"\npassword_file = %q\nspool = %q\n", pw, filepath.Join(dir, "spool"))))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var logs bytes.Buffer
+		if _, err := newMailer(cfg, slog.New(slog.NewTextHandler(&logs, nil)), true); err != nil {
+			t.Fatal(err)
+		}
+		got := strings.Contains(logs.String(), "readable by every user") && strings.Contains(logs.String(), pw) && strings.Contains(logs.String(), "chmod")
+		if got != tt.warn {
+			t.Errorf("mode %04o: warned %v, want %v; log:\n%s", tt.mode, got, tt.warn, logs.String())
+		}
+		if fi, err := os.Stat(filepath.Join(dir, "spool")); err != nil || fi.Mode().Perm() != 0o700 {
+			t.Errorf("spool: %v, %v; want a 0700 directory", fi, err)
+		}
 	}
 }
