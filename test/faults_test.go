@@ -297,6 +297,10 @@ func TestFaultBlocklistUnwritable(t *testing.T) {
 	w := newWorld(t)
 	d := startDaemon(t, w.suiteConfig(t, "unwritable.toml", map[string]string{"metrics.listen": `"127.0.0.1:0"`}))
 	lock := w.blocklistPath() + ".lock"
+	// serve made the lock file at start, when it checked it could write.
+	if err := os.Remove(lock); err != nil {
+		t.Fatal(err)
+	}
 	if err := os.Mkdir(lock, 0o755); err != nil {
 		t.Fatal(err)
 	}
