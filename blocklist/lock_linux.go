@@ -6,6 +6,8 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -24,14 +26,31 @@ func unlockFD(fd *os.File) error {
 	return unix.FcntlFlock(fd.Fd(), unix.F_OFD_SETLK, &lk)
 }
 
-// maxHolderScan bounds the processes lockHolder looks at.
-const maxHolderScan = 100000
+// Bounds of lockHolder's search: it runs when a wait for the lock gives
+// up, which for the daemon can be every second while a process sits on
+// the lock, so it looks at most once per holderScanEvery and for at most
+// holderScanBudget.
+const (
+	maxHolderScan    = 100000
+	holderScanEvery  = 30 * time.Second
+	holderScanBudget = 250 * time.Millisecond
+)
+
+// lastHolderScan is when lockHolder last searched, in UnixNano.
+var lastHolderScan atomic.Int64
 
 // lockHolder names the process holding the lock on fd's file, as
 // "pid N (command)", or returns "". F_OFD_GETLK and /proc/locks give no pid
 // for OFD locks, so it looks for a descriptor of the file whose fdinfo
 // lists the lock; it can only see the processes this user may inspect.
+// Within holderScanEvery of its last search it returns "" at once.
 func lockHolder(fd *os.File) string {
+	now := time.Now()
+	last := lastHolderScan.Load()
+	if now.UnixNano()-last < int64(holderScanEvery) || !lastHolderScan.CompareAndSwap(last, now.UnixNano()) {
+		return ""
+	}
+	deadline := now.Add(holderScanBudget)
 	var st unix.Stat_t
 	if err := unix.Fstat(int(fd.Fd()), &st); err != nil {
 		return ""
@@ -44,7 +63,7 @@ func lockHolder(fd *os.File) string {
 		return ""
 	}
 	for i, p := range procs {
-		if i > maxHolderScan {
+		if i > maxHolderScan || time.Now().After(deadline) {
 			break
 		}
 		pid, err := strconv.Atoi(p.Name())

@@ -38,6 +38,7 @@ func TestLockWaitHonoursContext(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "blocklist")
 	f := open(t, path)
 	release := holdLock(t, path)
+	blocklist.ResetHolderScan()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Millisecond)
 	defer cancel()
 	err := f.Add(ctx, blocklist.Entry{Identity: "a@example.com", Action: "HOLD"})
@@ -53,6 +54,12 @@ func TestLockWaitHonoursContext(t *testing.T) {
 		t.Errorf("Add = %#v, want a *WriteError for %s with 1 pending", err, path)
 	}
 	checkPending(t, f, path, "a@example.com")
+	// A second timeout soon after does not search /proc again.
+	ctx2, cancel2 := context.WithTimeout(context.Background(), 10*time.Millisecond)
+	defer cancel2()
+	if err := f.Flush(ctx2); err == nil || strings.Contains(err.Error(), "held by pid") {
+		t.Errorf("second timeout: %v, want one that names no pid", err)
+	}
 	release()
 	if err := f.Flush(context.Background()); err != nil {
 		t.Fatal(err)

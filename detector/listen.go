@@ -110,7 +110,11 @@ func socketDir(dir, group string, gid int) error {
 	fi, err := os.Stat(dir)
 	if errors.Is(err, os.ErrNotExist) {
 		if err := os.Mkdir(dir, 0o750); err != nil {
-			return fmt.Errorf("create directory %s: %w", dir, err)
+			g := group
+			if g == "" {
+				g = "GROUP"
+			}
+			return fmt.Errorf("create directory %s: %w; fix: create it as root, owned by the user rcptguard runs as, group %s, mode 2750 (contrib/tmpfiles.d/rcptguard.conf does)", dir, err, g)
 		}
 		if err := os.Chmod(dir, 0o750); err != nil {
 			return fmt.Errorf("directory %s: %w", dir, err)
