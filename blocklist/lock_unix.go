@@ -114,11 +114,14 @@ func openLockFile(path string) (*os.File, error) {
 		err = errors.New("not a regular file")
 	}
 	if err == nil && fi.Mode().Perm()&0o006 != 0 {
+		// Made by an older version (0644), or by hand. Only write access
+		// lets another user take the lock.
 		st, _ := fi.Sys().(*syscall.Stat_t)
-		if st != nil && int(st.Uid) == os.Geteuid() {
+		switch {
+		case st != nil && (int(st.Uid) == os.Geteuid() || os.Geteuid() == 0):
 			err = fd.Chmod(lockMode)
-		} else {
-			err = fmt.Errorf("other users can open it (mode %04o); fix: chmod %o %s", fi.Mode().Perm(), lockMode, path)
+		case fi.Mode().Perm()&0o002 != 0:
+			err = fmt.Errorf("every user can write it (mode %04o) and so stall every write; fix: chmod %o %s", fi.Mode().Perm(), lockMode, path)
 		}
 	}
 	if err != nil {
@@ -134,6 +137,9 @@ func lockOpenError(path string, err error) error {
 	case errors.Is(err, syscall.ELOOP):
 		return fmt.Errorf("lock %s: is a symbolic link, which rcptguard does not follow; fix: remove it", path)
 	case errors.Is(err, fs.ErrPermission):
+		if _, serr := os.Lstat(path); serr == nil {
+			return fmt.Errorf("lock %s: %w; fix: run as root, or give the file to the user rcptguard runs as (chown rcptguard %s)", path, err, path)
+		}
 		return fmt.Errorf("lock %s: %w; fix: run as root or as the owner of %s", path, err, filepath.Dir(path))
 	}
 	return fmt.Errorf("lock %s: %w", path, err)
