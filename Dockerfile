@@ -20,12 +20,16 @@ RUN CGO_ENABLED=0 go build -trimpath \
       -ldflags="-s -w -X github.com/rcptguard/rcptguard/cmd/rcptguard/app.version=${VERSION} -X github.com/rcptguard/rcptguard/cmd/rcptguard/app.commit=${COMMIT}" \
       -o /out/rcptguard ./cmd/rcptguard \
  && /out/rcptguard version \
- && mkdir -p /out/state/spool
+ && mkdir -p /out/state/spool \
+ && sed -e '/^\[policy\]/,/^\[detector\]/ s|^listen = .*|listen = ["127.0.0.1:10040"]|' -e 's|^socket_group = .*|socket_group = ""|' \
+      contrib/rcptguard.toml >/out/rcptguard.toml
 
 FROM gcr.io/distroless/static-debian12:nonroot
 COPY --from=build /out/rcptguard /usr/local/bin/rcptguard
 COPY --from=build --chown=65532:65532 /out/state /var/lib/rcptguard
-COPY contrib/rcptguard.toml /etc/rcptguard/rcptguard.toml
+# contrib/rcptguard.toml with the built-in TCP listener instead of the host
+# install's socket in Postfix's queue directory.
+COPY --from=build /out/rcptguard.toml /etc/rcptguard/rcptguard.toml
 USER 65532:65532
 ENV RCPTGUARD_CONFIG=/etc/rcptguard/rcptguard.toml
 VOLUME ["/var/lib/rcptguard"]

@@ -31,8 +31,14 @@ const maxLoggedProblems = 20
 // Config configures a [File].
 type Config struct {
 	// Path is the table file, e.g. /var/lib/rcptguard/blocklist. Its
-	// directory must exist. The lock file is Path + ".lock".
+	// directory must exist, and must not be writable by every user. The
+	// lock file is Path + ".lock". Neither is opened through a symbolic
+	// link.
 	Path string
+	// Create makes Open create the file, holding only the [Header]
+	// comment (mode 0644, so Postfix can read it), when it is missing:
+	// Postfix refuses to use a table that does not exist.
+	Create bool
 	// Logger receives problems in the file, reloads and write failures.
 	// Nil discards them.
 	Logger *slog.Logger
@@ -105,13 +111,8 @@ func Open(cfg Config) (*File, []Problem, error) {
 	if cfg.Path == "" {
 		return nil, nil, errors.New("blocklist: no path")
 	}
-	dir := filepath.Dir(cfg.Path)
-	fi, err := os.Stat(dir)
-	if err != nil {
-		return nil, nil, fmt.Errorf("blocklist %s: directory: %w", cfg.Path, err)
-	}
-	if !fi.IsDir() {
-		return nil, nil, fmt.Errorf("blocklist %s: %s is not a directory", cfg.Path, dir)
+	if err := checkDir(cfg.Path); err != nil {
+		return nil, nil, err
 	}
 	f := &File{
 		path:     cfg.Path,
@@ -127,6 +128,11 @@ func Open(cfg Config) (*File, []Problem, error) {
 		f.log = slog.New(slog.DiscardHandler)
 	}
 	f.snap.Store(&snapshot{m: f.disk})
+	if cfg.Create {
+		if err := f.create(); err != nil {
+			return nil, nil, err
+		}
+	}
 	data, st, err := f.read()
 	if err != nil {
 		return nil, nil, err
@@ -139,6 +145,88 @@ func Open(cfg Config) (*File, []Problem, error) {
 	f.log.Info("blocklist loaded", "path", f.path, "entries", len(d.entries), "problems", len(d.problems))
 	return f, d.problems, nil
 }
+
+// checkDir checks the directory of the table at path: it exists and not
+// every user may write to it.
+func checkDir(path string) error {
+	dir := filepath.Dir(path)
+	fi, err := os.Stat(dir)
+	if err != nil {
+		return fmt.Errorf("blocklist %s: directory: %w", path, err)
+	}
+	if !fi.IsDir() {
+		return fmt.Errorf("blocklist %s: %s is not a directory", path, dir)
+	}
+	if fi.Mode().Perm()&0o002 != 0 {
+		// Even with the sticky bit: another user could create the file
+		// or its lock file first, or plant a link.
+		return fmt.Errorf("blocklist %s: directory %s is writable by every user (mode %04o); fix: chmod o-w %s, or set blocklist.path to a directory of rcptguard's own", path, dir, fi.Mode().Perm(), dir)
+	}
+	return nil
+}
+
+// CheckWritable checks, without changing the table, that this process can
+// write the table at path: its directory is fit (see [Config.Path]), the
+// lock file can be opened for writing (it is created when missing), and a
+// file can be created in the directory, as every write does. The error
+// names the path that failed and the fix.
+func CheckWritable(path string) error {
+	if err := checkDir(path); err != nil {
+		return err
+	}
+	fd, err := openLockFile(path + ".lock")
+	if err != nil {
+		return fmt.Errorf("blocklist %s: %w", path, err)
+	}
+	fd.Close()
+	dir, base := filepath.Split(path)
+	tmp, err := os.CreateTemp(dir, "."+base+".tmp-*")
+	if err != nil {
+		return fmt.Errorf("blocklist %s: cannot create files in %s (%w); fix: run as root or as the owner of %s, or set blocklist.path to a directory this user owns", path, filepath.Clean(dir), err, filepath.Clean(dir))
+	}
+	tmp.Close()
+	os.Remove(tmp.Name())
+	return nil
+}
+
+// create writes the file with only the header comment if it is missing,
+// under the file lock.
+func (f *File) create() error {
+	if _, err := os.Lstat(f.path); err == nil || !errors.Is(err, fs.ErrNotExist) {
+		return nil // there, or read reports the problem
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), createLockWait)
+	defer cancel()
+	unlock, err := lockFile(ctx, f.lockPath)
+	if err != nil {
+		return fmt.Errorf("blocklist %s: create: %w", f.path, err)
+	}
+	defer unlock()
+	if _, err := os.Lstat(f.path); !errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if _, err := writeAtomic(f.path, Header+"\n"); err != nil {
+		return fmt.Errorf("blocklist %s: create: %w", f.path, err)
+	}
+	return nil
+}
+
+// createLockWait bounds the wait for the lock when creating the file.
+const createLockWait = 5 * time.Second
+
+// WriteError is a failed write of pending changes. They stay in memory
+// (Lookup sees them) and are written by the next successful write.
+type WriteError struct {
+	Path    string
+	Pending int   // changes not on disk
+	Err     error // what failed, without the path
+}
+
+func (e *WriteError) Error() string {
+	return fmt.Sprintf("blocklist %s: %v (kept in memory, %d pending)", e.Path, e.Err, e.Pending)
+}
+
+func (e *WriteError) Unwrap() error { return e.Err }
 
 // Lookup returns the entry for identity, compared case-insensitively,
 // including changes not written to disk yet. It takes no lock and does not
@@ -275,12 +363,12 @@ func (f *File) flushLocked(ctx context.Context) error {
 
 	unlock, err := lockFile(ctx, f.lockPath)
 	if err != nil {
-		return fmt.Errorf("blocklist %s: %w (kept in memory, %d pending)", f.path, err, len(ops))
+		return &WriteError{Path: f.path, Pending: len(ops), Err: err}
 	}
 	defer unlock()
 	data, st, err := f.read()
 	if err != nil {
-		return fmt.Errorf("%w (kept in memory, %d pending)", err, len(ops))
+		return &WriteError{Path: f.path, Pending: len(ops), Err: err}
 	}
 	d := parseDocument(data)
 	if st.hash != f.stamp.hash || st.exists != f.stamp.exists {
@@ -296,7 +384,7 @@ func (f *File) flushLocked(ctx context.Context) error {
 	if out != data && (st.exists || !onlyRemovals) {
 		st, err = writeAtomic(f.path, out)
 		if err != nil {
-			return fmt.Errorf("blocklist %s: write: %w (kept in memory, %d pending)", f.path, err, len(ops))
+			return &WriteError{Path: f.path, Pending: len(ops), Err: fmt.Errorf("write: %w", err)}
 		}
 		st.hash = maphash.String(f.seed, out)
 		d = parseDocument(out)
@@ -420,9 +508,12 @@ func (f *File) refreshLocked() error {
 // read returns the file's content and stamp; a missing file is empty.
 func (f *File) read() (string, stamp, error) {
 	start := time.Now()
-	fd, err := os.Open(f.path)
+	fd, err := os.OpenFile(f.path, os.O_RDONLY|oNoFollow, 0)
 	if errors.Is(err, fs.ErrNotExist) {
 		return "", stamp{}, nil
+	}
+	if isLinkError(err) {
+		return "", stamp{}, fmt.Errorf("blocklist %s: is a symbolic link, which rcptguard does not follow; fix: replace it with the file itself", f.path)
 	}
 	if err != nil {
 		return "", stamp{}, fmt.Errorf("blocklist %s: %w", f.path, err)

@@ -15,7 +15,6 @@ import (
 	"slices"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -611,37 +610,6 @@ func TestWriteFailure(t *testing.T) {
 	want := "old@example.com\tHOLD\nhand@example.com\tHOLD\nnew@example.com\tHOLD pending\n"
 	if got := readFile(t, path); got != want {
 		t.Errorf("file\n%q\nwant\n%q", got, want)
-	}
-}
-
-// TestLockWaitHonoursContext holds the lock as another process would and
-// checks that Add gives up when its context ends, and Flush works later.
-func TestLockWaitHonoursContext(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "blocklist")
-	f := open(t, path)
-	lock, err := os.OpenFile(path+".lock", os.O_RDONLY|os.O_CREATE, 0o644)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer lock.Close()
-	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Millisecond)
-	defer cancel()
-	err = f.Add(ctx, blocklist.Entry{Identity: "a@example.com", Action: "HOLD"})
-	if !errors.Is(err, context.DeadlineExceeded) {
-		t.Fatalf("Add = %v, want DeadlineExceeded", err)
-	}
-	checkPending(t, f, path, "a@example.com")
-	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_UN); err != nil {
-		t.Fatal(err)
-	}
-	if err := f.Flush(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	if f.Pending() != 0 || !strings.Contains(readFile(t, path), "a@example.com\tHOLD\n") {
-		t.Error("Flush did not write the entry")
 	}
 }
 

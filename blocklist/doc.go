@@ -14,8 +14,10 @@
 // and `cut -f1` lists the blocked identities. Identities are compared case
 // insensitively and stored in lower case, as Postfix does for texthash keys.
 //
-// Every change is a read-modify-write under an exclusive flock(2) on the
-// file PATH.lock: the file on disk is read again, the change is applied, and
+// Every change is a read-modify-write under an exclusive write lock on the
+// file PATH.lock (an open file description fcntl lock on Linux, flock(2)
+// elsewhere; the lock file is mode 0660, and the lock needs it open for
+// writing, so no other user can take it): the file on disk is read again, the change is applied, and
 // the result is written to a temporary file in the same directory, synced,
 // renamed over the table and the directory is synced. So the daemon and a
 // concurrent `rcptguard block` or `rcptguard unblock` never lose each

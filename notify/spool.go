@@ -63,11 +63,35 @@ type spool struct {
 	mu sync.Mutex
 }
 
-// openSpool creates dir (0700) when it is missing.
+// openSpool creates dir (0700) when it is missing, and checks it: a real
+// directory (not a link), not open to other users (an existing one of ours
+// is narrowed to 0700; reports name customers), in which this process can
+// create files. The error names the directory and the fix.
 func openSpool(dir string) (*spool, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, fmt.Errorf("notify: spool: %w", err)
+		return nil, fmt.Errorf("notify: spool %s: %w; fix: create it, owned by the user rcptguard runs as, mode 0700", dir, err)
 	}
+	fi, err := os.Lstat(dir)
+	if err != nil {
+		return nil, fmt.Errorf("notify: spool %s: %w", dir, err)
+	}
+	if !fi.IsDir() {
+		return nil, fmt.Errorf("notify: spool %s: not a directory (a symbolic link is refused); fix: make it a directory of rcptguard's own, mode 0700", dir)
+	}
+	if fi.Mode().Perm()&0o077 != 0 {
+		if !ownedByMe(fi) {
+			return nil, fmt.Errorf("notify: spool %s: other users can use it (mode %04o) and it is not ours to change; fix: chmod 0700 %s", dir, fi.Mode().Perm(), dir)
+		}
+		if err := os.Chmod(dir, 0o700); err != nil {
+			return nil, fmt.Errorf("notify: spool %s: chmod 0700: %w", dir, err)
+		}
+	}
+	probe, err := os.CreateTemp(dir, spoolTemp+"*")
+	if err != nil {
+		return nil, fmt.Errorf("notify: spool %s: cannot create files in it (%w); fix: run as root or as its owner, or set notify.spool to a directory this user owns", dir, err)
+	}
+	probe.Close()
+	os.Remove(probe.Name())
 	return &spool{dir: dir}, nil
 }
 
@@ -156,7 +180,7 @@ func (s *spool) list() ([]string, error) {
 // load reads one spool file. A file that cannot be understood yields an
 // error wrapping errCorrupt.
 func (s *spool) load(name string) (spoolEntry, error) {
-	data, err := os.ReadFile(filepath.Join(s.dir, name))
+	data, err := readNoFollow(filepath.Join(s.dir, name))
 	if err != nil {
 		return spoolEntry{}, fmt.Errorf("notify: spool: %w", err)
 	}

@@ -255,15 +255,8 @@ func TestKill9HoldBeforeWrite(t *testing.T) {
 	if err := os.MkdirAll(filepath.Dir(w.blocklistPath()), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	lock, err := os.OpenFile(w.blocklistPath()+".lock", os.O_RDONLY|os.O_CREATE, 0o644)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer lock.Close()
 	d := startChild(t, cfg, addr, filepath.Join(w.dir, "daemon.log"))
-	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
-		t.Fatal(err)
-	}
+	lock := test.LockBlocklist(t, w.blocklistPath())
 	const id = "racer@customer.test"
 	a := test.DialPolicy(t, addr)
 	if ans := a.Must(rcpt(id, "nobody0@good.test")); ans != "DUNNO" {
@@ -275,9 +268,9 @@ func TestKill9HoldBeforeWrite(t *testing.T) {
 	go func() {
 		defer close(released)
 		time.Sleep(300 * time.Millisecond)
-		_ = syscall.Flock(int(lock.Fd()), syscall.LOCK_UN)
+		lock.Release()
 	}()
-	defer func() { <-released }() // before the deferred lock.Close
+	defer func() { <-released }()
 	b := test.DialPolicy(t, addr)
 	var ack string
 	deadline := time.Now().Add(5 * time.Second)

@@ -15,7 +15,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -298,6 +297,10 @@ func TestFaultBlocklistUnwritable(t *testing.T) {
 	w := newWorld(t)
 	d := startDaemon(t, w.suiteConfig(t, "unwritable.toml", map[string]string{"metrics.listen": `"127.0.0.1:0"`}))
 	lock := w.blocklistPath() + ".lock"
+	// serve made the lock file at start, when it checked it could write.
+	if err := os.Remove(lock); err != nil {
+		t.Fatal(err)
+	}
 	if err := os.Mkdir(lock, 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -350,23 +353,8 @@ func TestFaultBlocklistUnwritable(t *testing.T) {
 func TestFaultBlocklistLockHeld(t *testing.T) {
 	w := newWorld(t)
 	d := startDaemon(t, w.suiteConfig(t, "lockheld.toml", nil))
-	lock := w.blocklistPath() + ".lock"
-	f, err := os.OpenFile(lock, os.O_RDONLY|os.O_CREATE, 0o644)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
-		t.Fatal(err)
-	}
-	released := false
-	release := func() {
-		if !released {
-			released = true
-			_ = syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
-		}
-	}
-	defer release()
+	lock := test.LockBlocklist(t, w.blocklistPath())
+	release := lock.Release
 	c := test.DialPolicy(t, d.addr)
 	for i := range 5 {
 		c.Must(rcpt("abuser@customer.test", fmt.Sprintf("x%d@good.test", i)))
@@ -388,7 +376,7 @@ func TestFaultBlocklistLockHeld(t *testing.T) {
 		}
 		t.Logf("blocking request answered after %v with the lock held", time.Since(start).Round(time.Millisecond))
 	case <-time.After(3 * time.Second):
-		t.Errorf("the request that passes the limit is not answered 3s after it was sent while another process holds %s: the policy answer waits for the blocklist lock without bound (Postfix gives up after its policy timeout and carries on with DUNNO)", lock)
+		t.Errorf("the request that passes the limit is not answered 3s after it was sent while another process holds %s.lock: the policy answer waits for the blocklist lock without bound (Postfix gives up after its policy timeout and carries on with DUNNO)", w.blocklistPath())
 		release()
 		r := <-got
 		t.Logf("answered %q (%v) %v after it was sent, once the lock was released", r.a, r.err, time.Since(start).Round(time.Millisecond))

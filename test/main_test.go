@@ -13,6 +13,11 @@ import (
 // RCPTGUARD_TEST_DAEMON=1 and the command line in RCPTGUARD_TEST_ARGS
 // (split at white space), and then runs `rcptguard` instead of the tests.
 func TestMain(m *testing.M) {
+	// `rcptguard doctor -rcptguard THIS_BINARY` runs it as Postfix's user
+	// with "health -addr ...": then it is rcptguard.
+	if len(os.Args) > 1 && os.Args[1] == "health" {
+		os.Exit(app.Main(os.Args[1:], os.Stdout, os.Stderr))
+	}
 	if os.Getenv("RCPTGUARD_TEST_DAEMON") == "1" {
 		os.Exit(app.Main(strings.Fields(os.Getenv("RCPTGUARD_TEST_ARGS")), os.Stdout, os.Stderr))
 	}

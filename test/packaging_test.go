@@ -71,7 +71,8 @@ func TestDockerfile(t *testing.T) {
 	}
 	for _, want := range []string{
 		"ENV RCPTGUARD_CONFIG=/etc/rcptguard/rcptguard.toml",
-		"COPY contrib/rcptguard.toml /etc/rcptguard/rcptguard.toml",
+		"COPY --from=build /out/rcptguard.toml /etc/rcptguard/rcptguard.toml",
+		`/^\[policy\]/,/^\[detector\]/ s|^listen = .*|listen = ["127.0.0.1:10040"]|`,
 		`VOLUME ["/var/lib/rcptguard"]`,
 		"EXPOSE 10040",
 		"EXPOSE 9410",
@@ -91,10 +92,19 @@ func TestSystemdUnit(t *testing.T) {
 		"ExecStart=/usr/local/bin/rcptguard serve -config /etc/rcptguard/rcptguard.toml",
 		"ExecReload=/bin/kill -HUP $MAINPID",
 		"User=rcptguard", "StateDirectory=rcptguard", "StateDirectoryMode=0755", "ProtectSystem=strict", "NoNewPrivileges=yes",
+		"ReadWritePaths=-/var/spool/postfix/rcptguard",
 	} {
 		if !strings.Contains(unit, want) {
 			t.Errorf("systemd unit lacks %q", want)
 		}
+	}
+	// The socket's directory, where contrib/rcptguard.toml puts the socket.
+	tmpfiles := readRepoFile(t, "contrib/tmpfiles.d/rcptguard.conf")
+	if !strings.Contains(tmpfiles, "\nd /var/spool/postfix/rcptguard 2750 rcptguard postfix -\n") {
+		t.Error("contrib/tmpfiles.d/rcptguard.conf does not make /var/spool/postfix/rcptguard rcptguard:postfix 2750")
+	}
+	if !strings.Contains(readRepoFile(t, "contrib/rcptguard.toml"), `listen = ["unix:/var/spool/postfix/rcptguard/policy.sock"]`) {
+		t.Error("contrib/rcptguard.toml does not listen on /var/spool/postfix/rcptguard/policy.sock")
 	}
 }
 

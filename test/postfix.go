@@ -200,6 +200,10 @@ type PostfixConfig struct {
 	Main map[string]string
 	// SMTPD are the smtpd listener's master.cf "-o name=value" options.
 	SMTPD []string
+	// Chroot runs smtpd chrooted in the queue directory, as Debian's
+	// master.cf does (chroot = y), with the /etc files it needs copied
+	// there as Debian's start script does.
+	Chroot bool
 }
 
 // Postfix is a running Postfix instance.
@@ -357,6 +361,10 @@ func StartPostfix(t testing.TB, cfg PostfixConfig) *Postfix {
 		t.Fatal(err)
 	}
 
+	if cfg.Chroot {
+		copyChrootFiles(t, p.QueueDir)
+	}
+
 	// The port is free when chosen, but something may take it before the
 	// master binds it: then the start fails and is retried on another.
 	var lastErr error
@@ -365,7 +373,11 @@ func StartPostfix(t testing.TB, cfg PostfixConfig) *Postfix {
 		p.Addr = net.JoinHostPort("127.0.0.1", strconv.Itoa(p.Port))
 		var master strings.Builder
 		master.WriteString(postfixMasterCF)
-		fmt.Fprintf(&master, "%s inet n - n - - smtpd\n", p.Addr)
+		chroot := "n"
+		if cfg.Chroot {
+			chroot = "y"
+		}
+		fmt.Fprintf(&master, "%s inet n - %s - - smtpd\n", p.Addr, chroot)
 		for _, o := range cfg.SMTPD {
 			fmt.Fprintf(&master, "  -o %s\n", o)
 		}
@@ -393,6 +405,55 @@ func StartPostfix(t testing.TB, cfg PostfixConfig) *Postfix {
 		return listening(p.Port)
 	})
 	return p
+}
+
+// chrootFiles are the files Debian's Postfix start script copies into the
+// chroot; those that exist here are copied.
+var chrootFiles = []string{"/etc/localtime", "/etc/services", "/etc/resolv.conf", "/etc/hosts", "/etc/host.conf", "/etc/nsswitch.conf"}
+
+func copyChrootFiles(t testing.TB, root string) {
+	t.Helper()
+	if err := os.MkdirAll(filepath.Join(root, "etc"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range chrootFiles {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			continue
+		}
+		if err := os.WriteFile(filepath.Join(root, f), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// ParseMainCF returns the parameters of a main.cf text: "name = value"
+// lines, continued by lines that start with white space, comments and
+// blank lines skipped. Values have their white space runs (line breaks
+// included) folded to one space, as Postfix reads them.
+func ParseMainCF(text string) map[string]string {
+	params := map[string]string{}
+	name := ""
+	for line := range strings.SplitSeq(text, "\n") {
+		trimmed := strings.TrimSpace(line)
+		switch {
+		case trimmed == "" || strings.HasPrefix(trimmed, "#"):
+			continue
+		case line[0] == ' ' || line[0] == '\t':
+			if name != "" {
+				params[name] = strings.TrimSpace(params[name] + " " + trimmed)
+			}
+		default:
+			k, v, ok := strings.Cut(line, "=")
+			if !ok {
+				name = ""
+				continue
+			}
+			name = strings.TrimSpace(k)
+			params[name] = strings.Join(strings.Fields(v), " ")
+		}
+	}
+	return params
 }
 
 // listening reports whether a socket listens on 127.0.0.1:port (or on all

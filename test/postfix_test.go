@@ -1,14 +1,17 @@
 package test_test
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
+	"github.com/rcptguard/rcptguard/cmd/rcptguard/app"
 	"github.com/rcptguard/rcptguard/test"
 )
 
@@ -84,37 +87,45 @@ dest.test. 300 IN MX 10 mx.dest.test.
 mx.dest.test. 300 IN A 127.0.0.1
 `)
 
-	// rcptguard's state, where Postfix (the postfix user) can read the
-	// blocklist. Postfix fails on a texthash: table that does not exist,
-	// so the file is there from the start.
-	state := test.SharedTempDir(t)
-	blocklist := filepath.Join(state, "blocklist")
-	if err := os.WriteFile(blocklist, []byte("# rcptguard blocklist (test)\n"), 0o644); err != nil {
+	// rcptguard's state starts empty, as on a fresh machine: rcptguard
+	// itself must make the blocklist Postfix reads (Postfix refuses the
+	// whole restriction list, 451 4.3.5, for a texthash: table that does
+	// not exist).
+	state := filepath.Join(test.SharedTempDir(t), "state")
+	if err := os.Mkdir(state, 0o755); err != nil {
 		t.Fatal(err)
 	}
+	blocklist := filepath.Join(state, "blocklist")
 	blocklistTable := "texthash:" + blocklist
-	// The policy port is chosen before Postfix is configured with it, and
-	// kept when rcptguard restarts.
-	policyAddr := fmt.Sprintf("127.0.0.1:%d", test.FreePort(t))
 
-	// The submission server: the blocklist (Postfix's own safety net),
-	// then rcptguard, both before permit_sasl_authenticated. Mail for
-	// dest.test goes to the mx instance without DNS.
-	sub := test.StartPostfix(t, test.PostfixConfig{
-		Name: "submission",
-		Main: map[string]string{
-			"myhostname":                  "submission.customer.test",
-			"transport_maps":              fmt.Sprintf("inline:{ dest.test=smtp:[127.0.0.1]:%d }", mx.Port),
-			"smtpd_sasl_auth_enable":      "yes",
-			"smtpd_sasl_type":             "dovecot",
-			"smtpd_sasl_path":             "private/auth",
-			"smtpd_sasl_security_options": "noanonymous",
-			"smtpd_tls_auth_only":         "no",
-			"smtpd_recipient_restrictions": "check_sasl_access " + blocklistTable + ", " +
-				"check_policy_service { inet:" + policyAddr + ", timeout=10s, default_action=DUNNO }, " +
-				"permit_sasl_authenticated, reject_unauth_destination",
-		},
-	})
+	// The submission server, configured with contrib/postfix/main.cf
+	// word for word (the README's snippet) but for the blocklist's
+	// directory: the blocklist (Postfix's own safety net), then rcptguard
+	// on unix:rcptguard/policy.sock, a socket in the queue directory,
+	// both before permit_sasl_authenticated; smtpd is chrooted there, as
+	// on Debian. Mail for dest.test goes to the mx instance without DNS.
+	main := test.ParseMainCF(readRepoFile(t, "contrib/postfix/main.cf"))
+	if !strings.Contains(main["rcptguard_restrictions"], "texthash:/var/lib/rcptguard/blocklist") ||
+		!strings.Contains(main["rcptguard_restrictions"], "unix:rcptguard/policy.sock") {
+		t.Fatalf("contrib/postfix/main.cf: rcptguard_restrictions = %q, want the blocklist and the socket", main["rcptguard_restrictions"])
+	}
+	main["rcptguard_restrictions"] = strings.ReplaceAll(main["rcptguard_restrictions"], "/var/lib/rcptguard/blocklist", blocklist)
+	for k, v := range map[string]string{
+		"myhostname":                  "submission.customer.test",
+		"transport_maps":              fmt.Sprintf("inline:{ dest.test=smtp:[127.0.0.1]:%d }", mx.Port),
+		"smtpd_sasl_auth_enable":      "yes",
+		"smtpd_sasl_type":             "dovecot",
+		"smtpd_sasl_path":             "private/auth",
+		"smtpd_sasl_security_options": "noanonymous",
+		"smtpd_tls_auth_only":         "no",
+	} {
+		main[k] = v
+	}
+	sub := test.StartPostfix(t, test.PostfixConfig{Name: "submission", Main: main, Chroot: true})
+	// rcptguard's socket, as contrib/rcptguard.toml has it, in this
+	// instance's queue directory: rcptguard makes the directory (0750,
+	// group postfix) and the socket (0660, group postfix).
+	policyAddr := "unix:" + filepath.Join(sub.QueueDir, "rcptguard", "policy.sock")
 	test.StartDovecotAuth(t, test.DovecotConfig{
 		Users:      passwords,
 		AuthSocket: filepath.Join(sub.QueueDir, "private", "auth"),
@@ -128,6 +139,8 @@ mx.dest.test. 300 IN A 127.0.0.1
 	config := fmt.Sprintf(`
 [policy]
 listen = [%q]
+socket_mode = "0660"
+socket_group = "postfix"
 
 [detector]
 limit = %d
@@ -210,6 +223,57 @@ spool = %q
 			}
 		}
 		return false
+	}
+
+	if !t.Run("fresh install: the blocklist exists, the socket is Postfix's", func(t *testing.T) {
+		b, err := os.ReadFile(blocklist)
+		if err != nil {
+			t.Fatalf("rcptguard serve did not create the blocklist: %v", err)
+		}
+		if fi, _ := os.Stat(blocklist); fi.Mode().Perm() != 0o644 || !strings.HasPrefix(string(b), "# rcptguard blocklist") {
+			t.Errorf("blocklist mode %v, content %q", fi.Mode().Perm(), b)
+		}
+		sock := strings.TrimPrefix(policyAddr, "unix:")
+		for _, p := range []string{filepath.Dir(sock), sock} {
+			fi, err := os.Stat(p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Logf("%s: %v group %d", p, fi.Mode(), fi.Sys().(*syscall.Stat_t).Gid)
+		}
+	}) {
+		t.FailNow()
+	}
+
+	// rcptguard doctor, as a postmaster runs it after the install, finds
+	// nothing wrong, and asks rcptguard through the socket as user
+	// postfix. Its output is logged.
+	t.Run("doctor finds nothing wrong", func(t *testing.T) {
+		var stdout, stderr strings.Builder
+		err := app.Run(context.Background(), []string{"doctor", "-config", configPath, "-postfix-config", sub.ConfigDir, "-rcptguard", sharedTestBinary(t)}, &stdout, &stderr)
+		t.Logf("rcptguard doctor:\n%s%s", stdout.String(), stderr.String())
+		if err != nil {
+			t.Errorf("doctor: %v", err)
+		}
+		if !strings.Contains(stdout.String(), "answers user postfix: action=DUNNO") {
+			t.Error("doctor did not ask rcptguard as user postfix")
+		}
+	})
+
+	if !t.Run("honest user's first mail is delivered", func(t *testing.T) {
+		send(t, honest, "first mail", "alice@dest.test")
+		mx.WaitMessage(t, "alice@dest.test", "first mail", 20*time.Second)
+		for _, bad := range []string{"is unavailable", "Server configuration error", "4.3.5"} {
+			if strings.Contains(sub.Log(), bad) {
+				t.Errorf("the submission maillog has %q:\n%s", bad, sub.LogTail(20))
+			}
+		}
+		// Postfix reached rcptguard through the socket, as user postfix.
+		if !logHas(d.logs.String(), "msg=decision", "identity=honest@customer.test", "recipient=alice@dest.test", "verdict=valid") {
+			t.Errorf("no decision for the first mail in rcptguard's log")
+		}
+	}) {
+		t.FailNow()
 	}
 
 	if !t.Run("honest user with a typo is not held", func(t *testing.T) {
@@ -322,7 +386,7 @@ spool = %q
 		if held := heldIDs(t, honest); len(held) > 0 {
 			t.Errorf("honest user's mail held while rcptguard is down: %v", held)
 		}
-		if !strings.Contains(sub.Log(), "connect to "+policyAddr+": Connection refused") {
+		if !strings.Contains(sub.Log(), "connect to rcptguard/policy.sock: ") {
 			t.Errorf("the submission Postfix did not find rcptguard down at %s", policyAddr)
 		}
 	}) {

@@ -30,6 +30,7 @@ Commands:
   block   [-config FILE] [-reason TEXT] IDENTITY
   unblock [-config FILE] IDENTITY
   health  [-config FILE]                   check that the running service answers
+  doctor  [-config FILE] [-postfix-config DIR]  check the Postfix integration
   notify-test [-config FILE]               send a sample abuse report now
   version                                  print version, commit and Go version
 
@@ -79,6 +80,8 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return cmdNotifyTest(ctx, args, stdout, stderr)
 	case "health":
 		return cmdHealth(ctx, args, stdout, stderr)
+	case "doctor":
+		return cmdDoctor(ctx, args, stdout, stderr)
 	case "version", "-version", "--version":
 		fmt.Fprintln(stdout, versionString())
 		return nil

@@ -2,8 +2,10 @@ package app
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
+	iofs "io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -18,6 +20,14 @@ func cmdList(_ context.Context, args []string, stdout, stderr io.Writer) error {
 	cfg, err := parseFlags(fs, config, args)
 	if err != nil {
 		return err
+	}
+	if _, err := os.Lstat(cfg.Blocklist.Path); errors.Is(err, iofs.ErrNotExist) {
+		// A fresh machine: nothing is blocked. Create the file Postfix
+		// reads when this user can; either way there is nothing to list.
+		if _, err := openForWrite(cfg); err != nil {
+			fmt.Fprintf(stderr, "rcptguard: %s does not exist yet, so nothing is blocked; it could not be created: %v\n", cfg.Blocklist.Path, err)
+		}
+		return nil
 	}
 	f, problems, err := blocklist.Open(blocklist.Config{Path: cfg.Blocklist.Path})
 	if err != nil {
@@ -55,8 +65,10 @@ func cmdBlock(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if err != nil {
 		return err
 	}
+	ctx, cancel := context.WithTimeout(ctx, cliLockWait)
+	defer cancel()
 	if err := f.Add(ctx, blocklist.Entry{Identity: id, Action: strings.ToUpper(action), Text: text}); err != nil {
-		return fmt.Errorf("block %s: %w", id, err)
+		return fmt.Errorf("block %s: %w", id, notWritten("not blocked", err))
 	}
 	fmt.Fprintf(stdout, "blocked %s\n", strings.ToLower(id))
 	return nil
@@ -78,9 +90,11 @@ func cmdUnblock(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	if err != nil {
 		return err
 	}
+	ctx, cancel := context.WithTimeout(ctx, cliLockWait)
+	defer cancel()
 	removed, err := f.Remove(ctx, id)
 	if err != nil {
-		return fmt.Errorf("unblock %s: %w", id, err)
+		return fmt.Errorf("unblock %s: %w", id, notWritten("still blocked", err))
 	}
 	if !removed {
 		fmt.Fprintf(stdout, "%s was not blocked\n", strings.ToLower(id))
@@ -100,12 +114,30 @@ func oneIdentity(args []string) (string, error) {
 	return args[0], nil
 }
 
-// openForWrite opens the blocklist, creating its directory when missing.
+// cliLockWait bounds how long block and unblock wait for the blocklist's
+// lock; past it they give up, naming the process that holds it.
+var cliLockWait = 5 * time.Second
+
+// notWritten words a failed write for a command, which, unlike the
+// daemon, keeps nothing in memory: the change is simply not made.
+func notWritten(what string, err error) error {
+	var we *blocklist.WriteError
+	if errors.As(err, &we) {
+		return fmt.Errorf("%s: blocklist %s unchanged: %w", what, we.Path, we.Err)
+	}
+	return err
+}
+
+// openForWrite opens the blocklist, creating its directory and the file
+// when missing, after checking that this user can write it.
 func openForWrite(cfg *Config) (*blocklist.File, error) {
 	if err := ensureDir(filepath.Dir(cfg.Blocklist.Path), "blocklist.path"); err != nil {
 		return nil, err
 	}
-	f, _, err := blocklist.Open(blocklist.Config{Path: cfg.Blocklist.Path})
+	if err := blocklist.CheckWritable(cfg.Blocklist.Path); err != nil {
+		return nil, fmt.Errorf("blocklist.path: %w", err)
+	}
+	f, _, err := blocklist.Open(blocklist.Config{Path: cfg.Blocklist.Path, Create: true})
 	if err != nil {
 		return nil, fmt.Errorf("blocklist.path: %w", err)
 	}

@@ -40,6 +40,7 @@ type Config struct {
 type PolicyConfig struct {
 	Listen         []string `toml:"listen"`
 	SocketMode     string   `toml:"socket_mode"`
+	SocketGroup    string   `toml:"socket_group"`
 	IdleTimeout    Duration `toml:"idle_timeout"`
 	RequestTimeout Duration `toml:"request_timeout"`
 	MaxConnections int      `toml:"max_connections"`
@@ -292,6 +293,9 @@ func (c *Config) Validate() []error {
 	}
 	if m, err := strconv.ParseUint(c.Policy.SocketMode, 8, 32); err != nil || m > 0o777 {
 		bad("policy.socket_mode", "%q is not an octal file mode such as \"0660\"", c.Policy.SocketMode)
+	}
+	if g := c.Policy.SocketGroup; g != "" && (len(g) > 32 || strings.ContainsAny(g, " \t\r\n\x00:/,")) {
+		bad("policy.socket_group", "%q is not a group name or number such as \"postfix\"", g)
 	}
 	if c.Policy.IdleTimeout.D() <= 0 {
 		bad("policy.idle_timeout", "must be positive")

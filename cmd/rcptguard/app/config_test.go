@@ -128,6 +128,7 @@ func TestBadConfigs(t *testing.T) {
 		{"[policy]\nlisten = [\"unix:relative.sock\"]\n", []string{"policy.listen[0]", "absolute path"}},
 		{"[policy]\nlisten = []\n", []string{"policy.listen: at least one"}},
 		{"[policy]\nsocket_mode = \"rw\"\n", []string{"policy.socket_mode"}},
+		{"[policy]\nsocket_group = \"post fix\"\n", []string{"policy.socket_group", "group name"}},
 		{"[callout]\nresolver = \"8.8.8.8\"\n", []string{"callout.resolver"}},
 		{"[callout]\nport = 0\n", []string{"callout.port"}},
 		{"[callout]\ntimeout = \"1h\"\n", []string{"callout.timeout"}},
@@ -181,6 +182,10 @@ func TestContribConfigIsTheDefaults(t *testing.T) {
 	}
 	def := defaultConfig()
 	def.Path = path
+	// The one departure: the installed configuration listens on the
+	// socket the README's Postfix setup uses.
+	def.Policy.Listen = []string{"unix:/var/spool/postfix/rcptguard/policy.sock"}
+	def.Policy.SocketGroup = "postfix"
 	if !reflect.DeepEqual(*cfg, def) {
 		t.Fatalf("contrib/rcptguard.toml differs from the defaults:\n%+v\n%+v", *cfg, def)
 	}

@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -26,12 +27,19 @@ func newMailer(cfg *Config, log *slog.Logger, withSpool bool) (*notify.Mailer, e
 		if err != nil {
 			return nil, fmt.Errorf("notify.password_file: %w", err)
 		}
+		if fi, err := os.Stat(n.PasswordFile); err == nil && fi.Mode().Perm()&0o004 != 0 {
+			log.Warn("notify.password_file is readable by every user on this machine",
+				slog.String("path", n.PasswordFile), slog.String("mode", fmt.Sprintf("%04o", fi.Mode().Perm())),
+				slog.String("fix", "chmod 0640 "+n.PasswordFile+" (owned by root, group rcptguard) or 0600 owned by rcptguard"))
+		}
 		password = strings.TrimRight(string(b), "\r\n")
 	}
 	spool := ""
 	if withSpool {
 		spool = n.Spool
-		if err := ensureDir(spool, "notify.spool"); err != nil {
+		// The spool itself is made 0700 by notify; its parent is the
+		// state directory, which Postfix must be able to enter.
+		if err := ensureDir(filepath.Dir(spool), "notify.spool"); err != nil {
 			return nil, err
 		}
 	}

@@ -72,6 +72,11 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 	if err := ensureDir(filepath.Dir(cfg.Blocklist.Path), "blocklist.path"); err != nil {
 		return err
 	}
+	// Found now rather than at the first block, which would then live
+	// in memory only and be lost at shutdown.
+	if err := blocklist.CheckWritable(cfg.Blocklist.Path); err != nil {
+		return fmt.Errorf("blocklist.path: %w", err)
+	}
 
 	// The detector is made after the blocklist, whose change callback
 	// needs it: an unblocked identity starts afresh.
@@ -79,6 +84,7 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 	var detMu sync.Mutex
 	bl, problems, err := blocklist.Open(blocklist.Config{
 		Path:   cfg.Blocklist.Path,
+		Create: true, // Postfix's check_sasl_access fails on a missing table
 		Logger: log.With("component", "blocklist"),
 		OnChange: func(added, removed []string) {
 			detMu.Lock()
@@ -157,14 +163,9 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 		}
 	}
 	var addrs []string
+	lc := detector.ListenConfig{SocketMode: os.FileMode(mode), SocketGroup: cfg.Policy.SocketGroup}
 	for _, addr := range cfg.Policy.Listen {
-		if p, ok := strings.CutPrefix(addr, "unix:"); ok {
-			if err := ensureDir(filepath.Dir(p), "policy.listen"); err != nil {
-				closeAll()
-				return err
-			}
-		}
-		ln, err := detector.Listen(addr, os.FileMode(mode))
+		ln, err := lc.Listen(addr)
 		if err != nil {
 			closeAll()
 			return fmt.Errorf("policy.listen: %w", err)

@@ -1,0 +1,4 @@
+package blocklist
+
+// ResetHolderScan lets the next lock timeout search for the holder again.
+func ResetHolderScan() { lastHolderScan.Store(0) }
