@@ -71,8 +71,9 @@ type session struct {
 	dead    bool // the connection is gone: not even QUIT
 
 	mu       sync.Mutex
-	canceled bool // the bound context ended: no more commands
-	closing  bool // close has begun: the bound context no longer interrupts
+	canceled bool  // the bound context ended: no more commands
+	cause    error // why it ended: context.DeadlineExceeded is a timeout
+	closing  bool  // close has begun: the bound context no longer interrupts
 }
 
 // stageError is a failure at one stage of the dialogue: the server's reply
@@ -82,6 +83,7 @@ type stageError struct {
 	reply   Reply  // zero when the failure was not an SMTP reply
 	text    string // what went wrong, when there was no reply
 	timeout bool   // the wait for a reply or connection ran out
+	garbled bool   // the server's words are not SMTP
 }
 
 func (e *stageError) Error() string {
@@ -334,7 +336,7 @@ func (s *session) bind(ctx context.Context) (stop func() bool) {
 		if s.closing {
 			return
 		}
-		s.canceled = true
+		s.canceled, s.cause = true, ctx.Err()
 		_ = s.raw.SetDeadline(time.Now())
 	})
 }
@@ -404,13 +406,13 @@ func (s *session) read(stage Stage, what string) (Reply, []string, error) {
 	var pe *replyError
 	switch {
 	case errors.As(err, &pe):
-		s.broken = true
+		s.broken, e.garbled = true, true
 		e.text = fmt.Sprintf("%s is not SMTP: %s", reply, pe.text)
 	case errors.As(err, &ne) && ne.Timeout():
 		s.broken = true
 		e.timeout = true
 		s.mu.Lock()
-		canceled := s.canceled
+		canceled := s.canceled && !errors.Is(s.cause, context.DeadlineExceeded)
 		s.mu.Unlock()
 		if canceled {
 			e.text = "interrupted while waiting for " + reply

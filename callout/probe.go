@@ -454,6 +454,10 @@ func (v *Verifier) sessionFailure(ctx context.Context, h Host, err error) Result
 		return res
 	}
 	res.Reason = v.failureReason(ctx, ReasonUnreachable)
+	if se != nil && se.garbled && res.Reason == ReasonUnreachable {
+		res.Reason = ReasonProtocol
+		return res
+	}
 	var ne net.Error
 	if res.Reason == ReasonUnreachable && (errors.As(err, &se) && se.timeout || errors.As(err, &ne) && ne.Timeout()) {
 		res.Reason = ReasonTimeout
