@@ -273,7 +273,7 @@ func (s *session) reset() error {
 	if err != nil {
 		return err
 	}
-	if r.Code/100 != 2 {
+	if r.Code/100 != 2 && r.Code != 503 { // 503: nothing to reset, which is fine
 		return &stageError{stage: StageMail, reply: r}
 	}
 	return nil

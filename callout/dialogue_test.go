@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"net"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -129,5 +130,78 @@ func TestDialogueTranscript(t *testing.T) {
 	r = newRig(t, zoneOneMX, test.RouteDialer{}, func(c *Config) { c.Transcript = &syncWriter{w: &buf} })
 	if res := r.verify("x@example.test"); res.Reason != ReasonUnreachable || strings.Contains(res.Detail, "dial tcp") {
 		t.Errorf("refused: %s", res)
+	}
+}
+
+// scriptMX listens on 127.0.0.1 and answers each command with reply(verb,
+// n), n counting that verb from 1; it records the verbs in order.
+func scriptMX(t *testing.T, reply func(verb string, n int) string) (addr string, verbs func() []string) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = ln.Close() })
+	var mu sync.Mutex
+	var seen []string
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+				_, _ = c.Write([]byte("220 script.test ESMTP\r\n"))
+				count := map[string]int{}
+				sc := bufio.NewScanner(c)
+				for sc.Scan() {
+					verb := strings.ToUpper(strings.Fields(sc.Text() + " x")[0])
+					count[verb]++
+					mu.Lock()
+					seen = append(seen, verb)
+					mu.Unlock()
+					if _, err := c.Write([]byte(reply(verb, count[verb]) + "\r\n")); err != nil || verb == "QUIT" {
+						return
+					}
+				}
+			}()
+		}
+	}()
+	return ln.Addr().String(), func() []string {
+		mu.Lock()
+		defer mu.Unlock()
+		return append([]string(nil), seen...)
+	}
+}
+
+// TestDialogue503IsNotTheEnd: a 503 to EHLO, to MAIL or to RCPT does not
+// end the session: the probe carries on, opening the transaction again
+// where the server lost it.
+func TestDialogue503IsNotTheEnd(t *testing.T) {
+	addr, verbs := scriptMX(t, func(verb string, n int) string {
+		switch {
+		case verb == "EHLO":
+			return "503 5.5.1 Invalid command: Already identified"
+		case verb == "MAIL" && n == 1:
+			return "503 5.5.1 Error: nested MAIL command"
+		case verb == "RCPT" && n == 1:
+			return "503 5.5.1 Error: need MAIL command"
+		case verb == "RCPT":
+			return "550 5.1.1 <nobody@example.test>: Recipient address rejected: User unknown in relay recipient table"
+		case verb == "QUIT":
+			return "221 2.0.0 Bye"
+		}
+		return "250 2.0.0 Ok"
+	})
+	r := newRig(t, zoneOneMX, test.RouteDialer{"127.0.0.2": addr})
+	if res := r.verify("nobody@example.test"); res.Status != StatusInvalid || res.Reason != ReasonNoMailbox {
+		t.Fatalf("got %s", res)
+	}
+	r.v.Close()
+	want := "EHLO MAIL RSET MAIL RCPT MAIL RCPT RSET QUIT"
+	if got := strings.Join(verbs(), " "); got != want {
+		t.Fatalf("dialogue %q, want %q", got, want)
 	}
 }

@@ -300,11 +300,15 @@ func (w *worker) probeHost(ctx context.Context, h Host, ips []netip.Addr, calls 
 		}
 	}
 	w.judgeAccepted(accepted, h, nil)
-	if s := w.sess; s != nil && s.started {
-		if single {
+	if s := w.sess; s != nil {
+		switch {
+		case single || s.errors >= sessionErrorLimit:
+			// No use keeping it open for more recipients.
 			w.closeSession()
-		} else if err := s.reset(); err != nil {
-			w.closeSession()
+		case s.started:
+			if err := s.reset(); err != nil {
+				w.closeSession()
+			}
 		}
 	}
 	return retry
@@ -360,10 +364,10 @@ func (v *Verifier) learnProbe(domain string, h Host, primary, probe string, res 
 func (w *worker) open(ctx context.Context, h Host, ips []netip.Addr) (*session, Result) {
 	v := w.v
 	now := v.cfg.Now()
-	if !v.win.takeAll(now, windowKey{"s", v.cfg.SessionRate}) {
+	switch v.win.takeAll(now, windowKey{"s", v.cfg.SessionRate}, windowKey{"d:" + w.domain, v.cfg.PerDomainRate}) {
+	case 0:
 		return nil, v.rateLimited(h, fmt.Sprintf("more than %d new probe sessions a minute in all (callout.session_rate)", v.cfg.SessionRate))
-	}
-	if !v.win.takeAll(now, windowKey{"d:" + w.domain, v.cfg.PerDomainRate}) {
+	case 1:
 		return nil, v.rateLimited(h, fmt.Sprintf("more than %d new sessions a minute for %s (callout.per_domain_rate)", v.cfg.PerDomainRate, w.domain))
 	}
 	var last error
@@ -408,11 +412,10 @@ func (w *worker) open(ctx context.Context, h Host, ips []netip.Addr) (*session, 
 // takeRcpt counts one RCPT to domain at ip against the caps and returns
 // "" when it may be sent, else which cap is reached.
 func (v *Verifier) takeRcpt(domain string, ip netip.Addr) string {
-	now := v.cfg.Now()
-	if !v.win.take("r:"+domain, v.cfg.PerDomainRcptRate, now) {
+	switch v.win.takeAll(v.cfg.Now(), windowKey{"r:" + domain, v.cfg.PerDomainRcptRate}, windowKey{"q:" + ip.String(), v.cfg.PerHostRcptRate}) {
+	case 0:
 		return fmt.Sprintf("more than %d recipients a minute asked at %s (callout.per_domain_rcpt_rate)", v.cfg.PerDomainRcptRate, domain)
-	}
-	if !v.win.take("q:"+ip.String(), v.cfg.PerHostRcptRate, now) {
+	case 1:
 		return fmt.Sprintf("more than %d recipients a minute asked at %s (callout.per_host_rcpt_rate)", v.cfg.PerHostRcptRate, ip)
 	}
 	return ""

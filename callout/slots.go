@@ -118,7 +118,7 @@ func newWindow(per time.Duration) *window {
 // take counts one event for key at now and reports whether it stays
 // within max events in the window; a refused event is not counted.
 func (w *window) take(key string, max int, now time.Time) bool {
-	return w.takeAll(now, windowKey{key, max})
+	return w.takeAll(now, windowKey{key, max}) < 0
 }
 
 type windowKey struct {
@@ -127,12 +127,12 @@ type windowKey struct {
 }
 
 // takeAll counts one event for every key, or for none when one of them is
-// at its cap.
-func (w *window) takeAll(now time.Time, keys ...windowKey) bool {
+// at its cap, and returns the index of that key, or -1.
+func (w *window) takeAll(now time.Time, keys ...windowKey) int {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	cut := now.Add(-w.per)
-	for _, k := range keys {
+	for n, k := range keys {
 		ts := w.m[k.key]
 		i := 0
 		for i < len(ts) && !ts[i].After(cut) {
@@ -143,7 +143,7 @@ func (w *window) takeAll(now time.Time, keys ...windowKey) bool {
 			w.m[k.key] = ts
 		}
 		if len(ts) >= k.max {
-			return false
+			return n
 		}
 	}
 	for _, k := range keys {
@@ -157,5 +157,5 @@ func (w *window) takeAll(now time.Time, keys ...windowKey) bool {
 		}
 		w.sweep = max(1024, 2*len(w.m))
 	}
-	return true
+	return -1
 }
