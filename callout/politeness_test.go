@@ -137,6 +137,7 @@ func TestPolitenessPostfixErrorLimits(t *testing.T) {
 	}
 	wg.Wait()
 	r.v.Close()
+	t.Logf("30 unknown recipients: %d sessions", len(mx.Sessions()))
 	for _, s := range mx.Sessions() {
 		if s.Errors > sessionErrorLimit || s.ErrorSleeps > 0 || s.EHLOs != 1 || !s.Quit {
 			t.Errorf("session %+v: want at most %d errors, no sleep, one EHLO, QUIT", s, sessionErrorLimit)
