@@ -110,7 +110,9 @@ func stageCommand(s Stage) string {
 
 // dialSession connects to ip and brings the session to the point where
 // MAIL FROM can be sent: greeting, EHLO, STARTTLS when offered and wanted,
-// EHLO again over TLS. A refusing greeting is answered with QUIT.
+// EHLO again over TLS. On failure the session, when a connection was made,
+// is returned too, for the caller to end with QUIT (closeSession): a
+// server that refuses us still expects one.
 func (v *Verifier) dialSession(ctx context.Context, host Host, ip netip.Addr) (*session, error) {
 	addr := net.JoinHostPort(ip.String(), strconv.Itoa(v.cfg.Port))
 	tr := v.transcript(host.Name)
@@ -127,33 +129,27 @@ func (v *Verifier) dialSession(ctx context.Context, host Host, ip netip.Addr) (*
 	defer stop()
 	greeting, _, err := s.read(StageConnect, "greeting")
 	if err != nil {
-		v.wg.Go(s.close) // in the background: the verdict does not wait for it
-		return nil, err
+		return s, err
 	}
 	if greeting.Code/100 != 2 {
-		s.close() // says QUIT: a server that refuses us still expects it
-		return nil, &stageError{stage: StageConnect, reply: greeting}
+		return s, &stageError{stage: StageConnect, reply: greeting}
 	}
 	ext, err := s.hello(v.cfg.Helo)
 	if err != nil {
-		s.close()
-		return nil, err
+		return s, err
 	}
 	if ext["STARTTLS"] && !v.cfg.NoTLS {
 		r, _, err := s.cmd(StageHelo, "STARTTLS", "STARTTLS")
 		if err != nil {
-			s.close()
-			return nil, err
+			return s, err
 		}
 		if r.Code == 220 {
 			if err := s.startTLS(ctx); err != nil {
-				s.close()
-				return nil, err
+				return s, err
 			}
 			// RFC 3207 §4.2: the client must greet again.
 			if ext, err = s.hello(v.cfg.Helo); err != nil {
-				s.close()
-				return nil, err
+				return s, err
 			}
 		}
 		// A refused STARTTLS leaves the session in plain text, which is

@@ -393,7 +393,11 @@ func (w *worker) open(ctx context.Context, h Host, ips []netip.Addr) (*session, 
 			v.stats.sessions.Add(1)
 			return s, Result{}
 		}
-		v.hosts.release(key)
+		if s != nil {
+			v.closeSession(s) // QUIT, then the slot is free
+		} else {
+			v.hosts.release(key)
+		}
 		last = err
 		var se *stageError
 		if errors.As(err, &se) && !se.reply.IsZero() {
