@@ -449,7 +449,9 @@ func (s *session) readReply() (Reply, []string, error) {
 		}
 		line := strings.TrimRight(string(b), "\r\n")
 		s.tr.line("S:", line)
-		if len(line) < 3 || !isDigits(line[:3]) || len(line) > 3 && line[3] != ' ' && line[3] != '-' {
+		// RFC 5321 §4.2: three digits, the first 2 to 5, then a space, a
+		// hyphen (more lines follow) or nothing.
+		if len(line) < 3 || !isDigits(line[:3]) || line[0] < '2' || line[0] > '5' || len(line) > 3 && line[3] != ' ' && line[3] != '-' {
 			return Reply{}, nil, &replyError{fmt.Sprintf("%q", boundText(line, 80))}
 		}
 		c, _ := strconv.Atoi(line[:3])
