@@ -256,7 +256,9 @@ func setDefault[T comparable](p *T, def T) {
 }
 
 // Close stops the workers: verifications in progress end with reason
-// "shutdown". It waits for the workers and releases the cache.
+// "shutdown". It waits for the workers, which end every open session with
+// QUIT (waiting 2s at most for the reply, all sessions at once), and
+// releases the cache.
 func (v *Verifier) Close() error {
 	v.mu.Lock()
 	already := v.closed
