@@ -126,7 +126,7 @@ func TestPolitenessPostfixErrorLimits(t *testing.T) {
 	// The error sleep is longer than the verification timeout: one sleep
 	// would turn the verdict into a timeout.
 	mx := test.StartMX(t, test.MXConfig{SoftErrorLimit: 10, ErrorSleep: 5 * time.Second, HardErrorLimit: 20})
-	r := newRig(t, zoneOneMX, route("127.0.0.2", mx), func(c *Config) { c.Timeout = 2 * time.Second })
+	r := newRig(t, zoneOneMX, route("127.0.0.2", mx), func(c *Config) { c.Timeout = 4 * time.Second })
 	var wg sync.WaitGroup
 	for i := range 30 {
 		wg.Go(func() {
