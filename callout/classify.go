@@ -209,10 +209,19 @@ func classifyNoMailbox(r Reply) bool {
 		strings.Contains(text, "access denied") && strings.Contains(text, "as(201806281)") {
 		return true
 	}
+	// Postfix names the lookup table that does not know the recipient:
+	// "User unknown in relay recipient table" on every gateway with
+	// relay_recipient_maps. The table's name describes the recipient
+	// lookup, not a policy about the sender or client, so it is taken out
+	// before the policy words are looked for.
+	text, postfixTable := classifyCutPostfixTable(text)
 	for _, w := range classifyPolicyWords {
 		if strings.Contains(text, w) {
 			return false
 		}
+	}
+	if postfixTable && (!hasEnh || enh == [3]int{5, 0, 0} || enh == [3]int{5, 1, 1}) {
+		return true
 	}
 	if hasEnh && enh != [3]int{5, 0, 0} {
 		for _, c := range classifyNoMailboxCodes {
@@ -416,4 +425,26 @@ func classifyStripBracketed(s string) string {
 	}
 	b.WriteString(s)
 	return b.String()
+}
+
+// classifyCutPostfixTable finds Postfix's "user unknown in ... table"
+// (lower case; the table's name is words of letters) in text and returns
+// text without it, and whether it was there.
+func classifyCutPostfixTable(text string) (string, bool) {
+	const head, tail = "user unknown in ", " table"
+	i := strings.Index(text, head)
+	if i < 0 {
+		return text, false
+	}
+	rest := text[i+len(head):]
+	j := strings.Index(rest, tail)
+	if j <= 0 || j > 40 {
+		return text, false
+	}
+	for _, c := range rest[:j] {
+		if (c < 'a' || c > 'z') && c != ' ' {
+			return text, false
+		}
+	}
+	return text[:i] + "user unknown" + rest[j+len(tail):], true
 }

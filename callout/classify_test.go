@@ -112,6 +112,19 @@ var classifyTests = []struct {
 		StatusInvalid, ReasonNoMailbox},
 	{"postfix verify", StageRcpt, "550 5.1.1 <x@y.example>: Recipient address rejected: undeliverable address: host mx.y.example[192.0.2.7] said: 550 5.1.1 <x@y.example>: Recipient address rejected: User unknown in virtual mailbox table (in reply to RCPT TO command)",
 		StatusInvalid, ReasonNoMailbox},
+	// A stock Postfix gateway with relay_recipient_maps: "relay" names the
+	// table, not a policy about us.
+	{"postfix relay recipient table", StageRcpt, "550 5.1.1 <nobody@x>: Recipient address rejected: User unknown in relay recipient table",
+		StatusInvalid, ReasonNoMailbox},
+	{"postfix relay recipient table, no enhanced code", StageRcpt, "550 <nobody@x>: Recipient address rejected: User unknown in relay recipient table",
+		StatusInvalid, ReasonNoMailbox},
+	{"postfix virtual alias table", StageRcpt, "550 5.1.1 <nobody@x>: Recipient address rejected: User unknown in virtual alias table",
+		StatusInvalid, ReasonNoMailbox},
+	{"postfix table and a client policy", StageRcpt, "550 5.1.1 <nobody@x>: Recipient address rejected: User unknown in relay recipient table; client host blocked",
+		StatusUnknown, ReasonRejected},
+	{"postfix table with another enhanced code", StageRcpt, "550 5.7.1 <nobody@x>: Recipient address rejected: User unknown in relay recipient table",
+		StatusUnknown, ReasonRejected},
+	{"postfix too many errors", StageRcpt, "421 4.7.0 mx.example Error: too many errors", StatusUnknown, ReasonTemporary},
 	{"postfix relay", StageRcpt, "554 5.7.1 <x@y.example>: Relay access denied", StatusUnknown, ReasonRejected},
 	{"postfix spamhaus", StageRcpt, "554 5.7.1 Service unavailable; Client host [192.0.2.1] blocked using zen.spamhaus.org; https://www.spamhaus.org/query/ip/192.0.2.1",
 		StatusUnknown, ReasonRejected},
@@ -131,6 +144,11 @@ var classifyTests = []struct {
 		StatusUnknown, ReasonRejected},
 	{"policy outside address", StageRcpt, "550 5.1.1 <x@y.example>: blocked by policy",
 		StatusUnknown, ReasonRejected},
+
+	// OpenSMTPD 6.8.
+	{"opensmtpd valid", StageRcpt, "250 2.1.5 Destination address valid", StatusValid, ReasonAccepted},
+	{"opensmtpd invalid", StageRcpt, "550 Invalid recipient: <nobody@x>", StatusInvalid, ReasonNoMailbox},
+	{"opensmtpd second EHLO", StageHelo, "503 5.5.1 Invalid command: Already identified", StatusUnknown, ReasonSessionRefused},
 
 	// Exim.
 	{"exim unrouteable", StageRcpt, "550 Unrouteable address", StatusInvalid, ReasonNoMailbox},

@@ -47,6 +47,7 @@ const (
 	ReasonDNSError        Reason = "dns-error"         // SERVFAIL, timeout or malformed DNS answer
 	ReasonUnsafeAddress   Reason = "unsafe-address"    // the MX resolves to loopback, private, ... addresses
 	ReasonCatchAll        Reason = "catch-all"         // the domain accepted a random local part
+	ReasonUnchecked       Reason = "accept-unchecked"  // accepted by an MX host not shown to refuse a random local part
 	ReasonAcceptAll       Reason = "accept-all"        // a provider known to accept everything and bounce later
 	ReasonNoSMTPUTF8      Reason = "no-smtputf8"       // UTF-8 local part, MX does not offer SMTPUTF8
 	ReasonProtocol        Reason = "protocol-error"    // the MX spoke something that is not SMTP

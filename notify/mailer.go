@@ -641,7 +641,7 @@ func (m *Mailer) dial(ctx context.Context, startTLS bool) (*session, error) {
 	stop := context.AfterFunc(ctx, func() { conn.Close() })
 	var c *smtp.Client
 	if startTLS {
-		c, err = smtp.NewClientStartTLS(conn, m.tlsConfig())
+		c, err = smtp.NewClientStartTLS(&helloName{Conn: conn, name: m.cfg.Hostname}, m.tlsConfig())
 		if err != nil {
 			stop()
 			conn.Close()
@@ -769,4 +769,36 @@ func hostIsLoopback(host string) bool {
 	}
 	ip, err := netip.ParseAddr(host)
 	return err == nil && ip.Unmap().IsLoopback()
+}
+
+// helloName puts our host name into the one EHLO (or HELO) that go-smtp's
+// NewClientStartTLS sends before STARTTLS, which it hard-codes as
+// "localhost": a relay must see the configured name in every greeting.
+// Only a write that is exactly that command, before any other, is changed;
+// what follows STARTTLS is encrypted and passes through.
+type helloName struct {
+	net.Conn
+	name string
+	done bool
+}
+
+func (c *helloName) Write(b []byte) (int, error) {
+	if c.done {
+		return c.Conn.Write(b)
+	}
+	for _, verb := range [...]string{"EHLO", "HELO"} {
+		if string(b) == verb+" localhost\r\n" {
+			if _, err := c.Conn.Write([]byte(verb + " " + c.name + "\r\n")); err != nil {
+				return 0, err
+			}
+			if verb == "EHLO" {
+				// go-smtp falls back to HELO when EHLO is refused.
+				return len(b), nil
+			}
+			c.done = true
+			return len(b), nil
+		}
+	}
+	c.done = true
+	return c.Conn.Write(b)
 }

@@ -1,6 +1,7 @@
 package test
 
 import (
+	"bufio"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -27,18 +28,25 @@ import (
 type MXConfig struct {
 	// Mailboxes are the recipients accepted with 250, compared case-insensitively.
 	Mailboxes []string
-	// CatchAll accepts every recipient.
+	// CatchAll accepts every recipient, as a backup MX that relays
+	// whatever it gets does.
 	CatchAll bool
 	// Unknown is the reply for recipients that are not mailboxes.
 	// Nil means 550 5.1.1 "no such user".
 	Unknown *smtp.SMTPError
+	// Accepted, when set, is the reply to accepted recipients instead of
+	// go-smtp's own 250 (e.g. OpenSMTPD's "250 2.1.5 Destination address
+	// valid").
+	Accepted *smtp.SMTPError
 	// Rcpt overrides the reply for individual recipients (lower case keys).
 	// A nil value accepts the recipient.
 	Rcpt map[string]*smtp.SMTPError
 	// Mail, when set, refuses MAIL FROM with this reply.
 	Mail *smtp.SMTPError
-	// Banner, when set, is sent instead of the 220 greeting and the
-	// connection is closed after it (e.g. 554 go away, 421 busy).
+	// Banner, when set, is sent instead of the 220 greeting. After a 2xx
+	// or 421 banner the connection is closed at once; after any other
+	// (554 as Postfix's postscreen sends) the server answers 503 to every
+	// command but QUIT, as RFC 5321 §3.1 says, until the client quits.
 	Banner *smtp.SMTPError
 	// BannerDelay holds the greeting back this long (a tarpit).
 	BannerDelay time.Duration
@@ -55,22 +63,57 @@ type MXConfig struct {
 	// IdleTimeout closes a connection that sends nothing for this long,
 	// with "421 Idle timeout" (default 30s).
 	IdleTimeout time.Duration
+
+	// SoftErrorLimit, ErrorSleep and HardErrorLimit play Postfix's
+	// smtpd_soft_error_limit (10), smtpd_error_sleep_time (1s) and
+	// smtpd_hard_error_limit (20): once a connection has had
+	// SoftErrorLimit error replies (4xx or 5xx), every reply line is held
+	// back ErrorSleep; at HardErrorLimit errors the server says "421 4.7.0
+	// Error: too many errors" and hangs up. Zero limits are off.
+	SoftErrorLimit int
+	ErrorSleep     time.Duration
+	HardErrorLimit int
+	// OneEHLO answers a second EHLO or HELO in the same phase (plain text,
+	// or after STARTTLS) with OpenSMTPD's "503 5.5.1 Invalid command:
+	// Already identified".
+	OneEHLO bool
+}
+
+// MXSession is what one connection to a fake MX did.
+type MXSession struct {
+	EHLOs       int      // EHLO and HELO commands
+	Quit        bool     // the client said QUIT
+	Rsets       int      // RSET commands
+	Rcpts       []string // RCPT TO arguments, in order
+	Errors      int      // 4xx and 5xx replies sent
+	ErrorSleeps int      // reply lines held back for the error limit
+	TLS         bool     // STARTTLS was completed
+	Commands    []string // every command verb, in order
 }
 
 // MX is an in-process SMTP server, listening on 127.0.0.1, playing a
 // recipient's mail exchanger for probe tests. It never accepts DATA.
+//
+// go-smtp speaks the protocol; a thin front in this file sits between the
+// client and go-smtp, line by line, to count commands per connection, do
+// STARTTLS itself and play the behaviours of real servers that go-smtp does
+// not have (error sleeps, one EHLO only, the 554 greeting).
 type MX struct {
 	Addr string // "127.0.0.1:port"
 
-	mu      sync.Mutex
-	cfg     MXConfig
-	conns   int
-	rcpts   []string
-	mails   []string
-	datas   int
-	tlsUsed int
-	helos   []string
-	done    chan struct{}
+	mu       sync.Mutex
+	cfg      MXConfig
+	conns    int
+	rcpts    []string
+	mails    []string
+	datas    int
+	tlsUsed  int
+	helos    []string
+	sessions []*MXSession
+	done     chan struct{}
+	pipes    chan net.Conn
+	tlsCfg   *tls.Config
+	wg       sync.WaitGroup
 }
 
 // StartMX starts a fake MX on 127.0.0.1:0 that runs until t's cleanup.
@@ -86,23 +129,23 @@ func StartMXAt(t testing.TB, addr string, cfg MXConfig) *MX {
 	if err != nil {
 		t.Fatalf("fake MX: listen %s: %v", addr, err)
 	}
-	m := &MX{Addr: ln.Addr().String(), cfg: cfg, done: make(chan struct{})}
+	m := &MX{Addr: ln.Addr().String(), cfg: cfg, done: make(chan struct{}), pipes: make(chan net.Conn)}
+	if cfg.TLS {
+		m.tlsCfg = &tls.Config{Certificates: []tls.Certificate{selfSigned(t)}}
+	}
 	s := smtp.NewServer(smtp.BackendFunc(m.newSession))
 	s.Domain = "mx.test"
-	s.ReadTimeout = 30 * time.Second
-	if cfg.IdleTimeout > 0 {
-		s.ReadTimeout = cfg.IdleTimeout
-	}
+	s.ReadTimeout = 5 * time.Minute // the front times idle clients out
 	s.WriteTimeout = 30 * time.Second
 	s.ErrorLog = log.New(io.Discard, "", 0)
 	s.EnableSMTPUTF8 = true
-	if cfg.TLS {
-		s.TLSConfig = &tls.Config{Certificates: []tls.Certificate{selfSigned(t)}}
-	}
-	go func() { _ = s.Serve(&mxListener{Listener: ln, m: m}) }()
+	go func() { _ = s.Serve(&pipeListener{m: m, addr: ln.Addr()}) }()
+	m.wg.Go(func() { m.accept(ln) })
 	t.Cleanup(func() {
 		close(m.done)
+		_ = ln.Close()
 		_ = s.Close()
+		m.wg.Wait()
 	})
 	return m
 }
@@ -119,6 +162,20 @@ func (m *MX) Conns() int {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	return m.conns
+}
+
+// Sessions returns a copy of what every connection did so far, in the
+// order they were accepted.
+func (m *MX) Sessions() []MXSession {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	out := make([]MXSession, len(m.sessions))
+	for i, s := range m.sessions {
+		out[i] = *s
+		out[i].Rcpts = append([]string(nil), s.Rcpts...)
+		out[i].Commands = append([]string(nil), s.Commands...)
+	}
+	return out
 }
 
 // Rcpts lists every RCPT TO argument received so far, in order.
@@ -176,16 +233,28 @@ func (m *MX) pause(d time.Duration) {
 	}
 }
 
+// record runs f on the session record under the lock.
+func (m *MX) record(rec *MXSession, f func(*MXSession)) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	f(rec)
+}
+
 func (m *MX) newSession(c *smtp.Conn) (smtp.Session, error) {
 	m.mu.Lock()
 	m.helos = append(m.helos, c.Hostname())
 	m.mu.Unlock()
-	return &mxSession{m: m, c: c}, nil
+	s := &mxSession{m: m, c: c}
+	if p, ok := c.Conn().(*frontPipe); ok {
+		s.front = p.front
+	}
+	return s, nil
 }
 
 type mxSession struct {
 	m     *MX
 	c     *smtp.Conn
+	front *front
 	rcpts int
 }
 
@@ -196,7 +265,7 @@ func (s *mxSession) Mail(from string, _ *smtp.MailOptions) error {
 	cfg := s.m.config()
 	s.m.mu.Lock()
 	s.m.mails = append(s.m.mails, from)
-	if _, ok := s.c.TLSConnectionState(); ok {
+	if s.front != nil && s.front.rec.TLS {
 		s.m.tlsUsed++
 	}
 	s.m.mu.Unlock()
@@ -214,6 +283,9 @@ func (s *mxSession) Rcpt(to string, _ *smtp.RcptOptions) error {
 	cfg := s.m.config()
 	s.m.mu.Lock()
 	s.m.rcpts = append(s.m.rcpts, to)
+	if s.front != nil {
+		s.front.rec.Rcpts = append(s.front.rec.Rcpts, to)
+	}
 	s.m.mu.Unlock()
 	s.rcpts++
 	if cfg.DropAt == "rcpt" {
@@ -227,22 +299,31 @@ func (s *mxSession) Rcpt(to string, _ *smtp.RcptOptions) error {
 	key := strings.ToLower(to)
 	if reply, ok := cfg.Rcpt[key]; ok {
 		if reply == nil {
-			return nil
+			return cfg.accepted()
 		}
 		return reply
 	}
 	if cfg.CatchAll {
-		return nil
+		return cfg.accepted()
 	}
 	for _, mb := range cfg.Mailboxes {
 		if strings.EqualFold(mb, to) {
-			return nil
+			return cfg.accepted()
 		}
 	}
 	if cfg.Unknown != nil {
 		return cfg.Unknown
 	}
 	return &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 1, 1}, Message: "<" + to + ">: no such user"}
+}
+
+// accepted is the reply to an accepted recipient: nil lets go-smtp say
+// 250; a configured 2xx reply is written as given.
+func (cfg MXConfig) accepted() error {
+	if cfg.Accepted != nil {
+		return cfg.Accepted
+	}
+	return nil
 }
 
 func (s *mxSession) Data(io.Reader) error {
@@ -252,40 +333,267 @@ func (s *mxSession) Data(io.Reader) error {
 	return &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 5, 1}, Message: "a probe must not send DATA"}
 }
 
-// mxListener counts connections and plays the banner-stage behaviours
-// (delay, refusal, drop) before go-smtp greets.
-type mxListener struct {
-	net.Listener
-	m *MX
+// pipeListener hands go-smtp the server ends of the fronts' pipes.
+type pipeListener struct {
+	m    *MX
+	addr net.Addr
 }
 
-func (l *mxListener) Accept() (net.Conn, error) {
+func (l *pipeListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-l.m.pipes:
+		return c, nil
+	case <-l.m.done:
+		return nil, net.ErrClosed
+	}
+}
+func (l *pipeListener) Close() error   { return nil }
+func (l *pipeListener) Addr() net.Addr { return l.addr }
+
+// frontPipe is go-smtp's end of a front's pipe; the backend finds the
+// connection's record through it.
+type frontPipe struct {
+	net.Conn
+	front *front
+}
+
+// accept runs a front for every client connection.
+func (m *MX) accept(ln net.Listener) {
 	for {
-		c, err := l.Listener.Accept()
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		rec := &MXSession{}
+		m.mu.Lock()
+		m.conns++
+		m.sessions = append(m.sessions, rec)
+		cfg := m.cfg
+		m.mu.Unlock()
+		if cfg.DropAt == "banner" {
+			_ = c.Close()
+			continue
+		}
+		m.wg.Go(func() {
+			f := &front{m: m, cfg: cfg, rec: rec, client: c}
+			f.run()
+		})
+	}
+}
+
+// front is the line-by-line go-between of one client connection and
+// go-smtp. The client speaks without pipelining, as a prober does.
+type front struct {
+	m      *MX
+	cfg    MXConfig
+	rec    *MXSession
+	client net.Conn // the TCP connection, or TLS over it after STARTTLS
+	cr     *bufio.Reader
+	server net.Conn // the front's end of the pipe to go-smtp
+	sr     *bufio.Reader
+	hello  bool // EHLO/HELO done in this phase
+}
+
+func (f *front) run() {
+	raw := f.client
+	defer func() { _ = raw.Close() }()
+	ended := make(chan struct{})
+	defer close(ended)
+	go func() {
+		select {
+		case <-f.m.done:
+			_ = raw.Close()
+		case <-ended:
+		}
+	}()
+	f.cr = bufio.NewReader(f.client)
+	f.m.pause(f.cfg.BannerDelay)
+	if b := f.cfg.Banner; b != nil {
+		f.refuse(b)
+		return
+	}
+	ours, theirs := net.Pipe()
+	f.server = ours
+	defer func() { _ = f.server.Close() }()
+	f.sr = bufio.NewReader(ours)
+	select {
+	case f.m.pipes <- &frontPipe{Conn: theirs, front: f}:
+	case <-f.m.done:
+		return
+	}
+	greeting, err := f.serverReply()
+	if err != nil || f.send(greeting) != nil {
+		return
+	}
+	for {
+		line, err := f.readCommand()
+		if err != nil {
+			return
+		}
+		verb := strings.ToUpper(strings.SplitN(line, " ", 2)[0])
+		f.m.record(f.rec, func(r *MXSession) { r.Commands = append(r.Commands, verb) })
+		var reply []string
+		switch verb {
+		case "EHLO", "HELO":
+			f.m.record(f.rec, func(r *MXSession) { r.EHLOs++ })
+			if f.cfg.OneEHLO && f.hello {
+				reply = []string{"503 5.5.1 Invalid command: Already identified"}
+				break
+			}
+			f.hello = true
+			if reply, err = f.forward(line); err != nil {
+				return
+			}
+			if verb == "EHLO" && f.m.tlsCfg != nil && !f.rec.TLS && len(reply) > 0 && reply[0][0] == '2' {
+				reply = addCapability(reply, "STARTTLS")
+			}
+		case "STARTTLS":
+			if f.m.tlsCfg == nil || f.rec.TLS {
+				reply = []string{"502 5.5.1 STARTTLS not offered"}
+				break
+			}
+			if f.send([]string{"220 2.0.0 Ready to start TLS"}) != nil {
+				return
+			}
+			tc := tls.Server(f.client, f.m.tlsCfg)
+			_ = tc.SetDeadline(time.Now().Add(10 * time.Second))
+			if tc.Handshake() != nil {
+				return
+			}
+			_ = tc.SetDeadline(time.Time{})
+			f.client, f.cr, f.hello = tc, bufio.NewReader(tc), false
+			f.m.record(f.rec, func(r *MXSession) { r.TLS = true })
+			continue
+		case "QUIT":
+			f.m.record(f.rec, func(r *MXSession) { r.Quit = true })
+			if reply, err = f.forward(line); err != nil {
+				return
+			}
+			_ = f.send(reply)
+			return
+		default:
+			if verb == "RSET" {
+				f.m.record(f.rec, func(r *MXSession) { r.Rsets++ })
+			}
+			if reply, err = f.forward(line); err != nil {
+				return
+			}
+		}
+		if f.send(reply) != nil {
+			return
+		}
+		if f.cfg.HardErrorLimit > 0 && f.rec.Errors >= f.cfg.HardErrorLimit {
+			_ = f.send([]string{"421 4.7.0 mx.test Error: too many errors"})
+			return
+		}
+	}
+}
+
+// refuse plays a refusing greeting.
+func (f *front) refuse(b *smtp.SMTPError) {
+	if f.send([]string{strings.TrimSuffix(bannerLine(b), "\r\n")}) != nil || b.Code/100 == 2 || b.Code == 421 {
+		return
+	}
+	for {
+		line, err := f.readCommand()
+		if err != nil {
+			return
+		}
+		verb := strings.ToUpper(strings.SplitN(line, " ", 2)[0])
+		f.m.record(f.rec, func(r *MXSession) { r.Commands = append(r.Commands, verb) })
+		if verb == "QUIT" {
+			f.m.record(f.rec, func(r *MXSession) { r.Quit = true })
+			_ = f.send([]string{"221 2.0.0 Bye"})
+			return
+		}
+		if f.send([]string{"503 5.5.0 Error: command not allowed, the greeting refused you"}) != nil {
+			return
+		}
+	}
+}
+
+// readCommand reads one client line, answering 421 when the client stays
+// silent for the idle timeout.
+func (f *front) readCommand() (string, error) {
+	idle := f.cfg.IdleTimeout
+	if idle <= 0 {
+		idle = 30 * time.Second
+	}
+	_ = f.client.SetReadDeadline(time.Now().Add(idle))
+	line, err := f.cr.ReadString('\n')
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		_ = f.send([]string{"421 4.4.2 mx.test Error: timeout exceeded"})
+	}
+	if err != nil {
+		return "", err
+	}
+	return strings.TrimRight(line, "\r\n"), nil
+}
+
+// forward passes a command to go-smtp and returns its reply lines.
+func (f *front) forward(line string) ([]string, error) {
+	_ = f.server.SetWriteDeadline(time.Now().Add(30 * time.Second))
+	if _, err := io.WriteString(f.server, line+"\r\n"); err != nil {
+		return nil, err
+	}
+	return f.serverReply()
+}
+
+// serverReply reads one reply of go-smtp, all its lines. RCPT replies may
+// be held back by RcptDelay, so there is no short deadline here: the pipe
+// closes when the server stops.
+func (f *front) serverReply() ([]string, error) {
+	var lines []string
+	for {
+		l, err := f.sr.ReadString('\n')
 		if err != nil {
 			return nil, err
 		}
-		l.m.mu.Lock()
-		l.m.conns++
-		cfg := l.m.cfg
-		l.m.mu.Unlock()
-		switch {
-		case cfg.DropAt == "banner":
-			_ = c.Close()
-			continue
-		case cfg.Banner != nil:
-			go func() {
-				l.m.pause(cfg.BannerDelay)
-				b := cfg.Banner
-				_, _ = io.WriteString(c, bannerLine(b))
-				_ = c.Close()
-			}()
-			continue
-		case cfg.BannerDelay > 0:
-			return &delayedConn{Conn: c, m: l.m, delay: cfg.BannerDelay}, nil
+		l = strings.TrimRight(l, "\r\n")
+		lines = append(lines, l)
+		if len(l) < 4 || l[3] != '-' {
+			return lines, nil
 		}
-		return c, nil
 	}
+}
+
+// send writes a reply to the client, counting errors and holding every
+// line back by the error sleep once the connection is past the soft limit.
+func (f *front) send(lines []string) error {
+	if len(lines) == 0 {
+		return nil
+	}
+	var sleep bool
+	f.m.record(f.rec, func(r *MXSession) {
+		sleep = f.cfg.SoftErrorLimit > 0 && r.Errors >= f.cfg.SoftErrorLimit
+		if c := lines[0][0]; c == '4' || c == '5' {
+			r.Errors++
+		}
+	})
+	for _, l := range lines {
+		if sleep {
+			f.m.record(f.rec, func(r *MXSession) { r.ErrorSleeps++ })
+			f.m.pause(f.cfg.ErrorSleep)
+		}
+		_ = f.client.SetWriteDeadline(time.Now().Add(30 * time.Second))
+		if _, err := io.WriteString(f.client, l+"\r\n"); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// addCapability adds an EHLO keyword as the last line of a 250 reply.
+func addCapability(reply []string, kw string) []string {
+	out := make([]string, 0, len(reply)+1)
+	for _, l := range reply {
+		if len(l) >= 4 {
+			l = l[:3] + "-" + l[4:]
+		}
+		out = append(out, l)
+	}
+	return append(out, "250 "+kw)
 }
 
 func bannerLine(e *smtp.SMTPError) string {
@@ -294,19 +602,6 @@ func bannerLine(e *smtp.SMTPError) string {
 		line += strconv.Itoa(e.EnhancedCode[0]) + "." + strconv.Itoa(e.EnhancedCode[1]) + "." + strconv.Itoa(e.EnhancedCode[2]) + " "
 	}
 	return line + e.Message + "\r\n"
-}
-
-// delayedConn holds back its first write (the greeting).
-type delayedConn struct {
-	net.Conn
-	m       *MX
-	delay   time.Duration
-	delayed sync.Once
-}
-
-func (c *delayedConn) Write(b []byte) (int, error) {
-	c.delayed.Do(func() { c.m.pause(c.delay) })
-	return c.Conn.Write(b)
 }
 
 // selfSigned makes a throwaway certificate for STARTTLS tests.

@@ -18,6 +18,13 @@ import (
 // serves example.test, through an in-process DNS server.
 func verifyWith(t *testing.T, mxc test.MXConfig, extra string, args ...string) (string, string, error) {
 	t.Helper()
+	out, errOut, _, err := verifyWithMX(t, mxc, extra, args...)
+	return out, errOut, err
+}
+
+// verifyWithMX is verifyWith that also returns the fake MX.
+func verifyWithMX(t *testing.T, mxc test.MXConfig, extra string, args ...string) (string, string, *test.MX, error) {
+	t.Helper()
 	mx := test.StartMX(t, mxc)
 	_, port, _ := net.SplitHostPort(mx.Addr)
 	dns := test.StartDNS(t, `
@@ -36,7 +43,7 @@ allow_private = true
 `, dns.Addr, port, extra))
 	var stdout, stderr bytes.Buffer
 	err := Run(context.Background(), append([]string{"verify", "-config", cfg}, args...), &stdout, &stderr)
-	return stdout.String(), stderr.String(), err
+	return stdout.String(), stderr.String(), mx, err
 }
 
 func TestVerifyCommand(t *testing.T) {
@@ -86,6 +93,39 @@ func TestVerifyCommandTranscriptAndSeveral(t *testing.T) {
 		if !strings.Contains(stderr, w) {
 			t.Errorf("transcript lacks %q:\n%s", w, stderr)
 		}
+	}
+}
+
+// TestVerifyCommandDialogue: -v shows the dialogue in one format, only
+// what was sent and received, and the command says QUIT before it exits.
+func TestVerifyCommandDialogue(t *testing.T) {
+	_, stderr, mx, err := verifyWithMX(t, test.MXConfig{Mailboxes: []string{"a@example.test"}}, "", "-v", "a@example.test", "b@example.test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(strings.TrimSpace(stderr), "\n") {
+		if f := strings.Fields(l); len(f) < 2 || f[0] != "mx.example.test" || f[1] != "C:" && f[1] != "S:" && f[1] != "*:" {
+			t.Errorf("line not in the dialogue format: %q", l)
+		}
+	}
+	for _, w := range []string{"C: QUIT", "S: 221 "} {
+		if !strings.Contains(stderr, w) {
+			t.Errorf("dialogue lacks %q:\n%s", w, stderr)
+		}
+	}
+	for _, s := range mx.Sessions() {
+		if !s.Quit || s.EHLOs != 1 {
+			t.Errorf("session %+v: want one EHLO and QUIT", s)
+		}
+	}
+
+	// A tarpit: the failure in words, not a Go error.
+	_, stderr, _, err = verifyWithMX(t, test.MXConfig{BannerDelay: 5 * time.Second}, "", "-v", "a@example.test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(stderr, "mx.example.test *: no greeting within 1s") || strings.Contains(stderr, "network connection") {
+		t.Errorf("tarpit dialogue:\n%s", stderr)
 	}
 }
 

@@ -82,6 +82,10 @@ type CalloutConfig struct {
 	PerIdentityRate  int      `toml:"per_identity_rate"`
 	PerDomainRate    int      `toml:"per_domain_rate"`
 	PerHostRate      int      `toml:"per_host_rate"`
+
+	PerDomainRcptRate int `toml:"per_domain_rcpt_rate"`
+	PerHostRcptRate   int `toml:"per_host_rcpt_rate"`
+	SessionRate       int `toml:"session_rate"`
 }
 
 // BlocklistConfig is the [blocklist] section.
@@ -153,6 +157,10 @@ func defaultConfig() Config {
 			PerIdentityRate:  120,
 			PerDomainRate:    30,
 			PerHostRate:      300,
+
+			PerDomainRcptRate: 120,
+			PerHostRcptRate:   600,
+			SessionRate:       600,
 		},
 		Blocklist: BlocklistConfig{Path: "/var/lib/rcptguard/blocklist"},
 		Notify: NotifyConfig{
@@ -389,6 +397,14 @@ func (c *Config) Validate() []error {
 	}
 	if co.PerHostRate < 1 {
 		bad("callout.per_host_rate", "must be at least 1, got %d", co.PerHostRate)
+	}
+	for _, r := range []struct {
+		key string
+		v   int
+	}{{"callout.per_domain_rcpt_rate", co.PerDomainRcptRate}, {"callout.per_host_rcpt_rate", co.PerHostRcptRate}, {"callout.session_rate", co.SessionRate}} {
+		if r.v < 1 {
+			bad(r.key, "must be at least 1, got %d", r.v)
+		}
 	}
 	for _, list := range []struct {
 		key string

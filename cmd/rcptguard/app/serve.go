@@ -126,6 +126,7 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	metrics := detector.NewMetrics(reg)
+	registerCalloutMetrics(reg, verifier)
 
 	dcfg := detectorConfig(cfg, limits)
 	dcfg.Verifier = verifier

@@ -7,6 +7,8 @@ import (
 	"log/slog"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/rcptguard/rcptguard/callout"
 )
 
@@ -15,12 +17,14 @@ import (
 //
 //	ADDRESS VERDICT REASON [mx=HOST] [reply="CODE ENHANCED TEXT"] [detail="..."]
 //
-// With -v the SMTP dialogue of every probe goes to standard error. The
-// exit status is 0 whatever the verdicts; 2 for a usage or configuration
-// error.
+// With -v the SMTP dialogue of every probe goes to standard error, as it
+// was sent ("HOST C: ...") and received ("HOST S: ..."), with failures in
+// words ("HOST *: no greeting within 10s"). Every session ends with QUIT
+// before the command exits. The exit status is 0 whatever the verdicts; 2
+// for a usage or configuration error.
 func cmdVerify(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs, config := newFlags("verify", "verify [-config FILE] [-v] ADDR...", stderr)
-	verbose := fs.Bool("v", false, "print the SMTP transcript of each probe on standard error")
+	verbose := fs.Bool("v", false, "print the SMTP dialogue of each probe on standard error")
 	cfg, err := parseFlags(fs, config, args)
 	if err != nil {
 		return err
@@ -32,18 +36,19 @@ func cmdVerify(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	var transcript io.Writer
 	logger := slog.New(slog.DiscardHandler)
 	if *verbose {
+		// The dialogue only: debug log lines would be a second format.
 		transcript = stderr
-		logger = slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
 	v, err := newVerifier(cfg, logger, transcript)
 	if err != nil {
 		return err
 	}
-	defer v.Close()
 	for _, addr := range fs.Args() {
 		res := v.Verify(ctx, addr)
 		fmt.Fprintln(stdout, res.String())
 	}
+	// Close waits for every session to say QUIT (2s at most each).
+	_ = v.Close()
 	return ctx.Err()
 }
 
@@ -78,8 +83,13 @@ func newVerifier(cfg *Config, logger *slog.Logger, transcript io.Writer) (*callo
 		SessionIdle:      sessionIdle(co.SessionIdle.D()),
 		PerDomainRate:    co.PerDomainRate,
 		PerHostRate:      co.PerHostRate,
-		Logger:           logger,
-		Transcript:       transcript,
+		// Caps on what reaches one domain or MX address, and on new
+		// sessions in all (issue 11).
+		PerDomainRcptRate: co.PerDomainRcptRate,
+		PerHostRcptRate:   co.PerHostRcptRate,
+		SessionRate:       co.SessionRate,
+		Logger:            logger,
+		Transcript:        transcript,
 	})
 }
 
@@ -90,4 +100,20 @@ func sessionIdle(d time.Duration) time.Duration {
 		return -1
 	}
 	return d
+}
+
+// registerCalloutMetrics exports the verifier's counts: probe sessions
+// opened, verdicts a cap turned "unknown rate-limited", random-name probes.
+func registerCalloutMetrics(reg prometheus.Registerer, v *callout.Verifier) {
+	for _, c := range []struct {
+		name, help string
+		get        func(callout.Stats) uint64
+	}{
+		{"rcptguard_callout_sessions_total", "SMTP probe sessions opened to MX hosts.", func(s callout.Stats) uint64 { return s.Sessions }},
+		{"rcptguard_callout_rate_limited_total", "Verdicts unknown rate-limited: a cap on sessions or RCPTs to a domain or MX address held the probe back.", func(s callout.Stats) uint64 { return s.RateLimited }},
+		{"rcptguard_callout_catchall_probes_total", "RCPTs sent for a random local part (catch-all checks).", func(s callout.Stats) uint64 { return s.CatchAllProbes }},
+	} {
+		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: c.name, Help: c.help},
+			func() float64 { return float64(c.get(v.Stats())) }))
+	}
 }

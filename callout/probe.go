@@ -1,0 +1,483 @@
+package callout
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"time"
+)
+
+// run verifies one batch of recipients of the worker's domain and
+// finishes every call in it.
+func (w *worker) run(batch []*call) {
+	v := w.v
+	deadline := batch[0].deadline
+	for _, c := range batch[1:] {
+		if c.deadline.Before(deadline) {
+			deadline = c.deadline
+		}
+	}
+	// The calls' deadlines are by the injected clock; the context runs on
+	// the real one.
+	ctx, cancel := context.WithTimeout(v.ctx, deadline.Sub(v.cfg.Now()))
+	defer cancel()
+	finishAll := func(calls []*call, res Result) {
+		for _, c := range calls {
+			v.finish(c, res)
+		}
+	}
+
+	hosts, err := v.cfg.Resolver.LookupMX(ctx, w.domain)
+	if err != nil {
+		res := v.dnsResult(ctx, err)
+		if res.Status == StatusInvalid {
+			v.learn(keyDomain+w.domain, res, v.cfg.NegativeTTL)
+		}
+		finishAll(batch, res)
+		return
+	}
+	for _, h := range hosts {
+		if matchDomain(v.cfg.AcceptAllMX, h.Name) {
+			finishAll(batch, Result{Status: StatusUnknown, Reason: ReasonAcceptAll, Host: h.Name,
+				Detail: "MX host accepts every recipient and bounces later; not probed"})
+			return
+		}
+	}
+
+	if len(hosts) > 0 {
+		w.primary = hosts[0].Name
+	}
+	// Whatever happens below, every call of the batch ends finished.
+	defer func() {
+		for _, c := range batch {
+			if c.finished {
+				continue
+			}
+			res := c.res
+			if res.Status == "" {
+				res = Result{Status: StatusUnknown, Reason: ReasonUnreachable, Detail: "no MX host could be tried"}
+			}
+			v.finish(c, res)
+		}
+	}()
+	remaining := batch
+	for _, h := range hosts {
+		if len(remaining) == 0 {
+			break
+		}
+		if res, ok := v.fact(keyRefusal + h.Name); ok {
+			setAll(remaining, res)
+			continue
+		}
+		ips := h.IPs
+		if !v.cfg.AllowPrivate {
+			ips = v.safeIPs(h.IPs)
+		}
+		switch {
+		case len(ips) == 0 && len(h.IPs) > 0:
+			setAll(remaining, Result{Status: StatusUnknown, Reason: ReasonUnsafeAddress, Host: h.Name,
+				Detail: fmt.Sprintf("MX %s resolves only to non-public addresses (%s); set callout.allow_private to probe it", h.Name, joinIPs(h.IPs))})
+			continue
+		case len(ips) == 0:
+			setAll(remaining, Result{Status: StatusUnknown, Reason: ReasonUnreachable, Host: h.Name,
+				Detail: fmt.Sprintf("MX %s has no address", h.Name)})
+			continue
+		}
+		remaining = w.probeHost(ctx, h, ips, remaining)
+	}
+}
+
+func setAll(calls []*call, res Result) {
+	for _, c := range calls {
+		c.res = res
+	}
+}
+
+// dnsResult turns a failed MX lookup into a verdict.
+func (v *Verifier) dnsResult(ctx context.Context, err error) Result {
+	r := Result{Detail: err.Error()}
+	switch {
+	case errors.Is(err, ErrNXDomain):
+		r.Status, r.Reason = StatusInvalid, ReasonNXDomain
+	case errors.Is(err, ErrNullMX):
+		r.Status, r.Reason = StatusInvalid, ReasonNullMX
+		r.Reply = Reply{Code: 556, Enhanced: [3]int{5, 1, 10}, Text: "domain does not accept mail (null MX, RFC 7505)"}
+	case errors.Is(err, ErrNoMailHost):
+		r.Status, r.Reason = StatusInvalid, ReasonNoMailHost
+	default:
+		r.Status, r.Reason = StatusUnknown, v.failureReason(ctx, ReasonDNSError)
+	}
+	return r
+}
+
+// failureReason names a failure without a reply: the Verifier closing, the
+// time running out, or the given reason.
+func (v *Verifier) failureReason(ctx context.Context, otherwise Reason) Reason {
+	switch {
+	case v.ctx.Err() != nil:
+		return ReasonShutdown
+	case ctx.Err() != nil:
+		return ReasonTimeout
+	}
+	return otherwise
+}
+
+// probeHost verifies calls on one MX host. It finishes the calls that got
+// a final answer and returns those worth trying on the next host (a 4xx
+// or a connection failure), each with its tentative result set.
+//
+// It is a loop over one step at a time: make sure there is a session that
+// may take another RCPT (a fresh one when there is none, it is to another
+// host, it has had sessionErrorLimit error replies, or the host takes one
+// RCPT per session), make sure a transaction is open, then send one RCPT:
+// the next recipient, or, once they are all asked and some were accepted
+// by a host not yet known to refuse random names, one random local part.
+func (w *worker) probeHost(ctx context.Context, h Host, ips []netip.Addr, calls []*call) []*call {
+	v := w.v
+	single := matchDomain(v.cfg.SingleRcptMX, h.Name)
+	hostKey := keyHostAll + w.domain + " " + h.Name
+	_, checked := v.fact(hostKey)
+	wantProbe := v.cfg.CatchAllProbe && !checked
+	probed := false
+	var retry, accepted []*call
+	todo := calls
+	unbind := func() bool { return false }
+	defer func() { unbind() }()
+	// failAll ends the step loop: the calls still to ask take res, and go
+	// to the next host when it is worth it.
+	failAll := func(res Result, next bool) {
+		for _, c := range todo {
+			if next {
+				c.res = res
+				retry = append(retry, c)
+			} else {
+				v.finish(c, res)
+			}
+		}
+		todo = nil
+	}
+	mailRetried, probeRetried := false, false
+	for opens := 0; len(todo) > 0 || len(accepted) > 0 && wantProbe && !probed; {
+		s := w.sess
+		if s != nil && (s.host.Name != h.Name || !s.usable() || s.errors >= sessionErrorLimit || single && s.rcpts > 0) {
+			w.closeSession()
+			s = nil
+		}
+		if s == nil {
+			if opens > len(calls)+3 {
+				// Cannot happen with a sane server; a bound all the same.
+				failAll(Result{Status: StatusUnknown, Reason: ReasonUnreachable, Host: h.Name,
+					Detail: "too many sessions needed for one batch"}, false)
+				break
+			}
+			opens++
+			var res Result
+			if s, res = w.open(ctx, h, ips); s == nil {
+				failAll(res, res.Reason != ReasonRateLimited)
+				break
+			}
+			w.sess = s
+			unbind()
+			unbind = s.bind(ctx)
+		}
+		if !s.started {
+			needUTF8 := false
+			keep := todo[:0:0]
+			for _, c := range todo {
+				if c.addr.UTF8 && !s.utf8 {
+					v.finish(c, Result{Status: StatusUnknown, Reason: ReasonNoSMTPUTF8, Host: h.Name,
+						Detail: "the local part needs SMTPUTF8, which " + h.Name + " does not offer"})
+					continue
+				}
+				needUTF8 = needUTF8 || c.addr.UTF8
+				keep = append(keep, c)
+			}
+			todo = keep
+			if len(todo) == 0 && (len(accepted) == 0 || !wantProbe || probed) {
+				break
+			}
+			if err := s.mail(v.cfg.MailFrom, needUTF8); err != nil {
+				var se *stageError
+				errors.As(err, &se)
+				if (se.reply.IsZero() || se.reply.Code == 421) && s.rcpts > 0 && !mailRetried && ctx.Err() == nil {
+					// The server closed the idle session meanwhile (or is
+					// closing it with 421): start anew, once.
+					mailRetried = true
+					w.closeSession()
+					continue
+				}
+				res := v.sessionFailure(ctx, h, err)
+				w.closeSession()
+				if se.reply.Code/100 == 5 {
+					// A permanent refusal of the probe itself: leave this
+					// host alone for a while, and do not try the others
+					// with the same sender.
+					v.learn(keyRefusal+h.Name, Result{Status: StatusUnknown, Reason: ReasonRefusesProbes, Host: h.Name,
+						Reply: se.reply, Detail: "MX refused our MAIL FROM recently; not probed until that is forgotten"}, v.cfg.RefusalTTL)
+					failAll(res, false)
+				} else {
+					failAll(res, true)
+				}
+				break
+			}
+		}
+
+		// One RCPT.
+		var c *call
+		rcpt := ""
+		if len(todo) > 0 {
+			c, rcpt = todo[0], todo[0].addr.String()
+		} else {
+			rcpt = randomLocal() + "@" + w.domain
+		}
+		if why := v.takeRcpt(w.domain, s.ip); why != "" {
+			res := v.rateLimited(h, why)
+			if c == nil {
+				probed = true
+				w.judgeAccepted(accepted, h, &res)
+				accepted = nil
+				continue
+			}
+			failAll(res, false)
+			continue
+		}
+		if c == nil {
+			v.stats.probes.Add(1)
+		}
+		r, err := s.rcpt(rcpt)
+		if err != nil {
+			res := v.sessionFailure(ctx, h, err)
+			w.closeSession()
+			if c == nil {
+				probed = true
+				res.Status, res.Detail = StatusUnknown, "random-name probe failed: "+res.Detail
+				w.judgeAccepted(accepted, h, &res)
+				accepted = nil
+				continue
+			}
+			failAll(res, true)
+			break
+		}
+		if r.Code == 503 && (c == nil && !probeRetried || c != nil && !c.retried) {
+			// The server lost our transaction ("need MAIL command"): open
+			// it again and ask once more.
+			if c != nil {
+				c.retried = true
+			} else {
+				probeRetried = true
+			}
+			s.started = false
+			continue
+		}
+		st, reason := Classify(StageRcpt, r)
+		res := Result{Status: st, Reason: reason, Host: h.Name, Reply: r}
+		if c == nil {
+			probed = true
+			v.learnProbe(w.domain, h, w.primary, rcpt, res)
+			w.judgeAccepted(accepted, h, nil)
+			accepted = nil
+			continue
+		}
+		todo = todo[1:]
+		switch {
+		case r.Code/100 == 4:
+			c.res = res
+			retry = append(retry, c)
+			if r.Code == 421 {
+				// The server is closing the connection.
+				s.broken = true
+				failAll(res, true)
+			}
+		case st == StatusValid:
+			c.res = res
+			accepted = append(accepted, c)
+		default:
+			v.finish(c, res)
+		}
+	}
+	w.judgeAccepted(accepted, h, nil)
+	if s := w.sess; s != nil {
+		switch {
+		case single || s.errors >= sessionErrorLimit:
+			// No use keeping it open for more recipients.
+			w.closeSession()
+		case s.started:
+			if err := s.reset(); err != nil {
+				w.closeSession()
+			}
+		}
+	}
+	return retry
+}
+
+// judgeAccepted finishes the calls whose recipient h accepted. Acceptance
+// is valid only when h is known to refuse a random local part of the
+// domain (or the operator turned that check off); when h accepts
+// everything the verdict is unknown, reason catch-all; when the check
+// could not be made (failed) the verdict is unknown with failed's reason.
+func (w *worker) judgeAccepted(accepted []*call, h Host, failed *Result) {
+	v := w.v
+	for _, c := range accepted {
+		res := c.res
+		switch known, ok := v.fact(keyHostAll + w.domain + " " + h.Name); {
+		case failed != nil:
+			res.Status, res.Reason, res.Detail = StatusUnknown, failed.Reason, "accepted, but whether "+h.Name+" accepts every name could not be checked: "+failed.Detail
+		case !v.cfg.CatchAllProbe:
+		case !ok:
+			res.Status, res.Reason, res.Detail = StatusUnknown, ReasonUnchecked, "accepted, but whether "+h.Name+" accepts every name is not known"
+		case known.Reason == ReasonCatchAll:
+			res.Status, res.Reason, res.Detail = StatusUnknown, ReasonCatchAll, h.Name+" accepts every local part"
+		case known.Status != StatusValid:
+			res.Status, res.Reason, res.Detail = StatusUnknown, ReasonUnchecked, "accepted, but "+h.Name+" gave no clear answer to a random name: "+known.Reply.String()
+		}
+		v.finish(c, res)
+	}
+}
+
+// learnProbe keeps, for CatchAllTTL whatever the answer, what a random
+// local part at domain got from h: so a domain's MX sees at most one such
+// probe from us per CatchAllTTL. When the primary MX accepts it, the whole
+// domain is known to be a catch-all and is not probed again meanwhile.
+func (v *Verifier) learnProbe(domain string, h Host, primary, probe string, res Result) {
+	fact := Result{Status: StatusUnknown, Reason: ReasonUnchecked, Host: h.Name, Reply: res.Reply,
+		Detail: "unclear answer to the random local part " + probe}
+	switch res.Status {
+	case StatusValid:
+		fact.Reason, fact.Detail = ReasonCatchAll, h.Name+" accepted the random local part "+probe
+		if h.Name == primary {
+			v.learn(keyCatchAll+domain, fact, v.cfg.CatchAllTTL)
+		}
+	case StatusInvalid:
+		fact.Status, fact.Reason, fact.Detail = StatusValid, ReasonAccepted, h.Name+" refused the random local part "+probe
+	}
+	v.learn(keyHostAll+domain+" "+h.Name, fact, v.cfg.CatchAllTTL)
+}
+
+// open starts a session to h within the caps: the global budget of new
+// sessions and the domain's, then, address by address, the address's
+// connection rate and concurrent connections. The time left is split
+// between the addresses so a dead first one does not eat it all.
+func (w *worker) open(ctx context.Context, h Host, ips []netip.Addr) (*session, Result) {
+	v := w.v
+	now := v.cfg.Now()
+	switch v.win.takeAll(now, windowKey{"s", v.cfg.SessionRate}, windowKey{"d:" + w.domain, v.cfg.PerDomainRate}) {
+	case 0:
+		return nil, v.rateLimited(h, fmt.Sprintf("more than %d new probe sessions a minute in all (callout.session_rate)", v.cfg.SessionRate))
+	case 1:
+		return nil, v.rateLimited(h, fmt.Sprintf("more than %d new sessions a minute for %s (callout.per_domain_rate)", v.cfg.PerDomainRate, w.domain))
+	}
+	var last error
+	limited := ""
+	for i, ip := range ips {
+		left := time.Until(deadlineOf(ctx))
+		if left <= 0 {
+			break
+		}
+		key := ip.String()
+		if !v.win.take("c:"+key, v.cfg.PerHostRate, now) {
+			limited = fmt.Sprintf("more than %d new connections a minute to %s (callout.per_host_rate)", v.cfg.PerHostRate, key)
+			continue
+		}
+		if err := v.hosts.acquire(ctx, key); err != nil {
+			return nil, Result{Status: StatusUnknown, Reason: v.failureReason(ctx, ReasonTimeout), Host: h.Name,
+				Detail: fmt.Sprintf("no free connection slot to %s (%s) in time (callout.per_host %d)", h.Name, key, v.cfg.PerHost)}
+		}
+		dctx, cancel := context.WithTimeout(ctx, left/time.Duration(min(len(ips)-i, 3)))
+		s, err := v.dialSession(dctx, h, ip)
+		cancel()
+		if err == nil {
+			v.stats.sessions.Add(1)
+			return s, Result{}
+		}
+		if s != nil {
+			v.closeSession(s) // QUIT, then the slot is free
+		} else {
+			v.hosts.release(key)
+		}
+		last = err
+		var se *stageError
+		if errors.As(err, &se) && !se.reply.IsZero() {
+			break // the host answered: its other addresses would say the same
+		}
+	}
+	if last == nil && limited != "" {
+		return nil, v.rateLimited(h, limited)
+	}
+	if last == nil {
+		last = &stageError{stage: StageConnect, text: "no time left to connect", timeout: true}
+	}
+	return nil, v.sessionFailure(ctx, h, last)
+}
+
+// takeRcpt counts one RCPT to domain at ip against the caps and returns
+// "" when it may be sent, else which cap is reached.
+func (v *Verifier) takeRcpt(domain string, ip netip.Addr) string {
+	switch v.win.takeAll(v.cfg.Now(), windowKey{"r:" + domain, v.cfg.PerDomainRcptRate}, windowKey{"q:" + ip.String(), v.cfg.PerHostRcptRate}) {
+	case 0:
+		return fmt.Sprintf("more than %d recipients a minute asked at %s (callout.per_domain_rcpt_rate)", v.cfg.PerDomainRcptRate, domain)
+	case 1:
+		return fmt.Sprintf("more than %d recipients a minute asked at %s (callout.per_host_rcpt_rate)", v.cfg.PerHostRcptRate, ip)
+	}
+	return ""
+}
+
+// rateLimited is the verdict past a cap. It logs, at most one line per
+// capLogEvery, how many verdicts the caps turned unknown.
+func (v *Verifier) rateLimited(h Host, why string) Result {
+	now := v.cfg.Now()
+	v.capMu.Lock()
+	v.capHits++
+	if now.Sub(v.capLogged) >= capLogEvery {
+		v.log.Warn("callout cap reached: verdicts are unknown rate-limited, nothing sent", slog.String("cap", why),
+			slog.String("mx", h.Name), slog.Int("since_last_line", v.capHits))
+		v.capLogged, v.capHits = now, 0
+	}
+	v.capMu.Unlock()
+	return Result{Status: StatusUnknown, Reason: ReasonRateLimited, Host: h.Name, Detail: why}
+}
+
+// capLogEvery is the least time between two "cap reached" log lines.
+const capLogEvery = 10 * time.Second
+
+func deadlineOf(ctx context.Context) time.Time {
+	d, ok := ctx.Deadline()
+	if !ok {
+		return time.Now().Add(time.Hour)
+	}
+	return d
+}
+
+// sessionFailure turns a failure to talk to h into a verdict.
+func (v *Verifier) sessionFailure(ctx context.Context, h Host, err error) Result {
+	res := Result{Status: StatusUnknown, Host: h.Name, Detail: err.Error()}
+	var se *stageError
+	if errors.As(err, &se) && !se.reply.IsZero() {
+		res.Reply = se.reply
+		res.Status, res.Reason = Classify(se.stage, se.reply)
+		return res
+	}
+	res.Reason = v.failureReason(ctx, ReasonUnreachable)
+	if se != nil && se.garbled && res.Reason == ReasonUnreachable {
+		res.Reason = ReasonProtocol
+		return res
+	}
+	var ne net.Error
+	if res.Reason == ReasonUnreachable && (errors.As(err, &se) && se.timeout || errors.As(err, &ne) && ne.Timeout()) {
+		res.Reason = ReasonTimeout
+	}
+	return res
+}
+
+// randomLocal makes a local part no real mailbox has.
+func randomLocal() string {
+	const letters = "abcdefghijklmnopqrstuvwxyz0123456789"
+	b := make([]byte, 20)
+	for i := range b {
+		b[i] = letters[rand.IntN(len(letters))]
+	}
+	return string(b)
+}

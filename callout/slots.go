@@ -1,0 +1,161 @@
+package callout
+
+import (
+	"context"
+	"sync"
+	"time"
+)
+
+// hostSlots bounds concurrent sessions per MX address.
+type hostSlots struct {
+	limit int
+	mu    sync.Mutex
+	used  map[string]*hostSlot
+}
+
+type hostSlot struct {
+	n       int
+	waiters []chan struct{}
+	want    chan struct{} // closed when someone has to wait for a slot
+}
+
+// closedChan is always ready.
+var closedChan = func() chan struct{} { c := make(chan struct{}); close(c); return c }()
+
+// wanted returns a channel that is closed once somebody waits for a slot
+// to host, so that a holder idling on its slot can give it up.
+func (hs *hostSlots) wanted(host string) <-chan struct{} {
+	hs.mu.Lock()
+	defer hs.mu.Unlock()
+	s := hs.used[host]
+	switch {
+	case s == nil:
+		return nil
+	case len(s.waiters) > 0:
+		return closedChan
+	case s.want == nil:
+		s.want = make(chan struct{})
+	}
+	return s.want
+}
+
+// acquire takes a slot for host, waiting for one until ctx ends.
+func (hs *hostSlots) acquire(ctx context.Context, host string) error {
+	hs.mu.Lock()
+	s := hs.used[host]
+	if s == nil {
+		s = &hostSlot{}
+		hs.used[host] = s
+	}
+	if s.n < hs.limit {
+		s.n++
+		hs.mu.Unlock()
+		return nil
+	}
+	ch := make(chan struct{})
+	s.waiters = append(s.waiters, ch)
+	if s.want != nil {
+		close(s.want) // wake the holders idling on their slots
+		s.want = nil
+	}
+	hs.mu.Unlock()
+	select {
+	case <-ch:
+		return nil
+	case <-ctx.Done():
+		hs.mu.Lock()
+		defer hs.mu.Unlock()
+		for i, w := range s.waiters {
+			if w == ch {
+				s.waiters = append(s.waiters[:i], s.waiters[i+1:]...)
+				return ctx.Err()
+			}
+		}
+		// The slot was handed over just as ctx ended: pass it on.
+		hs.releaseLocked(host)
+		return ctx.Err()
+	}
+}
+
+// release gives back a slot taken by acquire.
+func (hs *hostSlots) release(host string) {
+	hs.mu.Lock()
+	defer hs.mu.Unlock()
+	hs.releaseLocked(host)
+}
+
+func (hs *hostSlots) releaseLocked(host string) {
+	s := hs.used[host]
+	if s == nil {
+		return
+	}
+	if len(s.waiters) > 0 {
+		close(s.waiters[0])
+		s.waiters = s.waiters[1:]
+		return
+	}
+	s.n--
+	if s.n <= 0 {
+		delete(hs.used, host)
+	}
+}
+
+// window caps events per key in a sliding window: at most max events in
+// any span of length per, not per clock minute. It keeps the times of the
+// events it let through, so it is exact; keys with no event in the window
+// are swept as the map grows.
+type window struct {
+	per   time.Duration
+	mu    sync.Mutex
+	m     map[string][]time.Time
+	sweep int // map size that triggers the next sweep
+}
+
+func newWindow(per time.Duration) *window {
+	return &window{per: per, m: map[string][]time.Time{}, sweep: 1024}
+}
+
+// take counts one event for key at now and reports whether it stays
+// within max events in the window; a refused event is not counted.
+func (w *window) take(key string, max int, now time.Time) bool {
+	return w.takeAll(now, windowKey{key, max}) < 0
+}
+
+type windowKey struct {
+	key string
+	max int
+}
+
+// takeAll counts one event for every key, or for none when one of them is
+// at its cap, and returns the index of that key, or -1.
+func (w *window) takeAll(now time.Time, keys ...windowKey) int {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	cut := now.Add(-w.per)
+	for n, k := range keys {
+		ts := w.m[k.key]
+		i := 0
+		for i < len(ts) && !ts[i].After(cut) {
+			i++
+		}
+		if i > 0 {
+			ts = append(ts[:0], ts[i:]...)
+			w.m[k.key] = ts
+		}
+		if len(ts) >= k.max {
+			return n
+		}
+	}
+	for _, k := range keys {
+		w.m[k.key] = append(w.m[k.key], now)
+	}
+	if len(w.m) >= w.sweep {
+		for key, ts := range w.m {
+			if len(ts) == 0 || !ts[len(ts)-1].After(cut) {
+				delete(w.m, key)
+			}
+		}
+		w.sweep = max(1024, 2*len(w.m))
+	}
+	return -1
+}
