@@ -14,6 +14,7 @@ import (
 
 	"github.com/BurntSushi/toml"
 
+	"github.com/rcptguard/rcptguard/blocklist/identity"
 	"github.com/rcptguard/rcptguard/callout"
 )
 
@@ -333,8 +334,8 @@ func (c *Config) Validate() []error {
 		}
 	}
 	for i, id := range d.Exempt {
-		if id == "" || strings.ContainsAny(id, " \t\r\n\x00") {
-			bad(fmt.Sprintf("detector.exempt[%d]", i), "%q is not an identity (empty or white space)", id)
+		if err := identity.Check(id); err != nil {
+			bad(fmt.Sprintf("detector.exempt[%d]", i), "%q: %v", id, err)
 		}
 	}
 
