@@ -287,6 +287,7 @@ func (d *Detector) Limiter() *Limiter { return d.limiter }
 // Decide answers one policy request. It is the whole decision, top to
 // bottom (DESIGN.md, "Decision, per policy request").
 func (d *Detector) Decide(ctx context.Context, req *Request) Action {
+	req.logDropped(d.log)
 	// Only recipient checks are ours.
 	if req.Request != "smtpd_access_policy" || !strings.EqualFold(req.ProtocolState, "RCPT") {
 		d.metrics.answered(answerDunno)

@@ -880,7 +880,9 @@ func TestEscapedReportSink(t *testing.T) {
 			t.Errorf("queue ID not shell-quoted in %q", line)
 		}
 	}
-	if !strings.Contains(body, `'$(touch /tmp/pwned)'`) {
-		t.Errorf("the report lacks the quoted queue ID; text part:\n%s", body)
+	// The queue ID is not a Postfix queue ID: it is dropped when the
+	// request is read, never kept or printed.
+	if strings.Contains(body, "touch /tmp/pwned") || !strings.Contains(body, "postsuper -H QUEUEID") {
+		t.Errorf("the report shows the malformed queue ID; text part:\n%s", body)
 	}
 }
