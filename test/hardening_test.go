@@ -876,7 +876,7 @@ func TestEscapedReportSink(t *testing.T) {
 	}
 	for _, line := range strings.Split(body, "\n") {
 		line = strings.TrimSpace(line)
-		if rest, ok := strings.CutPrefix(line, "postsuper -H "); ok && rest != "QUEUEID" && !strings.HasPrefix(rest, "'") && !strings.HasPrefix(rest, "-- '") {
+		if rest, ok := strings.CutPrefix(line, "postsuper -H "); ok && rest != "QUEUEID" && !strings.HasPrefix(rest, "'") {
 			t.Errorf("queue ID not shell-quoted in %q", line)
 		}
 	}
