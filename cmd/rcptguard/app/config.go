@@ -425,6 +425,9 @@ func (c *Config) Validate() []error {
 	if n.MaxAge.D() < time.Minute {
 		bad("notify.max_age", "must be at least 1m, got %s", n.MaxAge.D())
 	}
+	if n.WarnUser && len(c.Detector.LocalDomains) == 0 {
+		bad("notify.warn_user", "warns only identities whose domain is in detector.local_domains, which is empty")
+	}
 	if n.Spool == "" || !strings.HasPrefix(n.Spool, "/") {
 		bad("notify.spool", "must be an absolute path, got %q", n.Spool)
 	}

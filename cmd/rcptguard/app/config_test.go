@@ -146,6 +146,7 @@ func TestBadConfigs(t *testing.T) {
 		{"[notify]\nrelay = \"nowhere\"\n", []string{"notify.relay"}},
 		{"[notify]\nstarttls = \"maybe\"\n", []string{"notify.starttls"}},
 		{"[notify]\nusername = \"u\"\n", []string{"notify.password_file"}},
+		{"[notify]\nwarn_user = true\n", []string{"notify.warn_user", "detector.local_domains"}},
 		{"[metrics]\nlisten = \"9410\"\n", []string{"metrics.listen"}},
 		{"[log]\nlevel = \"loud\"\n", []string{"log.level"}},
 		{"[detector\n", []string{":2:"}},
