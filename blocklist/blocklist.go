@@ -236,7 +236,7 @@ func (f *File) Lookup(identity string) (Entry, bool) {
 	if e, ok := m[identity]; ok {
 		return e, true
 	}
-	if low := strings.ToLower(identity); low != identity {
+	if low := foldIdentity(identity); low != identity {
 		e, ok := m[low]
 		return e, ok
 	}

@@ -380,6 +380,9 @@ func TestValidIdentity(t *testing.T) {
 		{"moc.elpmaxe@\u202eevil", false},
 		{"zero\u200bwidth@example.com", false},
 		{"\xff\xfe", false},
+		{strings.Repeat("Ⱥ", 160), true},
+		{strings.Repeat("Ⱥ", 161), false},
+		{"=?utf-8?q?=E2=80=AEsecurity-team=40bank?=@x", false},
 	}
 	for _, tt := range tests {
 		err := blocklist.ValidIdentity(tt.id)
@@ -389,6 +392,46 @@ func TestValidIdentity(t *testing.T) {
 		if err != nil && !errors.Is(err, blocklist.ErrInvalidIdentity) {
 			t.Errorf("ValidIdentity(%q) = %v, not ErrInvalidIdentity", tt.id, err)
 		}
+	}
+}
+
+// TestIdentityFolding checks that identities are folded like Postfix folds
+// table keys, ASCII only, and that an identity at the length bound in its
+// stored form is written, found and read back.
+func TestIdentityFolding(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "blocklist")
+	f, _, err := blocklist.Open(blocklist.Config{Path: path})
+	if err != nil {
+		t.Fatal(err)
+	}
+	long := strings.Repeat("Ⱥ", 160) // 320 bytes; 480 if lower-cased the Unicode way
+	for _, id := range []string{"Kelly@Example.COM", long} {
+		if err := f.Add(ctx, blocklist.Entry{Identity: id, Action: "HOLD", Text: "t"}); err != nil {
+			t.Fatalf("Add(%q): %v", id, err)
+		}
+	}
+	for _, tt := range []struct {
+		id    string
+		found bool
+	}{
+		{"kelly@example.com", true},
+		{"KELLY@EXAMPLE.COM", true},
+		{"\u212Aelly@example.com", false}, // Kelvin sign
+		{long, true},
+		{strings.Repeat("ⱥ", 160), false},
+	} {
+		if _, ok := f.Lookup(tt.id); ok != tt.found {
+			t.Errorf("Lookup(%q) = %v, want %v", tt.id, ok, tt.found)
+		}
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	entries, problems, err := blocklist.Parse(bytes.NewReader(b))
+	if err != nil || len(problems) != 0 || len(entries) != 2 || entries[1].Identity != long {
+		t.Fatalf("file read back: %v %v %v\n%s", entries, problems, err, b)
 	}
 }
 

@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/rcptguard/rcptguard/blocklist"
+	"github.com/rcptguard/rcptguard/blocklist/identity"
 )
 
 // FuzzParse checks that Parse never panics, returns only valid entries, and
@@ -35,7 +36,7 @@ func FuzzParse(f *testing.F) {
 			if err := blocklist.ValidIdentity(e.Identity); err != nil {
 				t.Fatalf("entry %q: %v", e.Identity, err)
 			}
-			if e.Identity != strings.ToLower(e.Identity) {
+			if e.Identity != identity.Fold(e.Identity) {
 				t.Fatalf("identity %q not in lower case", e.Identity)
 			}
 			if seen[e.Identity] {
@@ -79,10 +80,10 @@ func FuzzRewrite(f *testing.F) {
 	f.Add("a@example.com\tHOLD x\n\tcont\nb\tHOLD\n", "a@example.com", true)
 	f.Add("", "new@example.com", false)
 	f.Fuzz(func(t *testing.T, in, id string, remove bool) {
-		if blocklist.ValidIdentity(id) != nil || blocklist.ValidIdentity(strings.ToLower(id)) != nil {
+		if blocklist.ValidIdentity(id) != nil {
 			return
 		}
-		low := strings.ToLower(id)
+		low := identity.Fold(id)
 		path := filepath.Join(t.TempDir(), "blocklist")
 		if err := os.WriteFile(path, []byte(in), 0o644); err != nil {
 			t.Fatal(err)

@@ -8,13 +8,15 @@ import (
 	"strings"
 	"unicode"
 	"unicode/utf8"
+
+	"github.com/rcptguard/rcptguard/blocklist/identity"
 )
 
 // Limits on what an entry may hold.
 const (
-	// MaxIdentity is the longest identity in bytes (after lower-casing):
-	// a 64-byte local part, '@' and a 255-byte domain.
-	MaxIdentity = 320
+	// MaxIdentity is the longest identity in bytes, in the stored form as
+	// in any other: a 64-byte local part, '@' and a 255-byte domain.
+	MaxIdentity = identity.Max
 	// MaxText is the longest TEXT in bytes; longer text is cut on write.
 	MaxText = 400
 	// maxProblemText bounds the copy of a bad line kept in a Problem.
@@ -36,7 +38,8 @@ var (
 
 // Entry is one blocklist entry.
 type Entry struct {
-	// Identity is the SASL user name or IP address, in lower case.
+	// Identity is the SASL user name or IP address, ASCII letters in lower
+	// case (package [identity]).
 	Identity string
 	// Action is the Postfix access(5) action word in upper case, such as
 	// HOLD, REJECT, DEFER or DISCARD, or a 4NN or 5NN reply code.
@@ -91,65 +94,28 @@ func validAction(a string) bool {
 func isDigit(c byte) bool { return '0' <= c && c <= '9' }
 
 // ValidIdentity returns an error wrapping [ErrInvalidIdentity] unless s can
-// be a blocklist identity: not empty, at most [MaxIdentity] bytes, valid
-// UTF-8 without white space or control characters, and not starting with
-// '#'. Case does not matter.
+// be a blocklist identity under the one identity rule (package
+// [identity]): not empty, at most [MaxIdentity] bytes, valid UTF-8 without
+// white space, control or format characters, no RFC 2047 encoded word, not
+// starting with '#'. Case does not matter.
 func ValidIdentity(s string) error {
-	switch {
-	case s == "":
-		return fmt.Errorf("%w: empty", ErrInvalidIdentity)
-	case len(s) > MaxIdentity:
-		return fmt.Errorf("%w: longer than %d bytes", ErrInvalidIdentity, MaxIdentity)
-	case s[0] == '#':
-		return fmt.Errorf("%w: starts with '#'", ErrInvalidIdentity)
-	case !utf8.ValidString(s):
-		return fmt.Errorf("%w: not valid UTF-8", ErrInvalidIdentity)
-	}
-	ascii := true
-	for i := 0; i < len(s); i++ {
-		// ASCII, the common case, without decoding.
-		switch c := s[i]; {
-		case c >= utf8.RuneSelf:
-			ascii = false
-		case isBlank(c):
-			return fmt.Errorf("%w: contains white space", ErrInvalidIdentity)
-		case c < ' ' || c == 0x7f:
-			return fmt.Errorf("%w: contains control character %U", ErrInvalidIdentity, rune(c))
-		}
-	}
-	if ascii {
-		return nil
-	}
-	for _, r := range s {
-		switch {
-		case r < utf8.RuneSelf:
-		case unicode.IsSpace(r):
-			return fmt.Errorf("%w: contains white space", ErrInvalidIdentity)
-		case unicode.IsControl(r):
-			return fmt.Errorf("%w: contains control character %U", ErrInvalidIdentity, r)
-		case unicode.Is(unicode.Cf, r) || r == '\u2028' || r == '\u2029':
-			// Bidirectional overrides, zero-width characters and line
-			// separators would make a listing or a log lie about what it
-			// shows.
-			return fmt.Errorf("%w: contains format character %U", ErrInvalidIdentity, r)
-		}
-	}
-	return nil
+	_, err := canonicalIdentity(s)
+	return err
 }
 
-// canonicalIdentity checks s and returns it in lower case.
+// canonicalIdentity checks s and returns its stored form: ASCII letters in
+// lower case.
 func canonicalIdentity(s string) (string, error) {
-	if err := ValidIdentity(s); err != nil {
-		return "", err
+	id, err := identity.Canonical(s)
+	if err != nil {
+		return "", fmt.Errorf("%w: %s", ErrInvalidIdentity, strings.TrimPrefix(err.Error(), identity.ErrInvalid.Error()+": "))
 	}
-	low := strings.ToLower(s)
-	if low != s {
-		if err := ValidIdentity(low); err != nil {
-			return "", fmt.Errorf("%w (in lower case)", err)
-		}
-	}
-	return low, nil
+	return id, nil
 }
+
+// foldIdentity returns s with ASCII letters in lower case, the form
+// identities are stored and looked up in.
+func foldIdentity(s string) string { return identity.Fold(s) }
 
 // canonicalAction returns a in upper case, or an error wrapping
 // ErrInvalidAction.
@@ -308,7 +274,7 @@ func parseLine(text string) (l line, e Entry, problem string) {
 	}
 	key, value, sep := cutBlank(t)
 	if utf8.ValidString(key) {
-		l.key = strings.ToLower(key)
+		l.key = identity.Fold(key)
 	}
 	if !sep {
 		return l, e, "no TAB or space between identity and action"

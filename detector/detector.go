@@ -11,9 +11,8 @@ import (
 	"strings"
 	"sync"
 	"time"
-	"unicode"
-	"unicode/utf8"
 
+	ident "github.com/rcptguard/rcptguard/blocklist/identity"
 	"github.com/rcptguard/rcptguard/callout"
 )
 
@@ -226,13 +225,13 @@ func newPolicyConfig(cfg Config) (*policyConfig, error) {
 		pc.local[strings.ToLower(strings.TrimSuffix(d, "."))] = true
 	}
 	for _, e := range cfg.Exempt {
-		pc.exempt[strings.ToLower(e)] = true
+		pc.exempt[ident.Fold(e)] = true
 	}
 	for k, v := range cfg.Limits {
 		if v < 0 {
 			return nil, fmt.Errorf("detector: limit for %s is negative", k)
 		}
-		pc.limits[strings.ToLower(k)] = v
+		pc.limits[ident.Fold(k)] = v
 	}
 	return pc, nil
 }
@@ -288,6 +287,7 @@ func (d *Detector) Limiter() *Limiter { return d.limiter }
 // Decide answers one policy request. It is the whole decision, top to
 // bottom (DESIGN.md, "Decision, per policy request").
 func (d *Detector) Decide(ctx context.Context, req *Request) Action {
+	req.logDropped(d.log)
 	// Only recipient checks are ours.
 	if req.Request != "smtpd_access_policy" || !strings.EqualFold(req.ProtocolState, "RCPT") {
 		d.metrics.answered(answerDunno)
@@ -302,7 +302,7 @@ func (d *Detector) Decide(ctx context.Context, req *Request) Action {
 		return ActionDunno
 	}
 	if id == "" {
-		d.log.Warn("identity refused: control characters, white space or bad UTF-8",
+		d.log.Warn("identity refused", slog.Any("reason", ident.Check(req.SASLUsername)),
 			slog.String("identity", strconv.Quote(boundString(req.SASLUsername, 200))),
 			slog.String("client", req.ClientAddress), slog.String("queue_id", req.QueueID))
 		d.metrics.answered(answerDunno)
@@ -479,16 +479,18 @@ func (pc *policyConfig) limitFor(id string) int {
 	return pc.limit
 }
 
-// identity returns who sends: the SASL username, lower case, or the client
-// address when it is inside a relay network. ok is false when the request
-// is not ours to judge; id is "" (with ok true) when the identity carries
-// characters that must never be written anywhere.
+// identity returns who sends: the SASL username in its stored form (the
+// one identity rule, package blocklist/identity), or the client address
+// when it is inside a relay network. ok is false when the request is not
+// ours to judge; id is "" (with ok true) when the identity breaks the rule
+// and must never be written anywhere.
 func identity(req *Request, relays []netip.Prefix) (id string, ok bool) {
 	if u := req.SASLUsername; u != "" {
-		if !validIdentity(u) {
+		id, err := ident.Canonical(u)
+		if err != nil {
 			return "", true
 		}
-		return strings.ToLower(u), true
+		return id, true
 	}
 	if len(relays) == 0 || req.ClientAddress == "" {
 		return "", false
@@ -504,23 +506,6 @@ func identity(req *Request, relays []netip.Prefix) (id string, ok bool) {
 		}
 	}
 	return "", false
-}
-
-// validIdentity refuses what could break a log line, the blocklist file or
-// a report: control characters, white space, format characters such as
-// bidirectional overrides, invalid UTF-8, a leading '#', more than 320
-// bytes.
-func validIdentity(s string) bool {
-	if len(s) > 320 || !utf8.ValidString(s) || s[0] == '#' {
-		return false
-	}
-	for _, r := range s {
-		if r <= ' ' || r == 0x7f || unicode.IsSpace(r) || unicode.IsControl(r) ||
-			unicode.Is(unicode.Cf, r) || r == '\u2028' || r == '\u2029' {
-			return false
-		}
-	}
-	return true
 }
 
 // recipientDomain returns the lower-cased domain of an address.

@@ -27,6 +27,7 @@ func FuzzReadRequest(f *testing.F) {
 	}
 	f.Add([]byte(policyFullRequest + policyFullRequest))
 	f.Add([]byte("a=1\r\n\r\nb=2\n\n\n"))
+	f.Add([]byte("queue_id=-dALL\nclient_address=fe80::1%x\nclient_name=a..b\n\nqueue_id=4Xk2Lm0bQrz9vWt\nreverse_client_name=unknown\n\n"))
 	f.Add([]byte("sender=" + strings.Repeat("x", 60) + "\r\n\n"))
 
 	f.Fuzz(func(t *testing.T, in []byte) {
@@ -62,6 +63,7 @@ func policyReadAll(t *testing.T, in []byte, bufSize int, lim Limits) ([]Request,
 			return reqs, err
 		}
 		policyCheckRequest(t, &req, lim.policyWithDefaults())
+		checkWellFormed(t, &req)
 		reqs = append(reqs, req)
 	}
 }

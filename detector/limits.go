@@ -7,6 +7,8 @@ import (
 	"os"
 	"strconv"
 	"strings"
+
+	ident "github.com/rcptguard/rcptguard/blocklist/identity"
 )
 
 // ParseLimits reads a limits file: one "IDENTITY LIMIT" pair a line, where
@@ -29,8 +31,11 @@ func ParseLimits(r io.Reader) (map[string]int, error) {
 		if len(fields) != 2 {
 			return nil, fmt.Errorf("line %d: want \"IDENTITY LIMIT\", got %q", n, boundString(line, 100))
 		}
-		id := strings.ToLower(fields[0])
-		if !validIdentity(id) || (strings.HasPrefix(id, "*") && !strings.HasPrefix(id, "*@")) {
+		id, err := ident.Canonical(fields[0])
+		if err != nil {
+			return nil, fmt.Errorf("line %d: %q: %w", n, boundString(fields[0], 100), err)
+		}
+		if strings.HasPrefix(id, "*") && !strings.HasPrefix(id, "*@") {
 			return nil, fmt.Errorf("line %d: %q is not an identity or \"*@domain\"", n, boundString(fields[0], 100))
 		}
 		v, err := strconv.Atoi(fields[1])

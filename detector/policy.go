@@ -6,6 +6,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
+	"net/netip"
+	"strconv"
 	"strings"
 	"unicode/utf8"
 )
@@ -84,7 +87,22 @@ type Request struct {
 	ClientPort             string // SMTP client port
 
 	Attrs map[string]string // attributes without a named field; nil when none
+
+	// Dropped lists the values ReadRequest removed because they are not
+	// well-formed (see ReadRequest); nil when none. Each value is cut to
+	// maxDroppedValue bytes, for the log.
+	Dropped []DroppedValue
 }
+
+// DroppedValue is an attribute value that was not well-formed and was
+// removed from its field.
+type DroppedValue struct {
+	Name  string // the attribute, such as "queue_id"
+	Value string // the value as received, cut to 64 bytes
+}
+
+// maxDroppedValue bounds the copy of a dropped value kept for the log.
+const maxDroppedValue = 64
 
 // Get returns the value of the attribute called name, whether it has a
 // named field or is kept in Attrs. It returns "" for an attribute that was
@@ -208,6 +226,12 @@ func (l Limits) policyWithDefaults() Limits {
 // returned wrapped. After any error the position of r inside the stream is
 // unspecified and the connection should be closed.
 //
+// A request that ReadRequest returns holds only well-formed values in the
+// fields rcptguard keeps or prints: a queue_id, client_address,
+// client_name or reverse_client_name that is not well-formed is emptied
+// and listed in Request.Dropped (see dropMalformed). That is no error:
+// the request is still answered.
+//
 // ReadRequest never reads much more than lim allows before it fails: a
 // line is read through r's buffer with ReadSlice and copied aside only when
 // it is longer than the buffer, and only up to lim.MaxLine bytes. Give r a
@@ -273,6 +297,7 @@ func ReadRequest(r *bufio.Reader, lim Limits) (Request, error) {
 			if attrs == 0 {
 				return Request{}, policyErrorf(ErrMalformed, lines, start, "empty request")
 			}
+			req.dropMalformed()
 			return req, nil
 		}
 		attrs++
@@ -296,6 +321,137 @@ func ReadRequest(r *bufio.Reader, lim Limits) (Request, error) {
 		}
 		req.Attrs[string(name)] = string(value)
 	}
+}
+
+// dropMalformed empties the fields rcptguard keeps (in its memory, its
+// logs and its reports) whose values are not well-formed, and lists them
+// in r.Dropped:
+//   - queue_id: a Postfix queue ID, short or long form (validQueueID);
+//   - client_address: an IP address without a zone;
+//   - client_name, reverse_client_name: a host name of at most 255 octets
+//     (validHostName), or "unknown".
+func (r *Request) dropMalformed() {
+	check := func(name string, p *string, ok func(string) bool) {
+		if *p == "" || ok(*p) {
+			return
+		}
+		r.Dropped = append(r.Dropped, DroppedValue{Name: name, Value: boundString(*p, maxDroppedValue)})
+		*p = ""
+	}
+	check("queue_id", &r.QueueID, validQueueID)
+	check("client_address", &r.ClientAddress, validIP)
+	check("client_name", &r.ClientName, validClientName)
+	check("reverse_client_name", &r.ReverseClientName, validClientName)
+}
+
+// logDropped logs the values ReadRequest dropped from r, one line each (at
+// most four), quoted and cut to 64 bytes.
+func (r *Request) logDropped(log *slog.Logger) {
+	for _, d := range r.Dropped {
+		log.Warn("policy request value dropped: not well-formed", slog.String("attribute", d.Name),
+			slog.String("value", strconv.Quote(d.Value)), slog.String("queue_id", r.QueueID),
+			slog.String("client", r.ClientAddress))
+	}
+}
+
+// maxQueueID bounds a queue ID. Postfix's are at most 21 characters short
+// (5 hex digits of microseconds and up to 16 of the inode number) and
+// about 28 long.
+const maxQueueID = 32
+
+// validQueueID reports whether s is a Postfix queue ID (postconf(5),
+// enable_long_queue_ids):
+//   - short form: 6 or more upper-case hex digits (microseconds in 5 digits,
+//     then the inode number);
+//   - long form: the time in base 52 (10 or more characters of the
+//     alphabet 0-9, B-Z, b-z without vowels), 'z', then the inode number in
+//     base 51 (the same alphabet without 'z', one or more characters).
+//
+// Neither form can start with '-' or need shell quoting.
+func validQueueID(s string) bool {
+	if len(s) < 6 || len(s) > maxQueueID {
+		return false
+	}
+	hex, vowel := true, false
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch {
+		case c == 'A' || c == 'E':
+			vowel = true
+		case '0' <= c && c <= '9' || 'A' <= c && c <= 'F':
+		case queueIDChar(c):
+			hex = false
+		default:
+			return false
+		}
+	}
+	if hex {
+		return true
+	}
+	if vowel {
+		return false
+	}
+	sep := strings.LastIndexByte(s, 'z')
+	return sep >= 10 && sep < len(s)-1
+}
+
+// queueIDChar reports whether c is in the long queue ID alphabet.
+func queueIDChar(c byte) bool {
+	switch {
+	case '0' <= c && c <= '9':
+		return true
+	case 'A' <= c && c <= 'Z':
+		return c != 'A' && c != 'E' && c != 'I' && c != 'O' && c != 'U'
+	case 'a' <= c && c <= 'z':
+		return c != 'a' && c != 'e' && c != 'i' && c != 'o' && c != 'u'
+	}
+	return false
+}
+
+// validIP reports whether s is an IPv4 or IPv6 address without a zone.
+func validIP(s string) bool {
+	ip, err := netip.ParseAddr(s)
+	return err == nil && ip.Zone() == ""
+}
+
+// validClientName reports whether s is "unknown" or a host name
+// (validHostName).
+func validClientName(s string) bool {
+	return s == "unknown" || validHostName(s)
+}
+
+// validHostName reports whether s is a DNS host name as Postfix accepts
+// one: at most 255 octets, labels of 1 to 63 letters, digits, '-' or '_',
+// no label starting or ending with '-', no empty label (so no leading or
+// trailing dot).
+func validHostName(s string) bool {
+	if s == "" || len(s) > 255 {
+		return false
+	}
+	label := 0
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch {
+		case c == '.':
+			if label == 0 || s[i-1] == '-' {
+				return false
+			}
+			label = 0
+			continue
+		case c == '-':
+			if label == 0 {
+				return false
+			}
+		case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9', c == '_':
+		default:
+			return false
+		}
+		label++
+		if label > 63 {
+			return false
+		}
+	}
+	return label > 0 && s[len(s)-1] != '-'
 }
 
 // policyErrorf wraps sentinel with the place in the request where the

@@ -68,6 +68,7 @@ func Compose(r Report, from string, to []string) ([]byte, error) {
 	if err := r.validate(); err != nil {
 		return nil, err
 	}
+	r.QueueIDs = queueIDs(r.QueueIDs)
 	fromAddr, err := parseAddress(from)
 	if err != nil {
 		return nil, fmt.Errorf("notify: from: %w", err)
@@ -520,7 +521,7 @@ func reportText(r Report) string {
 		writeHoldCommands(&w, r, 1, "")
 		return w.String()
 	}
-	arg := shellArg(r.Identity)
+	arg := shellQuote(r.Identity)
 	safe := "Make sure the account is safe again: most likely someone else knows its password, so change it."
 	check := "Check whether the account is compromised; if so, change its password."
 	if isIP(r.Identity) {
@@ -531,12 +532,12 @@ func reportText(r Report) string {
 	case KindBlock:
 		w.step(1, "%s", safe)
 		w.step(2, "Unblock it, so that its new mail flows again:")
-		w.line("   rcptguard unblock %s", arg)
+		w.line("   rcptguard unblock %s", rcptguardArg(r.Identity))
 		w.line("")
 	default:
 		w.step(1, "%s", check)
 		w.step(2, "To block it now by hand:")
-		w.line("   rcptguard block %s", arg)
+		w.line("   rcptguard block %s", rcptguardArg(r.Identity))
 		w.line("")
 	}
 	writeHoldCommands(&w, r, 3, arg)
@@ -554,7 +555,9 @@ func writeHoldCommands(w *textWriter, r Report, step int, arg string) {
 	w.step(step, "Look at the held mail, then release what is legitimate (Postfix delivers it) and delete the rest.")
 	if arg != "" && isAddress(r.Identity) && !isIP(r.Identity) {
 		w.line("   List the held mail sent with the account's address as sender:")
-		w.line("   postqueue -j | jq -r --arg sender %s 'select(.queue_name == \"hold\" and .sender == $sender) | .queue_id'", arg)
+		// The sender goes through the environment, not an argument: no
+		// value can be taken for an option.
+		w.line("   postqueue -j | RCPTGUARD_SENDER=%s jq -r 'select(.queue_name == \"hold\" and .sender == env.RCPTGUARD_SENDER) | .queue_id'", arg)
 	} else {
 		w.line("   List everything in the hold queue, with each message's sender:")
 		w.line(`   postqueue -j | jq -r 'select(.queue_name == "hold") | "\(.queue_id) \(.sender)"'`)
@@ -574,12 +577,12 @@ func writeHoldCommands(w *textWriter, r Report, step int, arg string) {
 	}
 	w.line("   Release the held messages listed above:")
 	for _, q := range qids {
-		w.line("   postsuper -H %s", shellArg(clean(q, maxField)))
+		w.line("   postsuper -H %s", shellQuote(q))
 	}
 	w.line("")
 	w.line("   Or delete them:")
 	for _, q := range qids {
-		w.line("   postsuper -d %s", shellArg(clean(q, maxField)))
+		w.line("   postsuper -d %s", shellQuote(q))
 	}
 	w.line("")
 }

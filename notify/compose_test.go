@@ -278,10 +278,10 @@ func TestComposeHeaders(t *testing.T) {
 		"nobody@example.net (mailbox-unknown, 2024-03-05T14:02:55+01:00)",
 		"mx.example.net replied: 550 5.1.1 <nobody@example.net>: Recipient address rejected: User unknown",
 		"- 4F2A1C0E3B",
-		"rcptguard unblock alice@example.com",
-		`postqueue -j | jq -r --arg sender alice@example.com 'select(.queue_name == "hold" and .sender == $sender) | .queue_id'`,
-		"postsuper -H 4F2A1C0E3B", "postsuper -H 4Xk2Ln3HcPz9vWx",
-		"postsuper -d 4F2A1C0E3B", "postsuper -d 4Xk2Ln3HcPz9vWx",
+		"rcptguard unblock 'alice@example.com'",
+		`postqueue -j | RCPTGUARD_SENDER='alice@example.com' jq -r 'select(.queue_name == "hold" and .sender == env.RCPTGUARD_SENDER) | .queue_id'`,
+		"postsuper -H '4F2A1C0E3B'", "postsuper -H '4Xk2Ln3HcPz9vWx'",
+		"postsuper -d '4F2A1C0E3B'", "postsuper -d '4Xk2Ln3HcPz9vWx'",
 	} {
 		if !strings.Contains(p.text, want) {
 			t.Errorf("text body lacks %q", want)
@@ -418,10 +418,11 @@ func TestComposeNonASCIISubjectIsEncoded(t *testing.T) {
 
 func TestComposeShellQuoting(t *testing.T) {
 	for _, tc := range []struct{ id, want string }{
-		{"plain.user+tag@example.com", "rcptguard unblock plain.user+tag@example.com\n"},
+		{"plain.user+tag@example.com", "rcptguard unblock 'plain.user+tag@example.com'\n"},
 		{"o'brien@example.com", `rcptguard unblock 'o'\''brien@example.com'` + "\n"},
 		{"$(rm -rf /)@example.com", "rcptguard unblock '$(rm -rf /)@example.com'\n"},
-		{"-rf", "rcptguard unblock -- -rf\n"},
+		{"-rf", "rcptguard unblock -- '-rf'\n"},
+		{"-x@y", "RCPTGUARD_SENDER='-x@y' jq -r"},
 		{"user name", "rcptguard unblock 'user name'\n"},
 	} {
 		r := fixedReport()

@@ -40,11 +40,17 @@
 // text as RFC 2047 encoded words) and folded; long values are cut short in
 // headers; both parts are quoted-printable, so no body line exceeds 76
 // octets on the wire and no header line 998, whatever the report holds;
-// line endings are CRLF. Commands quote the identity for a POSIX shell: as
-// it is when it holds only [A-Za-z0-9@._+-], else in single quotes, each
-// single quote in it closed, escaped and reopened:
+// line endings are CRLF. Every command is safe to paste: each value is
+// in single quotes for a POSIX shell, each single quote in it closed,
+// escaped and reopened; no value can be taken for an option: queue IDs
+// that are not Postfix queue IDs (letters and digits) are left out, the
+// sender for jq goes through the environment, and an identity starting
+// with '-' follows "--":
 //
 //	rcptguard unblock 'o'\''brien@example.com'
+//	rcptguard unblock -- '-x@example.com'
+//	postqueue -j | RCPTGUARD_SENDER='-x@example.com' jq -r '... env.RCPTGUARD_SENDER ...'
+//	postsuper -H '4Xk2Ln3HcPz9vWx'
 //
 // # JSON part
 //

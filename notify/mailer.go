@@ -78,8 +78,17 @@ type Config struct {
 	// with an error log; default 5 days.
 	MaxAge time.Duration
 	// WarnUser also sends each warning to the identity itself when it is
-	// an email address (see Report.UserAddress).
+	// an email address (see Report.UserAddress) at one of UserDomains, at
+	// most once per UserWarnPeriod.
 	WarnUser bool
+	// UserDomains are the domains whose users may get a warning
+	// (detector.local_domains): mail only goes to the site's own users,
+	// never to an arbitrary address a forged identity names. Compared
+	// without ASCII case, a trailing dot ignored. Empty: no user warning.
+	UserDomains []string
+	// UserWarnPeriod is the least time between two warnings to the same
+	// user; default 1 hour.
+	UserWarnPeriod time.Duration
 	// Hostname names this machine in EHLO and Message-IDs; default
 	// os.Hostname().
 	Hostname string
@@ -121,7 +130,16 @@ type Mailer struct {
 
 	mu      sync.Mutex
 	retryAt map[string]time.Time // floor for the next attempt, when a header update failed
+
+	userDomains map[string]bool // Config.UserDomains, folded
+	warnMu      sync.Mutex
+	warned      map[string]time.Time // user address → when the last warning was queued
+	warnedPrune int                  // prune warned when it grows past this
 }
+
+// minWarnedPrune is the size of the warned map below which it is never
+// pruned.
+const minWarnedPrune = 1024
 
 // New checks cfg, fills its defaults and creates the spool directory.
 func New(cfg Config) (*Mailer, error) {
@@ -140,6 +158,9 @@ func New(cfg Config) (*Mailer, error) {
 	if cfg.MaxAge <= 0 {
 		cfg.MaxAge = 5 * 24 * time.Hour
 	}
+	if cfg.UserWarnPeriod <= 0 {
+		cfg.UserWarnPeriod = time.Hour
+	}
 	if cfg.Hostname == "" {
 		cfg.Hostname, _ = os.Hostname()
 	}
@@ -157,7 +178,16 @@ func New(cfg Config) (*Mailer, error) {
 		cfg.Backoff = DefaultBackoff
 	}
 
-	m := &Mailer{log: cfg.Logger, wake: make(chan struct{}, 1), retryAt: make(map[string]time.Time)}
+	m := &Mailer{log: cfg.Logger, wake: make(chan struct{}, 1), retryAt: make(map[string]time.Time),
+		userDomains: make(map[string]bool), warned: make(map[string]time.Time), warnedPrune: minWarnedPrune}
+	for i, d := range cfg.UserDomains {
+		d = foldDomain(d)
+		if d == "" || !isASCII(d) || strings.ContainsAny(d, "@ \t\r\n\x00") {
+			bad("user_domains[%d]: %q is not a domain", i, cfg.UserDomains[i])
+			continue
+		}
+		m.userDomains[d] = true
+	}
 	if a, err := parseAddress(cfg.From); err != nil {
 		bad("from: %v", err)
 	} else {
@@ -258,7 +288,7 @@ func (m *Mailer) Enqueue(ctx context.Context, r Report) error {
 			queued++
 		}
 	}
-	if user, ok := r.UserAddress(); ok && m.cfg.WarnUser {
+	if user, ok := r.UserAddress(); ok && m.cfg.WarnUser && m.mayWarn(user) {
 		ru := r
 		ru.MessageID = newMessageID(ru.Hostname)
 		msg, err := ComposeUserWarning(ru, m.cfg.From, m.cfg.To)
@@ -266,6 +296,7 @@ func (m *Mailer) Enqueue(ctx context.Context, r Report) error {
 			err = m.queue(r, ru.MessageID, []string{user}, msg)
 		}
 		if err != nil {
+			m.unwarn(user) // not queued: the next warning may try again
 			errs = append(errs, err)
 		} else {
 			queued++
@@ -278,6 +309,62 @@ func (m *Mailer) Enqueue(ctx context.Context, r Report) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// mayWarn reports whether user may get a warning now: the address is at
+// one of Config.UserDomains and got none in the last UserWarnPeriod. A
+// true answer counts as the warning; call unwarn if it is not queued.
+func (m *Mailer) mayWarn(user string) bool {
+	at := strings.LastIndexByte(user, '@')
+	if at < 0 || !m.userDomains[foldDomain(user[at+1:])] {
+		m.log.Info("user warning not sent: the identity's domain is not in detector.local_domains",
+			slog.String("identity", user))
+		return false
+	}
+	key := foldASCII(user)
+	now := m.cfg.Now()
+	m.warnMu.Lock()
+	defer m.warnMu.Unlock()
+	if last, ok := m.warned[key]; ok && now.Sub(last) < m.cfg.UserWarnPeriod {
+		m.log.Info("user warning not sent: one was sent within the period",
+			slog.String("identity", user), slog.Time("last", last))
+		return false
+	}
+	if len(m.warned) >= m.warnedPrune {
+		for k, t := range m.warned {
+			if now.Sub(t) >= m.cfg.UserWarnPeriod {
+				delete(m.warned, k)
+			}
+		}
+		m.warnedPrune = max(minWarnedPrune, 2*len(m.warned))
+	}
+	m.warned[key] = now
+	return true
+}
+
+// unwarn forgets the warning mayWarn counted for user.
+func (m *Mailer) unwarn(user string) {
+	m.warnMu.Lock()
+	delete(m.warned, foldASCII(user))
+	m.warnMu.Unlock()
+}
+
+// foldDomain returns a domain in the form domains are compared in: ASCII
+// lower case, without a trailing dot.
+func foldDomain(d string) string {
+	return foldASCII(strings.TrimSuffix(strings.TrimSpace(d), "."))
+}
+
+// foldASCII returns s with ASCII letters in lower case (as Postfix folds
+// names; other letters are left as they are).
+func foldASCII(s string) string {
+	b := []byte(s)
+	for i, c := range b {
+		if 'A' <= c && c <= 'Z' {
+			b[i] = c + ('a' - 'A')
+		}
+	}
+	return string(b)
 }
 
 // queue writes one message to the spool.

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net"
 	"os"
@@ -543,6 +544,7 @@ func TestMailerWarnUser(t *testing.T) {
 	relay := test.StartRelay(t, test.RelayConfig{})
 	cfg := relayConfig(relay)
 	cfg.WarnUser = true
+	cfg.UserDomains = []string{"example.com"}
 	m, _ := newMailer(t, cfg)
 	warn := abuseReport("alice@example.com")
 	warn.Kind, warn.Count, warn.Action = notify.KindWarning, 75, ""
@@ -594,6 +596,7 @@ func TestMailerNoToAddresses(t *testing.T) {
 	}
 
 	cfg.WarnUser = true
+	cfg.UserDomains = []string{"example.com"}
 	m, _ = newMailer(t, cfg)
 	warn := abuseReport("alice@example.com")
 	warn.Kind = notify.KindWarning
@@ -602,6 +605,57 @@ func TestMailerNoToAddresses(t *testing.T) {
 	}
 	if m.Pending() != 1 {
 		t.Fatalf("Pending = %d, want 1 (the user warning)", m.Pending())
+	}
+}
+
+// TestMailerWarnUserLocalOnly checks that user warnings go only to the
+// site's own users (Config.UserDomains), at most once per period each:
+// identities naming third-party addresses, as forged requests can, get
+// nothing.
+func TestMailerWarnUserLocalOnly(t *testing.T) {
+	clock := newClock(time.Date(2024, 3, 5, 14, 0, 0, 0, time.UTC))
+	cfg := notify.Config{
+		To: nil, From: "rcptguard@mail1.example.net", Relay: "127.0.0.1:1", Hostname: "mail1.example.net",
+		WarnUser: true, UserDomains: []string{"Customer.Example.", "other.example"}, UserWarnPeriod: time.Hour, Now: clock.Now,
+	}
+	m, logs := newMailer(t, cfg)
+	warn := func(id string) {
+		t.Helper()
+		r := abuseReport(id)
+		r.Kind, r.Count, r.Action = notify.KindWarning, 75, ""
+		if err := m.Enqueue(context.Background(), r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := range 200 {
+		warn(fmt.Sprintf("victim%d@third-party.example", i))
+	}
+	warn("x@customer.example.evil")
+	warn("x@sub.customer.example")
+	if n := m.Pending(); n != 0 {
+		t.Fatalf("%d user warnings to third-party addresses", n)
+	}
+	if !strings.Contains(logs.String(), "not in detector.local_domains") {
+		t.Errorf("no log line for the refused warnings:\n%s", logs)
+	}
+	for _, tt := range []struct {
+		id      string
+		advance time.Duration
+		pending int
+	}{
+		{"alice@customer.example", 0, 1},
+		{"alice@customer.example", 10 * time.Minute, 1}, // within the period
+		{"Alice@Customer.EXAMPLE", 10 * time.Minute, 1}, // the same user
+		{"bob@other.example", 0, 2},                     // another user
+		{"alice@customer.example", 41 * time.Minute, 3}, // a period after the first
+		{"alice@customer.example", 59 * time.Minute, 3},
+		{"alice@customer.example", 2 * time.Minute, 4},
+	} {
+		clock.Add(tt.advance)
+		warn(tt.id)
+		if n := m.Pending(); n != tt.pending {
+			t.Fatalf("after a warning for %s: %d pending, want %d", tt.id, n, tt.pending)
+		}
 	}
 }
 

@@ -244,39 +244,53 @@ func isASCII(s string) bool {
 	return true
 }
 
-// shellSafe reports whether s needs no quoting in a POSIX shell.
-func shellSafe(s string) bool {
-	if s == "" {
+// shellQuote quotes s as one POSIX shell word, always in single quotes,
+// each ' written as '\”. Inside single quotes the shell expands nothing.
+func shellQuote(s string) string {
+	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
+}
+
+// rcptguardArg quotes an identity as the last argument of a rcptguard
+// command. An identity may start with '-' (a SASL user name can); then
+// "--" ends the flags first, which rcptguard (Go's flag package, where no
+// flag takes an optional value) reads as "the rest are arguments".
+func rcptguardArg(id string) string {
+	if strings.HasPrefix(id, "-") {
+		return "-- " + shellQuote(id)
+	}
+	return shellQuote(id)
+}
+
+// maxQueueID bounds a queue ID; Postfix's are about 12 (short) to 28
+// (long) characters.
+const maxQueueID = 32
+
+// queueIDs returns the Postfix queue IDs of ids, leaving out anything that
+// is not one (letters and digits only, 6 to 32 of them), so that no
+// printed postsuper command can hold an option or need more than quoting.
+// The detector keeps only well-formed queue IDs; this is the last line.
+func queueIDs(ids []string) []string {
+	var out []string
+	for _, q := range ids {
+		if validQueueID(q) {
+			out = append(out, q)
+		}
+	}
+	return out
+}
+
+func validQueueID(q string) bool {
+	if len(q) < 6 || len(q) > maxQueueID {
 		return false
 	}
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		switch {
-		case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9':
-		case c == '@', c == '.', c == '_', c == '+', c == '-':
+	for i := 0; i < len(q); i++ {
+		switch c := q[i]; {
+		case '0' <= c && c <= '9', 'A' <= c && c <= 'Z', 'a' <= c && c <= 'z':
 		default:
 			return false
 		}
 	}
 	return true
-}
-
-// shellQuote quotes s as one POSIX shell word: as it is when it holds only
-// [A-Za-z0-9@._+-], else in single quotes with each ' written as '\”.
-func shellQuote(s string) string {
-	if shellSafe(s) {
-		return s
-	}
-	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
-}
-
-// shellArg quotes s as an argument after a command's flags: a value that
-// starts with "-" is preceded by "--", so that it is not taken as a flag.
-func shellArg(s string) string {
-	if strings.HasPrefix(s, "-") {
-		return "-- " + shellQuote(s)
-	}
-	return shellQuote(s)
 }
 
 // isIP reports whether the identity is an IP address (an unauthenticated

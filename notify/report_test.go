@@ -1,6 +1,7 @@
 package notify
 
 import (
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -60,8 +61,8 @@ func TestClean(t *testing.T) {
 
 func TestShellQuote(t *testing.T) {
 	for in, want := range map[string]string{
-		"alice@example.com":      "alice@example.com",
-		"a.b+c_d-e@x.example":    "a.b+c_d-e@x.example",
+		"alice@example.com":      "'alice@example.com'",
+		"a.b+c_d-e@x.example":    "'a.b+c_d-e@x.example'",
 		"o'brien@example.com":    `'o'\''brien@example.com'`,
 		"a b":                    "'a b'",
 		"$(id)":                  "'$(id)'",
@@ -71,13 +72,24 @@ func TestShellQuote(t *testing.T) {
 		"ü@example.com":          "'ü@example.com'",
 		"back\\slash":            `'back\slash'`,
 		"\"double\"@example.com": `'"double"@example.com'`,
+		"-x":                     "'-x'",
 	} {
 		if got := shellQuote(in); got != want {
 			t.Errorf("shellQuote(%q) = %s, want %s", in, got, want)
 		}
 	}
-	if got := shellArg("-x"); got != "-- -x" {
-		t.Errorf("shellArg(-x) = %s", got)
+	if got := rcptguardArg("-x@y"); got != "-- '-x@y'" {
+		t.Errorf("rcptguardArg(-x@y) = %s", got)
+	}
+	if got := rcptguardArg("x@y"); got != "'x@y'" {
+		t.Errorf("rcptguardArg(x@y) = %s", got)
+	}
+}
+
+func TestQueueIDs(t *testing.T) {
+	got := queueIDs([]string{"4F2A1C0E3B", "-dALL", "4Xk2Ln3HcPz9vWx", "", "ALL", "$(id)", "a b", "--", strings.Repeat("B", 33), "ABCDEF"})
+	if want := []string{"4F2A1C0E3B", "4Xk2Ln3HcPz9vWx", "ABCDEF"}; !slices.Equal(got, want) {
+		t.Errorf("queueIDs = %q, want %q", got, want)
 	}
 }
 

@@ -521,8 +521,8 @@ spool = %q
 	if block.AuthUser != "rcptguard@customer.test" || len(block.To) != 1 || block.To[0] != "abuse@isp.test" {
 		t.Fatalf("report envelope: auth %q to %v", block.AuthUser, block.To)
 	}
-	for _, want := range []string{"Auto-Submitted: auto-generated", "application/json", "rcptguard unblock mallory@customer.test",
-		"x5@good.test", "postsuper -H ABC123"} {
+	for _, want := range []string{"Auto-Submitted: auto-generated", "application/json", "rcptguard unblock 'mallory@customer.test'",
+		"x5@good.test", "postsuper -H 'ABC123'"} {
 		if !strings.Contains(string(block.Data), want) {
 			t.Errorf("block report lacks %q", want)
 		}

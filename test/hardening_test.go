@@ -876,11 +876,13 @@ func TestEscapedReportSink(t *testing.T) {
 	}
 	for _, line := range strings.Split(body, "\n") {
 		line = strings.TrimSpace(line)
-		if rest, ok := strings.CutPrefix(line, "postsuper -H "); ok && rest != "QUEUEID" && !strings.HasPrefix(rest, "'") && !strings.HasPrefix(rest, "-- '") {
+		if rest, ok := strings.CutPrefix(line, "postsuper -H "); ok && rest != "QUEUEID" && !strings.HasPrefix(rest, "'") {
 			t.Errorf("queue ID not shell-quoted in %q", line)
 		}
 	}
-	if !strings.Contains(body, `'$(touch /tmp/pwned)'`) {
-		t.Errorf("the report lacks the quoted queue ID; text part:\n%s", body)
+	// The queue ID is not a Postfix queue ID: it is dropped when the
+	// request is read, never kept or printed.
+	if strings.Contains(body, "touch /tmp/pwned") || !strings.Contains(body, "postsuper -H QUEUEID") {
+		t.Errorf("the report shows the malformed queue ID; text part:\n%s", body)
 	}
 }

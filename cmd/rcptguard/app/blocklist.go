@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/rcptguard/rcptguard/blocklist"
+	"github.com/rcptguard/rcptguard/blocklist/identity"
 )
 
 // cmdList prints the blocklist: one entry a line, as in the file.
@@ -70,7 +71,7 @@ func cmdBlock(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if err := f.Add(ctx, blocklist.Entry{Identity: id, Action: strings.ToUpper(action), Text: text}); err != nil {
 		return fmt.Errorf("block %s: %w", id, notWritten("not blocked", err))
 	}
-	fmt.Fprintf(stdout, "blocked %s\n", strings.ToLower(id))
+	fmt.Fprintf(stdout, "blocked %s\n", id)
 	return nil
 }
 
@@ -97,10 +98,10 @@ func cmdUnblock(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		return fmt.Errorf("unblock %s: %w", id, notWritten("still blocked", err))
 	}
 	if !removed {
-		fmt.Fprintf(stdout, "%s was not blocked\n", strings.ToLower(id))
+		fmt.Fprintf(stdout, "%s was not blocked\n", id)
 		return nil
 	}
-	fmt.Fprintf(stdout, "unblocked %s\n", strings.ToLower(id))
+	fmt.Fprintf(stdout, "unblocked %s\n", id)
 	return nil
 }
 
@@ -108,10 +109,11 @@ func oneIdentity(args []string) (string, error) {
 	if len(args) != 1 {
 		return "", fmt.Errorf("%w: exactly one IDENTITY is needed", errUsage)
 	}
-	if err := blocklist.ValidIdentity(args[0]); err != nil {
+	id, err := identity.Canonical(args[0])
+	if err != nil {
 		return "", fmt.Errorf("%w: %v", errUsage, err)
 	}
-	return args[0], nil
+	return id, nil
 }
 
 // cliLockWait bounds how long block and unblock wait for the blocklist's

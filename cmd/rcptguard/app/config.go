@@ -14,6 +14,7 @@ import (
 
 	"github.com/BurntSushi/toml"
 
+	"github.com/rcptguard/rcptguard/blocklist/identity"
 	"github.com/rcptguard/rcptguard/callout"
 )
 
@@ -345,8 +346,8 @@ func (c *Config) Validate() []error {
 		}
 	}
 	for i, id := range d.Exempt {
-		if id == "" || strings.ContainsAny(id, " \t\r\n\x00") {
-			bad(fmt.Sprintf("detector.exempt[%d]", i), "%q is not an identity (empty or white space)", id)
+		if err := identity.Check(id); err != nil {
+			bad(fmt.Sprintf("detector.exempt[%d]", i), "%q: %v", id, err)
 		}
 	}
 
@@ -443,6 +444,9 @@ func (c *Config) Validate() []error {
 	}
 	if n.MaxAge.D() < time.Minute {
 		bad("notify.max_age", "must be at least 1m, got %s", n.MaxAge.D())
+	}
+	if n.WarnUser && len(c.Detector.LocalDomains) == 0 {
+		bad("notify.warn_user", "warns only identities whose domain is in detector.local_domains, which is empty")
 	}
 	if n.Spool == "" || !strings.HasPrefix(n.Spool, "/") {
 		bad("notify.spool", "must be an absolute path, got %q", n.Spool)

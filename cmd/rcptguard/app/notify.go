@@ -54,7 +54,10 @@ func newMailer(cfg *Config, log *slog.Logger, withSpool bool) (*notify.Mailer, e
 		Spool:         spool,
 		MaxAge:        n.MaxAge.D(),
 		WarnUser:      n.WarnUser,
-		Logger:        log,
+		// Only the site's own users are warned, once per period each.
+		UserDomains:    cfg.Detector.LocalDomains,
+		UserWarnPeriod: cfg.Detector.Period.D(),
+		Logger:         log,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("[notify]: %w", err)
