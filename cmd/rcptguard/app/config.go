@@ -28,6 +28,7 @@ type Config struct {
 	Detector  DetectorConfig  `toml:"detector"`
 	Callout   CalloutConfig   `toml:"callout"`
 	Blocklist BlocklistConfig `toml:"blocklist"`
+	Queue     QueueConfig     `toml:"queue"`
 	Notify    NotifyConfig    `toml:"notify"`
 	Metrics   MetricsConfig   `toml:"metrics"`
 	Log       LogConfig       `toml:"log"`
@@ -86,6 +87,13 @@ type CalloutConfig struct {
 // BlocklistConfig is the [blocklist] section.
 type BlocklistConfig struct {
 	Path string `toml:"path"`
+}
+
+// QueueConfig is the [queue] section: Postfix's queue, for the held-mail
+// commands and the retroactive hold.
+type QueueConfig struct {
+	PostfixConfig string `toml:"postfix_config"`
+	Requests      string `toml:"requests"`
 }
 
 // NotifyConfig is the [notify] section: abuse reports.
@@ -154,6 +162,7 @@ func defaultConfig() Config {
 			PerHostRate:      300,
 		},
 		Blocklist: BlocklistConfig{Path: "/var/lib/rcptguard/blocklist"},
+		Queue:     QueueConfig{Requests: "/var/lib/rcptguard/hold-requests"},
 		Notify: NotifyConfig{
 			To:       []string{},
 			From:     "rcptguard@localhost",
@@ -399,6 +408,13 @@ func (c *Config) Validate() []error {
 
 	if c.Blocklist.Path == "" || !strings.HasPrefix(c.Blocklist.Path, "/") {
 		bad("blocklist.path", "must be an absolute path, got %q", c.Blocklist.Path)
+	}
+
+	if p := c.Queue.PostfixConfig; p != "" && !strings.HasPrefix(p, "/") {
+		bad("queue.postfix_config", "must be an absolute path or empty (Postfix's default), got %q", p)
+	}
+	if p := c.Queue.Requests; p != "" && !strings.HasPrefix(p, "/") {
+		bad("queue.requests", "must be an absolute path or empty (no retroactive hold), got %q", p)
 	}
 
 	n := &c.Notify

@@ -123,7 +123,9 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 
 	dcfg := detectorConfig(cfg, limits)
 	dcfg.Verifier = verifier
-	dcfg.Blocklist = newBlocklistAdapter(bl)
+	if dcfg.Blocklist, err = withHoldRequests(cfg, newBlocklistAdapter(bl), log); err != nil {
+		return err
+	}
 	dcfg.Notifier = reportNotifier{log: log, mailer: mailer}
 	dcfg.Logger = log
 	dcfg.Metrics = metrics
