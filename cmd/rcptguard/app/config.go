@@ -58,6 +58,9 @@ type DetectorConfig struct {
 	LocalDomains  []string `toml:"local_domains"`
 	Exempt        []string `toml:"exempt"`
 	LimitsFile    string   `toml:"limits_file"`
+	HoldMax       int      `toml:"hold_max"`
+	HoldMaxBytes  int64    `toml:"hold_max_bytes"`
+	HoldMaxAction string   `toml:"hold_max_action"`
 }
 
 // CalloutConfig is the [callout] section: recipient verification.
@@ -142,6 +145,9 @@ func defaultConfig() Config {
 			RelayNetworks: []string{},
 			LocalDomains:  []string{},
 			Exempt:        []string{},
+			HoldMax:       1000,
+			HoldMaxBytes:  1 << 30,
+			HoldMaxAction: "REJECT 5.7.1 account suspended, contact support",
 		},
 		Callout: CalloutConfig{
 			Port:             25,
@@ -345,6 +351,18 @@ func (c *Config) Validate() []error {
 		if id == "" || strings.ContainsAny(id, " \t\r\n\x00") {
 			bad(fmt.Sprintf("detector.exempt[%d]", i), "%q is not an identity (empty or white space)", id)
 		}
+	}
+
+	if d.HoldMax < 0 {
+		bad("detector.hold_max", "must be 0 (no limit) or more, got %d", d.HoldMax)
+	}
+	if d.HoldMaxBytes < 0 {
+		bad("detector.hold_max_bytes", "must be 0 (no limit) or more, got %d", d.HoldMaxBytes)
+	}
+	if err := checkAction(d.HoldMaxAction); err != nil {
+		bad("detector.hold_max_action", "%v", err)
+	} else if w, _, _ := strings.Cut(d.HoldMaxAction, " "); slices.Contains([]string{"HOLD", "DUNNO", "WARN", "DISCARD"}, strings.ToUpper(w)) {
+		bad("detector.hold_max_action", "%q: must refuse the mail (REJECT, DEFER or a 4xx/5xx code), not %s it", d.HoldMaxAction, strings.ToUpper(w))
 	}
 
 	co := &c.Callout

@@ -142,7 +142,7 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 	}
 
 	srv, err := detector.NewServer(detector.ServerConfig{
-		Handler:        d,
+		Handler:        newHoldGuard(cfg, d, log, reg),
 		Logger:         log.With("component", "policy"),
 		IdleTimeout:    cfg.Policy.IdleTimeout.D(),
 		RequestTimeout: cfg.Policy.RequestTimeout.D(),
