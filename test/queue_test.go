@@ -234,3 +234,144 @@ requests = %q
 		}
 	})
 }
+
+// TestRealPostfixBlockHoldsQueuedMail runs the whole chain: rcptguard
+// (in process) behind the submission Postfix blocks a spammer at the
+// limit, asks for a retroactive hold, and "rcptguard queue-hold" (started
+// here as the systemd path unit would) holds the spammer's message that
+// was already waiting in the deferred queue; later messages are held at
+// RCPT until detector.hold_max, then rejected.
+//
+//	swaks ──AUTH──▶ Postfix "submission" ──policy──▶ rcptguard ──callouts──▶ fake MX (550 5.1.1 for unknown users)
+//	                  └─ dest.test → greylisting fake MX (451: deferred)
+func TestRealPostfixBlockHoldsQueuedMail(t *testing.T) {
+	requireRealPostfix(t)
+	const (
+		spammer = "spammer@customer.test"
+		honest  = "honest@customer.test"
+	)
+	calloutMX := test.StartMX(t, test.MXConfig{Mailboxes: []string{"good@dest.test"}})
+	_, calloutPort, _ := strings.Cut(calloutMX.Addr, ":")
+	dns := test.StartDNS(t, `
+dest.test. 300 IN MX 10 mx.dest.test.
+mx.dest.test. 300 IN A 127.0.0.1
+`)
+	policyAddr := fmt.Sprintf("127.0.0.1:%d", test.FreePort(t))
+	s := test.StartDeferringSubmission(t, "dest.test", map[string]string{spammer: "spammer-secret", honest: "honest-secret"}, map[string]string{
+		"smtpd_recipient_restrictions": "check_policy_service { inet:" + policyAddr + ", timeout=10s, default_action=DUNNO }, " +
+			"permit_sasl_authenticated, reject_unauth_destination",
+	})
+
+	state := test.SharedTempDir(t)
+	requests := filepath.Join(state, "hold-requests")
+	configPath := filepath.Join(state, "rcptguard.toml")
+	config := fmt.Sprintf(`
+[policy]
+listen = [%q]
+
+[detector]
+limit = 2
+period = "1h"
+wait = "5s"
+hold_max = 2
+
+[callout]
+resolver = %q
+port = %s
+timeout = "5s"
+helo = "rcptguard.test"
+allow_private = true
+
+[blocklist]
+path = %q
+
+[notify]
+spool = %q
+
+[queue]
+postfix_config = %q
+requests = %q
+`, policyAddr, dns.Addr, calloutPort, filepath.Join(state, "blocklist"), filepath.Join(state, "spool"), s.ConfigDir, requests)
+	if err := os.WriteFile(configPath, []byte(config), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	d := startDaemon(t, configPath)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("rcptguard log:\n%s", d.logs)
+		}
+	})
+
+	honestID := s.Send(t, honest, honest, "honest mail", "good@dest.test")
+	// Two unknown recipients: counted, not past the limit; the message is
+	// accepted and waits in the deferred queue.
+	early := s.Send(t, spammer, honest, "spam before the block", "bad1@dest.test", "bad2@dest.test", "good@dest.test")
+	s.WaitDeferred(t, honestID, early)
+
+	// The path unit: start queue-hold whenever the directory is not empty.
+	type run struct {
+		requested, done time.Time
+		out             string
+		err             error
+	}
+	runs := make(chan run, 4)
+	ctx, cancel := context.WithCancel(context.Background())
+	stopped := make(chan struct{})
+	go func() {
+		defer close(stopped)
+		for ctx.Err() == nil {
+			entries, _ := os.ReadDir(requests)
+			if len(entries) > 0 {
+				fi, _ := entries[0].Info()
+				var requested time.Time
+				if fi != nil {
+					requested = fi.ModTime()
+				}
+				out, err := queueHoldProcess(t, configPath)
+				runs <- run{requested: requested, done: time.Now(), out: out, err: err}
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}()
+	t.Cleanup(func() { cancel(); <-stopped })
+
+	// The third unknown recipient passes the limit: blocked, this message
+	// is held at RCPT, and the daemon asks for the retroactive hold.
+	atBlock := s.Send(t, spammer, spammer, "spam that blocks", "bad3@dest.test")
+	var r run
+	select {
+	case r = <-runs:
+	case <-time.After(30 * time.Second):
+		t.Fatalf("no hold request within 30s of the block; requests directory %s", requests)
+	}
+	if r.err != nil {
+		t.Fatalf("queue-hold: %v\n%s", r.err, r.out)
+	}
+	in := s.QueueNames(t)
+	if in[early] != "hold" || in[atBlock] != "hold" {
+		t.Fatalf("after the block: early message in %q, blocking message in %q, want both in hold\nqueue-hold:\n%s", in[early], in[atBlock], r.out)
+	}
+	if in[honestID] != "deferred" {
+		t.Errorf("honest's message is in %q, want deferred", in[honestID])
+	}
+	if !strings.Contains(r.out, "held retroactively") || !strings.Contains(r.out, "queue_id="+early) {
+		t.Errorf("queue-hold did not log the retroactive hold of %s:\n%s", early, r.out)
+	}
+	t.Logf("retroactive hold: 1 deferred message held, %s from the daemon's request to held",
+		r.done.Sub(r.requested).Round(time.Millisecond))
+
+	// hold_max = 2: the blocking message was the first held at RCPT, this
+	// one the second; the next is refused.
+	second := s.Send(t, spammer, spammer, "second held", "good@dest.test")
+	if q := s.QueueNames(t)[second]; q != "hold" {
+		t.Errorf("second message after the block is in %q, want hold", q)
+	}
+	res, err := test.Swaks(t, test.SwaksMail{Server: s.Addr, User: spammer, Password: "spammer-secret",
+		From: spammer, To: []string{"good@dest.test"}, Subject: "past hold_max", Body: "x"})
+	if err == nil || !strings.Contains(res.Transcript, "account suspended") {
+		t.Errorf("message past hold_max was not rejected with the guard's text: %v\n%s", err, res.Transcript)
+	}
+	if !strings.Contains(d.logs.String(), "hold queue guard") {
+		t.Errorf("no guard log line:\n%s", d.logs)
+	}
+}
