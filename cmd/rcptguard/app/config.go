@@ -61,6 +61,7 @@ type DetectorConfig struct {
 	HoldMax       int      `toml:"hold_max"`
 	HoldMaxBytes  int64    `toml:"hold_max_bytes"`
 	HoldMaxAction string   `toml:"hold_max_action"`
+	UnblockAfter  Duration `toml:"unblock_after"`
 }
 
 // CalloutConfig is the [callout] section: recipient verification.
@@ -353,6 +354,9 @@ func (c *Config) Validate() []error {
 		}
 	}
 
+	if u := d.UnblockAfter.D(); u != 0 && (u < time.Minute || u > 365*24*time.Hour) {
+		bad("detector.unblock_after", "must be \"0s\" (off) or between 1m and 365d, got %s", u)
+	}
 	if d.HoldMax < 0 {
 		bad("detector.hold_max", "must be 0 (no limit) or more, got %d", d.HoldMax)
 	}

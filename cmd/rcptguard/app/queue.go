@@ -272,32 +272,47 @@ func unblockForQueue(ctx context.Context, cfg *Config, id string, stdout io.Writ
 	return nil
 }
 
-// withHoldRequests makes every block the detector makes also ask for a
-// retroactive hold of the identity's queued mail (queue.requests), when
-// that is on. The request is written only once the block is in the
-// blocklist file, where the root side checks it.
-func withHoldRequests(cfg *Config, b detector.Blocklist, log *slog.Logger) (detector.Blocklist, error) {
-	if cfg.Queue.Requests == "" {
+// withBlockHooks wraps the detector's blocklist so that every block the
+// detector makes is marked with its auto-unblock time
+// (detector.unblock_after) and, once in the blocklist file, asks for a
+// retroactive hold of the identity's queued mail (queue.requests). With
+// both off it returns b itself.
+func withBlockHooks(cfg *Config, b detector.Blocklist, log *slog.Logger) (detector.Blocklist, error) {
+	h := blockHooks{Blocklist: b, log: log, unblockAfter: cfg.Detector.UnblockAfter.D(), now: time.Now}
+	if cfg.Queue.Requests != "" {
+		if err := ensureDir(cfg.Queue.Requests, "queue.requests"); err != nil {
+			return nil, err
+		}
+		h.req = &queue.Requester{Dir: cfg.Queue.Requests}
+	}
+	if h.req == nil && h.unblockAfter <= 0 {
 		return b, nil
 	}
-	if err := ensureDir(cfg.Queue.Requests, "queue.requests"); err != nil {
-		return nil, err
-	}
-	return holdRequester{Blocklist: b, req: queue.Requester{Dir: cfg.Queue.Requests}, log: log}, nil
+	return h, nil
 }
 
-// holdRequester is a detector.Blocklist that asks for a retroactive hold
-// after each block.
-type holdRequester struct {
+// blockHooks is a detector.Blocklist that adds the auto-unblock mark and
+// asks for a retroactive hold after each block.
+type blockHooks struct {
 	detector.Blocklist
-	req queue.Requester
-	log *slog.Logger
+	req          *queue.Requester // nil: no retroactive hold
+	unblockAfter time.Duration    // 0: no auto-unblock
+	now          func() time.Time
+	log          *slog.Logger
 }
 
-func (h holdRequester) Block(ctx context.Context, id, action string) error {
+func (h blockHooks) Block(ctx context.Context, id, action string) error {
+	if h.unblockAfter > 0 {
+		action = markAutoUnblock(action, h.now().Add(h.unblockAfter))
+	}
 	if err := h.Blocklist.Block(ctx, id, action); err != nil {
-		h.log.Error("retroactive hold not requested: the block is not in the blocklist file yet", slog.String("identity", id), slog.Any("error", err))
+		if h.req != nil {
+			h.log.Error("retroactive hold not requested: the block is not in the blocklist file yet", slog.String("identity", id), slog.Any("error", err))
+		}
 		return err
+	}
+	if h.req == nil {
+		return nil
 	}
 	if err := h.req.Request(id); err != nil {
 		h.log.Error("retroactive hold not requested", slog.String("identity", id), slog.Any("error", err))

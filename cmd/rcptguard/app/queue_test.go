@@ -47,13 +47,15 @@ func TestQueueConfigValidation(t *testing.T) {
 
 // fakeBlocklist records blocks; it fails when err is set.
 type fakeBlocklist struct {
-	err     error
-	blocked []string
+	err        error
+	blocked    []string
+	lastAction string
 }
 
 func (f *fakeBlocklist) Blocked(string) (string, bool) { return "", false }
-func (f *fakeBlocklist) Block(_ context.Context, id, _ string) error {
+func (f *fakeBlocklist) Block(_ context.Context, id, action string) error {
 	f.blocked = append(f.blocked, id)
+	f.lastAction = action
 	return f.err
 }
 
@@ -64,7 +66,7 @@ func TestHoldRequestAfterBlock(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "requests")
 	cfg := &Config{Queue: QueueConfig{Requests: dir}}
 	fb := &fakeBlocklist{}
-	b, err := withHoldRequests(cfg, fb, slog.New(slog.DiscardHandler))
+	b, err := withBlockHooks(cfg, fb, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -84,7 +86,7 @@ func TestHoldRequestAfterBlock(t *testing.T) {
 	}
 
 	// Off: the blocklist is used as it is.
-	off, err := withHoldRequests(&Config{}, fb, nil)
+	off, err := withBlockHooks(&Config{}, fb, nil)
 	if err != nil || off != fb {
 		t.Fatalf("queue.requests empty: got %T %v, want the blocklist itself", off, err)
 	}

@@ -123,7 +123,7 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 
 	dcfg := detectorConfig(cfg, limits)
 	dcfg.Verifier = verifier
-	if dcfg.Blocklist, err = withHoldRequests(cfg, newBlocklistAdapter(bl), log); err != nil {
+	if dcfg.Blocklist, err = withBlockHooks(cfg, newBlocklistAdapter(bl), log); err != nil {
 		return err
 	}
 	dcfg.Notifier = reportNotifier{log: log, mailer: mailer}
@@ -239,6 +239,9 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 		close(mailDone)
 	}
 	wg.Go(func() { housekeeping(ctx, d, bl, metrics) })
+	if cfg.Detector.UnblockAfter > 0 {
+		wg.Go(func() { autoUnblock(ctx, bl, 30*time.Second, time.Now, d.Limiter().Forget, log) })
+	}
 	wg.Go(func() { reloadOnHUP(ctx, hup, cfg, d, log) })
 
 	<-ctx.Done()
