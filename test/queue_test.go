@@ -86,6 +86,10 @@ func TestRealPostfixQueue(t *testing.T) {
 	s.WaitDeferred(t, append(slices.Clone(spam), others...)...)
 	sort.Strings(spam)
 
+	if dir, err := queue.Directory(context.Background(), s.ConfigDir); err != nil || dir != s.QueueDir {
+		t.Errorf("queue.Directory = %q, %v; want %q", dir, err, s.QueueDir)
+	}
+
 	state := test.SharedTempDir(t)
 	requests := filepath.Join(state, "hold-requests")
 	if err := os.Mkdir(requests, 0o755); err != nil {

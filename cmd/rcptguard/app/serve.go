@@ -24,6 +24,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/rcptguard/rcptguard/blocklist"
+	"github.com/rcptguard/rcptguard/cmd/rcptguard/queue"
 	"github.com/rcptguard/rcptguard/detector"
 )
 
@@ -239,6 +240,11 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 		close(mailDone)
 	}
 	wg.Go(func() { housekeeping(ctx, d, bl, metrics) })
+	if dir, err := queue.Directory(ctx, cfg.Queue.PostfixConfig); err != nil {
+		log.Warn("queue disk space not watched", slog.Any("error", err))
+	} else {
+		wg.Go(func() { watchQueueSpace(ctx, dir, 30*time.Second, queue.FreeSpace, reg, log) })
+	}
 	if cfg.Detector.UnblockAfter > 0 {
 		wg.Go(func() { autoUnblock(ctx, bl, 30*time.Second, time.Now, d.Limiter().Forget, log) })
 	}
