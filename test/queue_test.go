@@ -173,6 +173,28 @@ requests = %q
 		}
 	})
 
+	t.Run("operations stay in their queues", func(t *testing.T) {
+		q, err := queue.New(queue.Config{PostfixConfig: s.ConfigDir})
+		if err != nil {
+			t.Fatal(err)
+		}
+		// Delete limited to the hold queue does not touch deferred mail,
+		// and release does not touch mail that is not held.
+		if err := q.Apply(context.Background(), queue.OpDelete, others, "hold"); err != nil {
+			t.Fatal(err)
+		}
+		if err := q.Apply(context.Background(), queue.OpRelease, others, "hold"); err != nil {
+			t.Fatal(err)
+		}
+		assertQueues(t, others, "deferred")
+		assertQueues(t, spam, "hold")
+		// An ID that could be an option never reaches postsuper.
+		if err := q.Apply(context.Background(), queue.OpDelete, []string{spam[0], "-s"}, "hold"); err == nil {
+			t.Fatal("Apply accepted the queue ID \"-s\"")
+		}
+		assertQueues(t, spam, "hold")
+	})
+
 	t.Run("held lists the identity's held mail", func(t *testing.T) {
 		out := runCLI(t, "held", "-config", configPath, spammer)
 		for _, id := range spam {

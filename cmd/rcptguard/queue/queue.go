@@ -89,15 +89,20 @@ func lookPath(name string) string {
 var errOutputCap = errors.New("output cap reached")
 
 // cappedBuffer keeps the first max bytes written to it and then fails,
-// which ends the copy from the command (it gets SIGPIPE or EPIPE).
+// which ends the copy from the command (it gets SIGPIPE or EPIPE); with
+// swallow set it discards the rest instead.
 type cappedBuffer struct {
-	buf bytes.Buffer
-	max int
+	buf     bytes.Buffer
+	max     int
+	swallow bool
 }
 
 func (c *cappedBuffer) Write(p []byte) (int, error) {
 	if room := c.max - c.buf.Len(); len(p) > room {
 		c.buf.Write(p[:max(room, 0)])
+		if c.swallow {
+			return len(p), nil
+		}
 		return max(room, 0), errOutputCap
 	}
 	return c.buf.Write(p)
@@ -118,7 +123,7 @@ func (q *Queue) run(ctx context.Context, prog string, stdin io.Reader, maxOut in
 	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C"}
 	cmd.Stdin = stdin
 	stdout := &cappedBuffer{max: maxOut}
-	stderr := &cappedBuffer{max: 4096}
+	stderr := &cappedBuffer{max: 4096, swallow: true}
 	cmd.Stdout, cmd.Stderr = stdout, stderr
 	err = cmd.Run()
 	truncated = errors.Is(err, errOutputCap)

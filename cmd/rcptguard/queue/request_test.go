@@ -103,3 +103,14 @@ func TestTakeRequestsNotADirectory(t *testing.T) {
 		t.Error("TakeRequests followed a symbolic link to a directory")
 	}
 }
+
+func TestCappedBuffer(t *testing.T) {
+	c := &cappedBuffer{max: 4}
+	if n, err := c.Write([]byte("abcdef")); n != 4 || err == nil || c.buf.String() != "abcd" {
+		t.Errorf("capped: %d %v %q", n, err, c.buf.String())
+	}
+	s := &cappedBuffer{max: 4, swallow: true}
+	if n, err := s.Write([]byte("abcdef")); n != 6 || err != nil || s.buf.String() != "abcd" {
+		t.Errorf("swallowing: %d %v %q", n, err, s.buf.String())
+	}
+}
