@@ -1,7 +1,6 @@
 package test_test
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"os"
@@ -14,18 +13,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/rcptguard/rcptguard/cmd/rcptguard/app"
 	"github.com/rcptguard/rcptguard/cmd/rcptguard/queue"
 	"github.com/rcptguard/rcptguard/test"
 )
-
-// runCLIErr runs a rcptguard command in process and returns its output
-// and error.
-func runCLIErr(args ...string) (stdout, stderr string, err error) {
-	var out, errOut bytes.Buffer
-	err = app.Run(context.Background(), args, &out, &errOut)
-	return out.String(), errOut.String(), err
-}
 
 // queueHoldProcess runs "rcptguard queue-hold" as its own process (the
 // test binary re-executed, see TestMain), as the systemd path unit would.
