@@ -34,27 +34,27 @@ import (
 const (
 	requestPrefix = "hold-"
 	requestSuffix = ".req"
-	tempPrefix    = ".tmp-"
+	tempPrefix    = ".rcptguard-hold-request-"
 	// maxRequestSize bounds a request file read.
 	maxRequestSize = 1024
 	// MaxRequestsPerRun bounds the requests TakeRequests reads in one
 	// run; the rest stay for the next (the path unit starts it again
 	// while the directory is not empty).
 	MaxRequestsPerRun = 1000
-	// staleTemp is the age past which a temporary file left by a
-	// crashed writer is removed.
-	staleTemp = time.Minute
 )
 
 // Requester writes hold requests. Its methods are safe for concurrent use.
 type Requester struct {
-	// Dir is the request directory; it must exist.
+	// Dir is the request directory; it must exist. Its parent directory
+	// must be writable too, and on the same file system: the request is
+	// written there first.
 	Dir string
 }
 
 // Request asks for identity's queued mail to be held: it writes a request
-// file atomically (a temporary file, then a rename), so that the reader
-// never sees a partial request.
+// file in Dir's parent directory and renames it into Dir, so that Dir only
+// ever holds complete requests (a systemd path unit with
+// DirectoryNotEmpty= starts the reader as soon as Dir has an entry).
 func (r Requester) Request(identity string) error {
 	if !validIdentity(identity) {
 		return fmt.Errorf("queue: hold request: %q is not an identity", printable(identity, 80))
@@ -62,7 +62,7 @@ func (r Requester) Request(identity string) error {
 	var rnd [8]byte
 	_, _ = rand.Read(rnd[:])
 	name := fmt.Sprintf("%d-%s", time.Now().UnixNano(), hex.EncodeToString(rnd[:]))
-	tmp := filepath.Join(r.Dir, tempPrefix+name)
+	tmp := filepath.Join(filepath.Dir(filepath.Clean(r.Dir)), tempPrefix+name)
 	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
 	if err != nil {
 		return fmt.Errorf("queue: hold request: %w", err)
@@ -91,9 +91,10 @@ type HoldRequest struct {
 
 // TakeRequests reads and removes the request files in dir (at most
 // MaxRequestsPerRun), and returns the valid ones not older than maxAge,
-// one per identity (the latest). Every file it reads is removed, valid or
-// not; problems describe the ones refused. Symbolic links, FIFOs and
-// other non-regular files are never opened, only removed.
+// one per identity (the latest). Every entry is removed, valid or not;
+// problems describe the ones refused. Symbolic links, FIFOs and other
+// non-regular files are never opened, only removed (a directory that is
+// not empty stays, and is reported).
 func TakeRequests(dir string, now time.Time, maxAge time.Duration) (reqs []HoldRequest, problems []error, err error) {
 	st, err := os.Lstat(dir)
 	if err != nil {
@@ -114,12 +115,6 @@ func TakeRequests(dir string, now time.Time, maxAge time.Duration) (reqs []HoldR
 	byID := map[string]int{}
 	for _, name := range names {
 		path := filepath.Join(dir, name)
-		if strings.HasPrefix(name, tempPrefix) {
-			if fi, err := os.Lstat(path); err == nil && now.Sub(fi.ModTime()) > staleTemp {
-				_ = os.Remove(path)
-			}
-			continue
-		}
 		req, err := readRequest(path, name, now, maxAge)
 		if rerr := os.Remove(path); rerr != nil && !errors.Is(rerr, os.ErrNotExist) && err == nil {
 			err = fmt.Errorf("cannot remove it: %w", rerr)

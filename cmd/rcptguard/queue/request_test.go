@@ -10,7 +10,10 @@ import (
 )
 
 func TestRequestRoundTrip(t *testing.T) {
-	dir := t.TempDir()
+	dir := filepath.Join(t.TempDir(), "requests")
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
 	r := Requester{Dir: dir}
 	for _, id := range []string{"spammer@customer.test", "Spammer@Customer.test", "other@customer.test"} {
 		if err := r.Request(id); err != nil {
@@ -35,6 +38,9 @@ func TestRequestRoundTrip(t *testing.T) {
 	}
 	if left, _ := os.ReadDir(dir); len(left) != 0 {
 		t.Errorf("requests left after TakeRequests: %v", left)
+	}
+	if left, _ := os.ReadDir(filepath.Dir(dir)); len(left) != 1 {
+		t.Errorf("temporary files left beside the request directory: %v", left)
 	}
 }
 
@@ -64,8 +70,7 @@ func TestTakeRequestsRefuses(t *testing.T) {
 	write("hold-big.req", strings.Repeat("a", 2000)+"\n", now)
 	write("hold-space.req", "a b\n", now)
 	write("other-name", "a@customer.test\n", now)
-	write(".tmp-fresh", "partial", now)
-	write(".tmp-crashed", "partial", now.Add(-time.Hour))
+	write(".hidden", "a@customer.test\n", now)
 	write("hold-future.req", "future@customer.test\n", now.Add(time.Hour))
 	if err := os.Symlink(outside, filepath.Join(dir, "hold-link.req")); err != nil {
 		t.Fatal(err)
@@ -81,12 +86,11 @@ func TestTakeRequestsRefuses(t *testing.T) {
 	if len(reqs) != 1 || reqs[0].Identity != "future@customer.test" || !reqs[0].Time.Equal(now) {
 		t.Fatalf("accepted %+v, want only future@customer.test dated now", reqs)
 	}
-	if len(problems) != 8 {
-		t.Errorf("%d problems, want 8 (stale, two, noeol, big, space, other-name, link, fifo):\n%v", len(problems), problems)
+	if len(problems) != 9 {
+		t.Errorf("%d problems, want 9 (stale, two, noeol, big, space, other-name, hidden, link, fifo):\n%v", len(problems), problems)
 	}
-	left, _ := os.ReadDir(dir)
-	if len(left) != 1 || left[0].Name() != ".tmp-fresh" {
-		t.Errorf("left in the directory: %v, want only the fresh temporary file", left)
+	if left, _ := os.ReadDir(dir); len(left) != 0 {
+		t.Errorf("left in the directory: %v, want nothing", left)
 	}
 	if b, err := os.ReadFile(outside); err != nil || string(b) != "victim@customer.test\n" {
 		t.Errorf("the link's target was changed: %q %v", b, err)
