@@ -31,6 +31,12 @@ Commands:
   unblock [-config FILE] IDENTITY
   health  [-config FILE]                   check that the running service answers
   doctor  [-config FILE] [-postfix-config DIR]  check the Postfix integration
+  held    [-config FILE] [IDENTITY]         held mail per identity (root)
+  release [-config FILE] [-n] IDENTITY      unblock, then release its held mail (root)
+  purge   [-config FILE] [-n] [-keep-block=false] IDENTITY
+                                           delete its held mail (root)
+  queue-hold [-config FILE]                hold blocked identities' queued mail on the
+                                           daemon's requests (root; systemd path unit)
   notify-test [-config FILE]               send a sample abuse report now
   version                                  print version, commit and Go version
 
@@ -82,6 +88,14 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return cmdHealth(ctx, args, stdout, stderr)
 	case "doctor":
 		return cmdDoctor(ctx, args, stdout, stderr)
+	case "held":
+		return cmdHeld(ctx, args, stdout, stderr)
+	case "release":
+		return cmdRelease(ctx, args, stdout, stderr)
+	case "purge":
+		return cmdPurge(ctx, args, stdout, stderr)
+	case "queue-hold":
+		return cmdQueueHold(ctx, args, stdout, stderr)
 	case "version", "-version", "--version":
 		fmt.Fprintln(stdout, versionString())
 		return nil

@@ -29,6 +29,7 @@ type Config struct {
 	Detector  DetectorConfig  `toml:"detector"`
 	Callout   CalloutConfig   `toml:"callout"`
 	Blocklist BlocklistConfig `toml:"blocklist"`
+	Queue     QueueConfig     `toml:"queue"`
 	Notify    NotifyConfig    `toml:"notify"`
 	Metrics   MetricsConfig   `toml:"metrics"`
 	Log       LogConfig       `toml:"log"`
@@ -59,6 +60,10 @@ type DetectorConfig struct {
 	LocalDomains  []string `toml:"local_domains"`
 	Exempt        []string `toml:"exempt"`
 	LimitsFile    string   `toml:"limits_file"`
+	HoldMax       int      `toml:"hold_max"`
+	HoldMaxBytes  int64    `toml:"hold_max_bytes"`
+	HoldMaxAction string   `toml:"hold_max_action"`
+	UnblockAfter  Duration `toml:"unblock_after"`
 }
 
 // CalloutConfig is the [callout] section: recipient verification.
@@ -92,6 +97,13 @@ type CalloutConfig struct {
 // BlocklistConfig is the [blocklist] section.
 type BlocklistConfig struct {
 	Path string `toml:"path"`
+}
+
+// QueueConfig is the [queue] section: Postfix's queue, for the held-mail
+// commands and the retroactive hold.
+type QueueConfig struct {
+	PostfixConfig string `toml:"postfix_config"`
+	Requests      string `toml:"requests"`
 }
 
 // NotifyConfig is the [notify] section: abuse reports.
@@ -140,6 +152,9 @@ func defaultConfig() Config {
 			RelayNetworks: []string{},
 			LocalDomains:  []string{},
 			Exempt:        []string{},
+			HoldMax:       1000,
+			HoldMaxBytes:  1 << 30,
+			HoldMaxAction: "REJECT 5.7.1 account suspended, contact support",
 		},
 		Callout: CalloutConfig{
 			Port:             25,
@@ -164,6 +179,7 @@ func defaultConfig() Config {
 			SessionRate:       600,
 		},
 		Blocklist: BlocklistConfig{Path: "/var/lib/rcptguard/blocklist"},
+		Queue:     QueueConfig{Requests: "/var/lib/rcptguard/hold-requests"},
 		Notify: NotifyConfig{
 			To:       []string{},
 			From:     "rcptguard@localhost",
@@ -351,6 +367,21 @@ func (c *Config) Validate() []error {
 		}
 	}
 
+	if u := d.UnblockAfter.D(); u != 0 && (u < time.Minute || u > 365*24*time.Hour) {
+		bad("detector.unblock_after", "must be \"0s\" (off) or between 1m and 365d, got %s", u)
+	}
+	if d.HoldMax < 0 {
+		bad("detector.hold_max", "must be 0 (no limit) or more, got %d", d.HoldMax)
+	}
+	if d.HoldMaxBytes < 0 {
+		bad("detector.hold_max_bytes", "must be 0 (no limit) or more, got %d", d.HoldMaxBytes)
+	}
+	if err := checkAction(d.HoldMaxAction); err != nil {
+		bad("detector.hold_max_action", "%v", err)
+	} else if w, _, _ := strings.Cut(d.HoldMaxAction, " "); slices.Contains([]string{"HOLD", "DUNNO", "WARN", "DISCARD"}, strings.ToUpper(w)) {
+		bad("detector.hold_max_action", "%q: must refuse the mail (REJECT, DEFER or a 4xx/5xx code), not %s it", d.HoldMaxAction, strings.ToUpper(w))
+	}
+
 	co := &c.Callout
 	if co.Resolver != "" {
 		if err := checkHostPort(co.Resolver); err != nil {
@@ -420,6 +451,13 @@ func (c *Config) Validate() []error {
 
 	if c.Blocklist.Path == "" || !strings.HasPrefix(c.Blocklist.Path, "/") {
 		bad("blocklist.path", "must be an absolute path, got %q", c.Blocklist.Path)
+	}
+
+	if p := c.Queue.PostfixConfig; p != "" && !strings.HasPrefix(p, "/") {
+		bad("queue.postfix_config", "must be an absolute path or empty (Postfix's default), got %q", p)
+	}
+	if p := c.Queue.Requests; p != "" && !strings.HasPrefix(p, "/") {
+		bad("queue.requests", "must be an absolute path or empty (no retroactive hold), got %q", p)
 	}
 
 	n := &c.Notify

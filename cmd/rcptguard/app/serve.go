@@ -24,6 +24,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/rcptguard/rcptguard/blocklist"
+	"github.com/rcptguard/rcptguard/cmd/rcptguard/queue"
 	"github.com/rcptguard/rcptguard/detector"
 )
 
@@ -130,7 +131,9 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 
 	dcfg := detectorConfig(cfg, limits)
 	dcfg.Verifier = verifier
-	dcfg.Blocklist = newBlocklistAdapter(bl)
+	if dcfg.Blocklist, err = withBlockHooks(cfg, newBlocklistAdapter(bl), log); err != nil {
+		return err
+	}
 	dcfg.Notifier = reportNotifier{log: log, mailer: mailer}
 	dcfg.Logger = log
 	dcfg.Metrics = metrics
@@ -147,7 +150,7 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 	}
 
 	srv, err := detector.NewServer(detector.ServerConfig{
-		Handler:        d,
+		Handler:        newHoldGuard(cfg, d, log, reg),
 		Logger:         log.With("component", "policy"),
 		IdleTimeout:    cfg.Policy.IdleTimeout.D(),
 		RequestTimeout: cfg.Policy.RequestTimeout.D(),
@@ -239,6 +242,14 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 		close(mailDone)
 	}
 	wg.Go(func() { housekeeping(ctx, d, bl, metrics) })
+	if dir, err := queue.Directory(ctx, cfg.Queue.PostfixConfig); err != nil {
+		log.Warn("queue disk space not watched", slog.Any("error", err))
+	} else {
+		wg.Go(func() { watchQueueSpace(ctx, dir, 30*time.Second, queue.FreeSpace, reg, log) })
+	}
+	if cfg.Detector.UnblockAfter > 0 {
+		wg.Go(func() { autoUnblock(ctx, bl, 30*time.Second, time.Now, d.Limiter().Forget, log) })
+	}
 	wg.Go(func() { reloadOnHUP(ctx, hup, cfg, d, log) })
 
 	<-ctx.Done()

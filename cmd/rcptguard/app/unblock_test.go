@@ -1,0 +1,104 @@
+package app
+
+import (
+	"context"
+	"log/slog"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/rcptguard/rcptguard/blocklist"
+)
+
+func TestAutoUnblockMark(t *testing.T) {
+	at := time.Date(2026, 11, 30, 22, 0, 0, 0, time.UTC)
+	cases := []struct{ action, want string }{
+		{"HOLD", "HOLD [auto-unblock 2026-11-30T22:00:00Z]"},
+		{"HOLD rcptguard: x blocked", "HOLD [auto-unblock 2026-11-30T22:00:00Z] rcptguard: x blocked"},
+	}
+	for _, c := range cases {
+		got := markAutoUnblock(c.action, at)
+		if got != c.want {
+			t.Errorf("markAutoUnblock(%q) = %q, want %q", c.action, got, c.want)
+		}
+		_, text, _ := strings.Cut(got, " ")
+		if back, ok := autoUnblockAt(text); !ok || !back.Equal(at) {
+			t.Errorf("autoUnblockAt(%q) = %v %v, want %v", text, back, ok, at)
+		}
+	}
+	for _, text := range []string{"", "blocked by hand", "[auto-unblock never]", "[auto-unblock 2026-11-30T22:00:00Z", "x [auto-unblock 2026-11-30T22:00:00Z]"} {
+		if _, ok := autoUnblockAt(text); ok {
+			t.Errorf("autoUnblockAt(%q) found a mark", text)
+		}
+	}
+}
+
+// TestAutoUnblock: a daemon's block past its mark is lifted and its count
+// forgotten; a block not due yet and a block by hand stay.
+func TestAutoUnblock(t *testing.T) {
+	dir := t.TempDir()
+	bl, _, err := blocklist.Open(blocklist.Config{Path: filepath.Join(dir, "blocklist")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Date(2026, 11, 30, 12, 0, 0, 0, time.UTC)
+	fb := &fakeBlocklist{}
+	hooks, err := withBlockHooks(&Config{Detector: DetectorConfig{UnblockAfter: Duration(time.Hour)}}, fb, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := hooks.(blockHooks)
+	h.now = func() time.Time { return now.Add(-2 * time.Hour) }
+	add := func(id, action string) {
+		t.Helper()
+		word, text, _ := strings.Cut(action, " ")
+		if err := bl.Add(context.Background(), blocklist.Entry{Identity: id, Action: word, Text: text}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The hook marks the action it passes on.
+	if err := h.Block(context.Background(), "due@example.com", "HOLD blocked"); err != nil {
+		t.Fatal(err)
+	}
+	add("due@example.com", fb.lastAction)
+	add("later@example.com", markAutoUnblock("HOLD blocked", now.Add(time.Minute)))
+	add("byhand@example.com", "HOLD blocked by hand")
+
+	var mu sync.Mutex
+	var forgotten []string
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		autoUnblock(ctx, bl, 10*time.Millisecond, func() time.Time { return now }, func(id string) {
+			mu.Lock()
+			forgotten = append(forgotten, id)
+			mu.Unlock()
+		}, slog.New(slog.DiscardHandler))
+	}()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		if _, ok := bl.Lookup("due@example.com"); !ok {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the due block was not lifted within 5s")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	cancel()
+	<-done
+	for _, id := range []string{"later@example.com", "byhand@example.com"} {
+		if _, ok := bl.Lookup(id); !ok {
+			t.Errorf("%s was unblocked", id)
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if !slices.Equal(forgotten, []string{"due@example.com"}) {
+		t.Errorf("forgotten %v, want [due@example.com]", forgotten)
+	}
+}
