@@ -42,6 +42,9 @@ func (p Peer) key() Peer {
 	return Peer{Addr: p.Addr.Unmap()}
 }
 
+// peerLookupTimeout bounds the identification of one peer.
+const peerLookupTimeout = time.Second
+
 // PeerIdentifier tells who is at the other end of a connection. The
 // Server's default, SystemPeers, asks the kernel.
 type PeerIdentifier interface {

@@ -13,10 +13,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// peerLookupTimeout bounds one sock_diag question when ctx has no
-// deadline.
-const peerLookupTimeout = time.Second
-
 // unixPeerUID returns the user of the process that connected c, as the
 // kernel recorded it at connect(2).
 func unixPeerUID(c *net.UnixConn) (uint32, error) {
@@ -39,31 +35,31 @@ func unixPeerUID(c *net.UnixConn) (uint32, error) {
 
 // tcpPeerUID finds the socket on this host whose local end is peer and
 // remote end is us, and returns its owner. found is false when there is no
-// such socket: the peer is on another host. The socket must be
-// established: a client that closed already (or a kernel time-wait entry,
-// shown as uid 0) is an error.
+// such socket: the peer is on another host. A socket no process holds
+// (a client that closed already, or a kernel time-wait entry, shown as
+// uid 0) is an error.
 //
 // It asks sock_diag for exactly that socket, and reads /proc/net/tcp and
 // /proc/net/tcp6 when sock_diag cannot answer (no inet_diag module) or
 // finds nothing (the kernel answers ENOENT for both).
 func tcpPeerUID(ctx context.Context, peer, us netip.AddrPort) (uid uint32, found bool, err error) {
-	uid, state, found, diagErr := sockDiagFind(ctx, peer, us)
+	sock, found, diagErr := sockDiagFind(ctx, peer, us)
 	if diagErr != nil || !found {
 		var procErr error
-		uid, state, found, procErr = procNetFind(peer, us)
+		sock, found, procErr = procNetFind(peer, us)
 		if procErr != nil {
 			return 0, false, errors.Join(diagErr, procErr)
 		}
 	}
-	if found && state != tcpEstablished {
-		return 0, false, fmt.Errorf("%w: state %d", errPeerNotEstablished, state)
+	if found && !sock.owned() {
+		return 0, false, fmt.Errorf("%w: state %d", errPeerNotEstablished, sock.state)
 	}
-	return uid, found, nil
+	return sock.uid, found, nil
 }
 
 // procNetFind looks for the socket in /proc/net/tcp, then /proc/net/tcp6
 // (which holds IPv6 sockets, v4-mapped ones included).
-func procNetFind(local, remote netip.AddrPort) (uint32, uint8, bool, error) {
+func procNetFind(local, remote netip.AddrPort) (tcpSocket, bool, error) {
 	files := []string{"/proc/net/tcp6"}
 	if local.Addr().Unmap().Is4() {
 		files = []string{"/proc/net/tcp", "/proc/net/tcp6"}
@@ -74,15 +70,15 @@ func procNetFind(local, remote netip.AddrPort) (uint32, uint8, bool, error) {
 			continue // no IPv6 in this kernel
 		}
 		if err != nil {
-			return 0, 0, false, err
+			return tcpSocket{}, false, err
 		}
-		uid, st, found, err := procNetTCPFind(f, local, remote)
+		sock, found, err := procNetTCPFind(f, local, remote)
 		_ = f.Close()
 		if err != nil || found {
-			return uid, st, found, err
+			return sock, found, err
 		}
 	}
-	return 0, 0, false, nil
+	return tcpSocket{}, false, nil
 }
 
 // sock_diag wire format (linux/inet_diag.h).
@@ -97,36 +93,36 @@ const (
 // sockDiagFind asks the kernel (NETLINK_SOCK_DIAG, an exact lookup by the
 // four-tuple) for the TCP socket whose local end is local and remote end
 // is remote.
-func sockDiagFind(ctx context.Context, local, remote netip.AddrPort) (uid uint32, state uint8, found bool, err error) {
+func sockDiagFind(ctx context.Context, local, remote netip.AddrPort) (sock tcpSocket, found bool, err error) {
 	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, unix.NETLINK_SOCK_DIAG)
 	if err != nil {
-		return 0, 0, false, fmt.Errorf("sock_diag: %w", err)
+		return tcpSocket{}, false, fmt.Errorf("sock_diag: %w", err)
 	}
 	defer func() { _ = unix.Close(fd) }()
 	deadline, ok := ctx.Deadline()
 	if !ok {
-		deadline = time.Now().Add(peerLookupTimeout)
+		deadline = time.Now().Add(peerLookupTimeout) // never without one
 	}
 	wait := max(time.Until(deadline), time.Millisecond)
 	tv := unix.NsecToTimeval(wait.Nanoseconds())
 	if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv); err != nil {
-		return 0, 0, false, fmt.Errorf("sock_diag: %w", err)
+		return tcpSocket{}, false, fmt.Errorf("sock_diag: %w", err)
 	}
 	if err := unix.Sendto(fd, inetDiagRequest(local, remote), 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
-		return 0, 0, false, fmt.Errorf("sock_diag: send: %w", err)
+		return tcpSocket{}, false, fmt.Errorf("sock_diag: send: %w", err)
 	}
 	buf := make([]byte, 8192)
 	for {
 		n, from, err := unix.Recvfrom(fd, buf, 0)
 		if err != nil {
-			return 0, 0, false, fmt.Errorf("sock_diag: receive: %w", err)
+			return tcpSocket{}, false, fmt.Errorf("sock_diag: receive: %w", err)
 		}
 		if nl, ok := from.(*unix.SockaddrNetlink); !ok || nl.Pid != 0 {
 			continue // not from the kernel
 		}
-		uid, state, found, done, err := inetDiagParse(buf[:n], local, remote)
+		sock, found, done, err := inetDiagParse(buf[:n], local, remote)
 		if done || err != nil {
-			return uid, state, found, err
+			return sock, found, err
 		}
 	}
 }
@@ -170,14 +166,14 @@ func inetDiagRequest(local, remote netip.AddrPort) []byte {
 // inetDiagParse reads the kernel's answer to inetDiagRequest. done is true
 // once the answer is complete: a socket (found), or an error message
 // (ENOENT: not found).
-func inetDiagParse(b []byte, local, remote netip.AddrPort) (uid uint32, state uint8, found, done bool, err error) {
+func inetDiagParse(b []byte, local, remote netip.AddrPort) (sock tcpSocket, found, done bool, err error) {
 	ne := binary.NativeEndian
 	for len(b) >= nlmsgHdrLen {
 		l := int(ne.Uint32(b[0:]))
 		typ := ne.Uint16(b[4:])
 		seq := ne.Uint32(b[8:])
 		if l < nlmsgHdrLen || l > len(b) {
-			return 0, 0, false, true, fmt.Errorf("sock_diag: malformed answer (length %d of %d)", l, len(b))
+			return tcpSocket{}, false, true, fmt.Errorf("sock_diag: malformed answer (length %d of %d)", l, len(b))
 		}
 		msg := b[nlmsgHdrLen:l]
 		b = b[min(len(b), (l+3)&^3):]
@@ -187,26 +183,26 @@ func inetDiagParse(b []byte, local, remote netip.AddrPort) (uid uint32, state ui
 		switch typ {
 		case unix.NLMSG_ERROR:
 			if len(msg) < 4 {
-				return 0, 0, false, true, errors.New("sock_diag: short error answer")
+				return tcpSocket{}, false, true, errors.New("sock_diag: short error answer")
 			}
 			errno := -int32(ne.Uint32(msg))
 			if errno == int32(unix.ENOENT) {
-				return 0, 0, false, true, nil
+				return tcpSocket{}, false, true, nil
 			}
-			return 0, 0, false, true, fmt.Errorf("sock_diag: %w", unix.Errno(errno))
+			return tcpSocket{}, false, true, fmt.Errorf("sock_diag: %w", unix.Errno(errno))
 		case unix.SOCK_DIAG_BY_FAMILY:
 			if len(msg) < inetDiagMsgLen {
-				return 0, 0, false, true, errors.New("sock_diag: short answer")
+				return tcpSocket{}, false, true, errors.New("sock_diag: short answer")
 			}
 			// The kernel answers for the socket it found; check it is the one
 			// asked for.
 			if got := inetDiagAnswerPorts(msg); got != [2]uint16{local.Port(), remote.Port()} {
-				return 0, 0, false, true, fmt.Errorf("sock_diag: answer for ports %v, asked %d,%d", got, local.Port(), remote.Port())
+				return tcpSocket{}, false, true, fmt.Errorf("sock_diag: answer for ports %v, asked %d,%d", got, local.Port(), remote.Port())
 			}
-			return ne.Uint32(msg[64:]), msg[1], true, true, nil
+			return tcpSocket{uid: ne.Uint32(msg[64:]), state: msg[1], inode: uint64(ne.Uint32(msg[68:]))}, true, true, nil
 		}
 	}
-	return 0, 0, false, false, nil
+	return tcpSocket{}, false, false, nil
 }
 
 func inetDiagAnswerPorts(msg []byte) [2]uint16 {

@@ -83,13 +83,13 @@ func TestSystemPeersLocal(t *testing.T) {
 			}
 			// Both ways to find the owner work on their own.
 			peer, us := unmapPort(tcpAddrPort(server.RemoteAddr())), unmapPort(tcpAddrPort(server.LocalAddr()))
-			uid, st, found, err := sockDiagFind(context.Background(), peer, us)
-			if err != nil || !found || uid != me || st != tcpEstablished {
-				t.Errorf("sock_diag: uid %d state %d found %v err %v", uid, st, found, err)
+			sock, found, err := sockDiagFind(context.Background(), peer, us)
+			if err != nil || !found || sock.uid != me || sock.state != tcpEstablished || sock.inode == 0 {
+				t.Errorf("sock_diag: %+v found %v err %v", sock, found, err)
 			}
-			uid, st, found, err = procNetFind(peer, us)
-			if err != nil || !found || uid != me || st != tcpEstablished {
-				t.Errorf("/proc/net/tcp: uid %d state %d found %v err %v", uid, st, found, err)
+			sock, found, err = procNetFind(peer, us)
+			if err != nil || !found || sock.uid != me || sock.state != tcpEstablished || sock.inode == 0 {
+				t.Errorf("/proc/net/tcp: %+v found %v err %v", sock, found, err)
 			}
 			_ = client
 		})
@@ -98,13 +98,18 @@ func TestSystemPeersLocal(t *testing.T) {
 
 // TestSystemPeersClosedClient: a loopback client that connected, wrote
 // and closed before it was looked at is refused, never taken for the
-// owner the kernel shows for what is left of its socket.
+// owner the kernel shows for what is left of its socket. One that only
+// half-closed still holds its socket and is identified.
 func TestSystemPeersClosedClient(t *testing.T) {
 	if runtime.GOOS != "linux" {
 		t.Skip("peer identification needs Linux")
 	}
 	client, server := peerPair(t, "tcp", "127.0.0.1:0")
 	_, _ = client.Write([]byte("request=smtpd_access_policy\n\n"))
+	_ = client.(*net.TCPConn).CloseWrite()
+	if p, err := (SystemPeers{}).Identify(context.Background(), server); err != nil || p.UID != uint32(os.Geteuid()) {
+		t.Fatalf("half-closed client: %+v, %v", p, err)
+	}
 	_ = client.Close()
 	deadline := time.Now().Add(srvTestWait)
 	for {
@@ -171,6 +176,7 @@ func TestProcNetTCPFind(t *testing.T) {
 		{"empty", "", "127.0.0.1:1", "127.0.0.1:2", 0, 0, false, ""},
 		{"header only", "  sl  local_address rem_address st\n", "127.0.0.1:1", "127.0.0.1:2", 0, 0, false, ""},
 		{"short line", procNetSample + "   4: 0100007F:9C49\n", "127.0.0.1:1", "127.0.0.1:2", 0, 0, false, "malformed line"},
+		{"bad inode", "   0: 0100007F:2738 0100007F:2738 01 0 0 0 0 0 x\n", "127.0.0.1:1", "127.0.0.1:2", 0, 0, false, "line"},
 		{"bad address", "   0: 0100007G:2738 0100007F:2738 01 0 0 0 0 0 0\n", "127.0.0.1:1", "127.0.0.1:2", 0, 0, false, "bad address"},
 		{"bad uid", "   0: 0100007F:2738 0100007F:2738 01 0 0 0 -1 0 0\n", "127.0.0.1:1", "127.0.0.1:2", 0, 0, false, "line"},
 		{"bad state", "   0: 0100007F:2738 0100007F:2738 1FF 0 0 0 0 0 0\n", "127.0.0.1:1", "127.0.0.1:2", 0, 0, false, "line"},
@@ -179,7 +185,8 @@ func TestProcNetTCPFind(t *testing.T) {
 		{"line too long", strings.Repeat("x", 2*procNetMaxLine), "127.0.0.1:1", "127.0.0.1:2", 0, 0, false, "too long"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			uid, st, found, err := procNetTCPFind(strings.NewReader(tc.table), ap(tc.local), ap(tc.remote))
+			sock, found, err := procNetTCPFind(strings.NewReader(tc.table), ap(tc.local), ap(tc.remote))
+			uid, st := sock.uid, sock.state
 			if tc.err != "" {
 				if err == nil || !strings.Contains(err.Error(), tc.err) {
 					t.Fatalf("err %v, want %q", err, tc.err)
@@ -214,7 +221,7 @@ func FuzzProcNetTCPFind(f *testing.F) {
 		if err1 != nil || err2 != nil {
 			return
 		}
-		_, _, found, err := procNetTCPFind(strings.NewReader(table), l, r)
+		_, found, err := procNetTCPFind(strings.NewReader(table), l, r)
 		if found && err != nil {
 			t.Fatal("found and an error")
 		}
@@ -274,7 +281,8 @@ func TestInetDiagParse(t *testing.T) {
 			if !littleEndian() && tc.name == "bad length" {
 				t.Skip("little-endian sample")
 			}
-			uid, _, found, done, err := inetDiagParse(tc.in, local, remote)
+			sock, found, done, err := inetDiagParse(tc.in, local, remote)
+			uid := sock.uid
 			if tc.err != "" {
 				if err == nil || !strings.Contains(err.Error(), tc.err) {
 					t.Fatalf("err %v, want %q", err, tc.err)
@@ -285,6 +293,29 @@ func TestInetDiagParse(t *testing.T) {
 				t.Fatalf("= %d %v %v %v", uid, found, done, err)
 			}
 		})
+	}
+}
+
+func TestTCPSocketOwned(t *testing.T) {
+	for _, tc := range []struct {
+		sock tcpSocket
+		want bool
+	}{
+		{tcpSocket{state: tcpEstablished, inode: 9}, true},
+		{tcpSocket{state: tcpEstablished}, true},
+		{tcpSocket{state: tcpFinWait1, inode: 9}, true}, // half-closed, still held
+		{tcpSocket{state: tcpFinWait2, inode: 9}, true},
+		{tcpSocket{state: tcpFinWait1}, false}, // closed: orphaned
+		{tcpSocket{state: tcpFinWait2}, false}, // maybe a time-wait entry, uid 0
+		{tcpSocket{state: 6, inode: 9}, false}, // TIME_WAIT
+		{tcpSocket{state: 7, inode: 9}, false}, // CLOSE
+		{tcpSocket{state: 8, inode: 9}, false}, // CLOSE_WAIT
+		{tcpSocket{state: 10, inode: 9}, false}, // LISTEN
+		{tcpSocket{state: 12, inode: 9}, false}, // NEW_SYN_RECV
+	} {
+		if got := tc.sock.owned(); got != tc.want {
+			t.Errorf("%+v.owned() = %v, want %v", tc.sock, got, tc.want)
+		}
 	}
 }
 
