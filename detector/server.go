@@ -254,7 +254,7 @@ type srvConn struct {
 
 	mu        sync.Mutex
 	idle      bool      // waiting for the first byte of a request
-	idleSince time.Time // when it began to wait
+	idleSince time.Time // when it was accepted, or its last answer was written
 	evicted   bool      // closed to make room for a new connection
 }
 
@@ -405,7 +405,7 @@ func (s *Server) admit(ctx context.Context, nc net.Conn) *srvConn {
 	}
 	var c *srvConn
 	if reason == "" {
-		c = &srvConn{nc: nc, remote: srvAddr(nc.RemoteAddr()), peer: peer}
+		c = &srvConn{nc: nc, remote: srvAddr(nc.RemoteAddr()), peer: peer, idleSince: time.Now()}
 		reason = s.place(c)
 	}
 	if reason != "" {
@@ -575,6 +575,9 @@ func (l *srvListener) serveConn(c *srvConn) {
 			s.log.Debug("policy connection closed", "remote", c.remote, "error", err)
 			return
 		}
+		c.mu.Lock()
+		c.idleSince = time.Now() // before the answer leaves: a client that has it sees this time passed
+		c.mu.Unlock()
 		if err := WriteAction(bw, a); err != nil {
 			s.log.Info("policy answer not delivered, closing connection", "remote", c.remote, "error", err)
 			return
@@ -598,7 +601,7 @@ func (l *srvListener) waitRequest(c *srvConn, br *bufio.Reader) bool {
 		return false
 	}
 	err := c.nc.SetReadDeadline(time.Now().Add(s.cfg.IdleTimeout))
-	c.idle, c.idleSince = err == nil, time.Now()
+	c.idle = err == nil
 	c.mu.Unlock()
 	if err != nil {
 		s.log.Debug("policy connection closed", "remote", c.remote, "error", err)

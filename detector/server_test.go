@@ -383,6 +383,10 @@ func TestServerMaxConns(t *testing.T) {
 		}
 	}
 	srvWaitFor(t, "both connections idle", func() bool { return srvIdle(ts.Server) == 2 })
+	if _, err := c2.ask(srvRequestFor("c2@example.org")); err != nil { // c1 is now idle longest
+		t.Fatal(err)
+	}
+	srvWaitFor(t, "both connections idle", func() bool { return srvIdle(ts.Server) == 2 })
 	c5 := srvDial(t, "tcp", ts.addr)
 	if got, err := c5.ask(srvRequestFor("again@example.org")); err != nil || got != "OK again@example.org alice@example.com" {
 		t.Fatalf("new connection at MaxConns: %q, %v", got, err)
