@@ -305,11 +305,11 @@ func TestTCPSocketOwned(t *testing.T) {
 		{tcpSocket{state: tcpEstablished}, true},
 		{tcpSocket{state: tcpFinWait1, inode: 9}, true}, // half-closed, still held
 		{tcpSocket{state: tcpFinWait2, inode: 9}, true},
-		{tcpSocket{state: tcpFinWait1}, false}, // closed: orphaned
-		{tcpSocket{state: tcpFinWait2}, false}, // maybe a time-wait entry, uid 0
-		{tcpSocket{state: 6, inode: 9}, false}, // TIME_WAIT
-		{tcpSocket{state: 7, inode: 9}, false}, // CLOSE
-		{tcpSocket{state: 8, inode: 9}, false}, // CLOSE_WAIT
+		{tcpSocket{state: tcpFinWait1}, false},  // closed: orphaned
+		{tcpSocket{state: tcpFinWait2}, false},  // maybe a time-wait entry, uid 0
+		{tcpSocket{state: 6, inode: 9}, false},  // TIME_WAIT
+		{tcpSocket{state: 7, inode: 9}, false},  // CLOSE
+		{tcpSocket{state: 8, inode: 9}, false},  // CLOSE_WAIT
 		{tcpSocket{state: 10, inode: 9}, false}, // LISTEN
 		{tcpSocket{state: 12, inode: 9}, false}, // NEW_SYN_RECV
 	} {
