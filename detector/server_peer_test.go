@@ -16,14 +16,16 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
-// Test peers, told apart by the loopback address they connect from.
+// Test peers, told apart by the loopback address they connect from (in
+// 127.77/16, which no other test listens on: their source ports must not
+// collide with the test MX hosts of ../test on 127.0.0.x).
 const (
-	srvPostfixIP = "127.0.0.1" // uid 107, Postfix's mail_owner
-	srvOtherIP   = "127.0.0.2" // uid 1000, allowed: a monitoring script
-	srvNobodyIP  = "127.0.0.3" // uid 65534, not allowed
-	srvRemoteIP  = "127.0.0.4" // stands for the remote host 192.0.2.7
-	srvStrayIP   = "127.0.0.5" // stands for the remote host 198.51.100.1
-	srvGoneIP    = "127.0.0.6" // cannot be identified
+	srvPostfixIP = "127.77.0.1" // uid 107, Postfix's mail_owner
+	srvOtherIP   = "127.77.0.2" // uid 1000, allowed: a monitoring script
+	srvNobodyIP  = "127.77.0.3" // uid 65534, not allowed
+	srvRemoteIP  = "127.77.0.4" // stands for the remote host 192.0.2.7
+	srvStrayIP   = "127.77.0.5" // stands for the remote host 198.51.100.1
+	srvGoneIP    = "127.77.0.6" // cannot be identified
 )
 
 // srvTestPeers identifies a test client by its source address.
@@ -234,7 +236,8 @@ func TestServerEvictionRace(t *testing.T) {
 				return
 			default:
 			}
-			c, err := net.DialTimeout("tcp", ts.addr, srvTestWait)
+			d := net.Dialer{Timeout: srvTestWait, LocalAddr: &net.TCPAddr{IP: net.ParseIP(srvPostfixIP)}}
+			c, err := d.Dial("tcp", ts.addr)
 			if err != nil {
 				return
 			}
