@@ -40,10 +40,18 @@ func unixPeerUID(c *net.UnixConn) (uint32, error) {
 // uid 0) is an error.
 //
 // It asks sock_diag for exactly that socket, and reads /proc/net/tcp and
-// /proc/net/tcp6 when sock_diag cannot answer (no inet_diag module) or
-// finds nothing (the kernel answers ENOENT for both).
+// /proc/net/tcp6 when sock_diag cannot answer (no inet_diag module).
 func tcpPeerUID(ctx context.Context, peer, us netip.AddrPort) (uid uint32, found bool, err error) {
 	sock, found, diagErr := sockDiagFind(ctx, peer, us)
+	if diagErr == nil && !found {
+		// The kernel's ENOENT also means "no inet_diag module". Our own
+		// end of the connection exists: when sock_diag finds it, the
+		// peer's socket is truly not on this host, and reading /proc
+		// (milliseconds on a busy host) is not needed.
+		if _, ours, err := sockDiagFind(ctx, us, peer); err == nil && ours {
+			return 0, false, nil
+		}
+	}
 	if diagErr != nil || !found {
 		var procErr error
 		sock, found, procErr = procNetFind(peer, us)

@@ -87,6 +87,11 @@ func TestSystemPeersLocal(t *testing.T) {
 			if err != nil || !found || sock.uid != me || sock.state != tcpEstablished || sock.inode == 0 {
 				t.Errorf("sock_diag: %+v found %v err %v", sock, found, err)
 			}
+			// Our own end is found too: that tells a missing peer socket
+			// from a kernel without sock_diag.
+			if _, found, err := sockDiagFind(context.Background(), us, peer); err != nil || !found {
+				t.Errorf("sock_diag, our own end: found %v err %v", found, err)
+			}
 			sock, found, err = procNetFind(peer, us)
 			if err != nil || !found || sock.uid != me || sock.state != tcpEstablished || sock.inode == 0 {
 				t.Errorf("/proc/net/tcp: %+v found %v err %v", sock, found, err)
@@ -365,4 +370,42 @@ func TestLogLimiter(t *testing.T) {
 	if n, ok := l.allow(t0.Add(time.Second)); !ok || n != 6 {
 		t.Fatalf("after the interval: %d %v, want 6 true", n, ok)
 	}
+}
+
+// BenchmarkIdentifyTCP measures what identifying a loopback TCP peer costs
+// each new connection: sock_diag, and the /proc/net/tcp fallback alone.
+func BenchmarkIdentifyTCP(b *testing.B) {
+	if runtime.GOOS != "linux" {
+		b.Skip("peer identification needs Linux")
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ln.Close()
+	client, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer client.Close()
+	server, err := ln.Accept()
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer server.Close()
+	peer, us := tcpAddrPort(server.RemoteAddr()), tcpAddrPort(server.LocalAddr())
+	b.Run("sock_diag", func(b *testing.B) {
+		for b.Loop() {
+			if _, found, err := sockDiagFind(context.Background(), peer, us); err != nil || !found {
+				b.Fatal(found, err)
+			}
+		}
+	})
+	b.Run("proc", func(b *testing.B) {
+		for b.Loop() {
+			if _, found, err := procNetFind(peer, us); err != nil || !found {
+				b.Fatal(found, err)
+			}
+		}
+	})
 }
