@@ -11,8 +11,13 @@
 //     (WriteAction);
 //   - the server loop (server.go): listeners on TCP or a Unix socket, one
 //     goroutine per Postfix connection answering its requests in order,
-//     idle and per-request timeouts, a cap on connections, graceful
-//     shutdown, and a Handler that is never allowed to crash the daemon;
+//     idle and per-request timeouts, a cap on connections (the one idle
+//     longest makes room; per peer too), graceful shutdown, and a Handler
+//     that is never allowed to crash the daemon;
+//   - who may connect (peer.go): the local user behind every connection,
+//     by SO_PEERCRED on unix sockets and by the owner of the client's
+//     socket on TCP (sock_diag, /proc/net/tcp), checked against the
+//     allowed users; remote clients by network. Others are closed unread;
 //   - the sender identity: the SASL user name, or the client address for
 //     unauthenticated clients inside the relay networks;
 //   - the sliding-window limiter counting distinct invalid recipients per

@@ -18,6 +18,9 @@ type Metrics struct {
 	probe                 prometheus.Observer
 	blocks, blocklistErrs prometheus.Counter
 	Tracked, Blocked      prometheus.Gauge
+
+	// Policy connections refused and evicted, by reason.
+	connRefusals, connEvictions map[string]prometheus.Counter
 }
 
 type verdictKey struct {
@@ -61,12 +64,28 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		Blocked: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "rcptguard_blocked_identities", Help: "Entries in the blocklist."}),
 	}
+	refused := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "rcptguard_policy_connections_refused_total",
+		Help: "Policy connections closed unserved, by reason (unidentified, user, network, per_peer, max_connections).",
+	}, []string{"reason"})
+	evicted := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "rcptguard_policy_connections_evicted_total",
+		Help: "Idle policy connections closed to make room for a new one, by the limit reached (per_peer, max_connections).",
+	}, []string{"reason"})
+	m.connRefusals = map[string]prometheus.Counter{}
+	for _, r := range refuseReasons {
+		m.connRefusals[r] = refused.WithLabelValues(r)
+	}
+	m.connEvictions = map[string]prometheus.Counter{
+		refusePerPeer:  evicted.WithLabelValues(refusePerPeer),
+		refuseMaxConns: evicted.WithLabelValues(refuseMaxConns),
+	}
 	for _, st := range []callout.Status{callout.StatusValid, callout.StatusInvalid, callout.StatusUnknown} {
 		for _, src := range []string{"cache", "dns", "smtp", "rule"} {
 			m.verdicts[verdictKey{st, src}] = verdicts.WithLabelValues(string(st), src)
 		}
 	}
-	reg.MustRegister(requests, verdicts, probe, m.blocks, m.blocklistErrs, m.Tracked, m.Blocked)
+	reg.MustRegister(requests, verdicts, probe, m.blocks, m.blocklistErrs, m.Tracked, m.Blocked, refused, evicted)
 	return m
 }
 
@@ -113,5 +132,17 @@ func (m *Metrics) blocked() {
 func (m *Metrics) blocklistError() {
 	if m != nil {
 		m.blocklistErrs.Inc()
+	}
+}
+
+func (m *Metrics) connRefused(reason string) {
+	if m != nil {
+		m.connRefusals[reason].Inc()
+	}
+}
+
+func (m *Metrics) connEvicted(reason string) {
+	if m != nil {
+		m.connEvictions[reason].Inc()
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"runtime/debug"
 	"sync"
@@ -75,10 +76,42 @@ type ServerConfig struct {
 	RequestTimeout time.Duration
 
 	// MaxConns is the most connections served at once, over all the
-	// listeners the Server serves. A connection beyond it is closed as
-	// soon as it is accepted, and a warning is logged at most once a
-	// second. Default DefaultMaxConns (1000).
+	// listeners the Server serves. A new connection beyond it takes the
+	// place of the connection that has waited longest for its next
+	// request, which is closed (Postfix reconnects by itself); when every
+	// connection is busy with a request, the new one is closed as soon as
+	// it is accepted. Default DefaultMaxConns (1000).
 	MaxConns int
+
+	// MaxConnsPerPeer is the most connections one peer holds at once: one
+	// local user (all its processes together) or one remote address. Past
+	// it, the peer's own connection idle longest makes room, as for
+	// MaxConns. Default MaxConns/4. It does not apply to UncappedUIDs.
+	MaxConnsPerPeer int
+
+	// UncappedUIDs are the local users MaxConnsPerPeer does not apply to:
+	// Postfix's mail_owner, whose smtpd processes each hold a connection
+	// (up to default_process_limit per smtpd service). Only MaxConns
+	// bounds them, and their idle connections make room for their new
+	// ones.
+	UncappedUIDs []uint32
+
+	// AllowUIDs are the local users whose processes may connect: over a
+	// unix socket (by SO_PEERCRED) or over TCP from this host (by the
+	// owner of the client's socket). The user the server runs as is
+	// always allowed. Empty: root.
+	AllowUIDs []uint32
+
+	// AllowNetworks are the remote TCP clients allowed, by address. A
+	// client on this host, over loopback or not, is judged by its user,
+	// never by its address. Empty: no remote client.
+	AllowNetworks []netip.Prefix
+
+	// Peers identifies the peer of each connection. Default SystemPeers.
+	Peers PeerIdentifier
+
+	// Metrics counts refused and evicted connections. Nil counts nothing.
+	Metrics *Metrics
 
 	// ShutdownGrace is how long decisions in flight may still run once
 	// Serve's context is done. Past it their context is cancelled and the
@@ -88,14 +121,32 @@ type ServerConfig struct {
 
 // Server answers Postfix policy requests on one or more listeners, one
 // goroutine per connection. Create it with NewServer.
+//
+// Every connection is identified first (see PeerIdentifier): one from a
+// local user not in AllowUIDs, from a remote address not in
+// AllowNetworks, or whose peer cannot be told, is closed at once without
+// a word, counted, and logged at most once a second per reason.
 type Server struct {
-	cfg ServerConfig
-	log *slog.Logger
+	cfg      ServerConfig
+	log      *slog.Logger
+	access   atomic.Pointer[peerAccess]
+	uncapped map[uint32]bool
 
-	active     atomic.Int64 // connections being served, over all listeners
-	refused    atomic.Int64 // connections refused since the last warning
-	refusedLog atomic.Int64 // UnixNano of the last "too many connections" warning
+	// identifying bounds the connections accepted but not yet identified;
+	// when it is full, accepting waits.
+	identifying chan struct{}
+
+	mu      sync.Mutex
+	conns   map[*srvConn]struct{} // admitted, over all listeners
+	perPeer map[Peer]int          // admitted, by Peer.key
+
+	refusals  map[string]*logLimiter // by reason; the map is fixed
+	evictions logLimiter
 }
+
+// maxIdentifying is how many accepted connections are identified at
+// once.
+const maxIdentifying = 16
 
 // NewServer checks cfg, fills in its defaults and returns a Server. It
 // fails when Handler is nil or a limit, timeout or count is negative.
@@ -114,6 +165,7 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		{"IdleTimeout", int64(cfg.IdleTimeout)},
 		{"RequestTimeout", int64(cfg.RequestTimeout)},
 		{"MaxConns", int64(cfg.MaxConns)},
+		{"MaxConnsPerPeer", int64(cfg.MaxConnsPerPeer)},
 		{"ShutdownGrace", int64(cfg.ShutdownGrace)},
 	} {
 		if f.v < 0 {
@@ -137,16 +189,47 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	if cfg.ShutdownGrace == 0 {
 		cfg.ShutdownGrace = DefaultShutdownGrace
 	}
+	if cfg.MaxConnsPerPeer == 0 {
+		cfg.MaxConnsPerPeer = max(1, cfg.MaxConns/4)
+	}
+	if cfg.Peers == nil {
+		cfg.Peers = SystemPeers{}
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	return &Server{cfg: cfg, log: cfg.Logger}, nil
+	s := &Server{
+		cfg:         cfg,
+		log:         cfg.Logger,
+		uncapped:    map[uint32]bool{},
+		identifying: make(chan struct{}, maxIdentifying),
+		conns:       map[*srvConn]struct{}{},
+		perPeer:     map[Peer]int{},
+		refusals:    map[string]*logLimiter{},
+		evictions:   logLimiter{interval: time.Second},
+	}
+	for _, u := range cfg.UncappedUIDs {
+		s.uncapped[u] = true
+	}
+	for _, r := range refuseReasons {
+		s.refusals[r] = &logLimiter{interval: time.Second}
+	}
+	s.SetAccess(cfg.AllowUIDs, cfg.AllowNetworks)
+	return s, nil
+}
+
+// SetAccess replaces AllowUIDs and AllowNetworks, as a configuration
+// reload does. It applies to connections accepted from then on.
+func (s *Server) SetAccess(uids []uint32, networks []netip.Prefix) {
+	s.access.Store(newPeerAccess(uids, networks))
 }
 
 // ActiveConns returns the number of connections being served, over all
 // listeners.
 func (s *Server) ActiveConns() int {
-	return int(s.active.Load())
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.conns)
 }
 
 // srvListener is the state of one Serve call: the connections accepted on
@@ -165,10 +248,16 @@ type srvListener struct {
 type srvConn struct {
 	nc     net.Conn
 	remote string
+	peer   Peer
 
-	mu   sync.Mutex
-	idle bool // waiting for the first byte of a request
+	mu        sync.Mutex
+	idle      bool      // waiting for the first byte of a request
+	idleSince time.Time // when it was accepted, or its last answer was written
+	evicted   bool      // closed to make room for a new connection
 }
+
+// errEvicted ends a connection closed to make room.
+var errEvicted = errors.New("closed to make room for a new connection")
 
 // Serve accepts connections on ln and answers their requests until ctx is
 // done, then shuts down gracefully and returns nil: it closes ln, closes
@@ -233,25 +322,32 @@ func (l *srvListener) acceptLoop(ctx context.Context, ln net.Listener) error {
 		}
 		backoff = 0
 
-		if s.active.Add(1) > int64(s.cfg.MaxConns) {
-			s.active.Add(-1)
-			s.srvRefuse(nc)
-			continue
+		select {
+		case s.identifying <- struct{}{}:
+		case <-ctx.Done():
+			_ = nc.Close()
+			return nil
 		}
-		c := &srvConn{nc: nc, remote: srvAddr(nc.RemoteAddr())}
-		l.mu.Lock()
-		l.conns[c] = struct{}{}
-		l.mu.Unlock()
-		l.wg.Go(func() {
-			defer s.active.Add(-1)
-			defer func() {
-				l.mu.Lock()
-				delete(l.conns, c)
-				l.mu.Unlock()
-			}()
-			l.serveConn(c)
-		})
+		l.wg.Go(func() { l.handle(nc) })
 	}
+}
+
+// handle admits a connection just accepted and serves it.
+func (l *srvListener) handle(nc net.Conn) {
+	c := l.s.admit(l.ctx, nc)
+	if c == nil {
+		return
+	}
+	defer l.s.release(c)
+	l.mu.Lock()
+	l.conns[c] = struct{}{}
+	l.mu.Unlock()
+	defer func() {
+		l.mu.Lock()
+		delete(l.conns, c)
+		l.mu.Unlock()
+	}()
+	l.serveConn(c)
 }
 
 // shutdown wakes the idle connections, waits for the busy ones, and past
@@ -294,19 +390,146 @@ func (l *srvListener) shutdown(cancelDecide context.CancelFunc) {
 	<-done
 }
 
-// srvRefuse closes a connection over MaxConns and logs it, at most once a
-// second, with the number refused since the last line.
-func (s *Server) srvRefuse(nc net.Conn) {
-	remote := srvAddr(nc.RemoteAddr())
-	_ = nc.Close()
-	s.refused.Add(1)
-	now := time.Now().UnixNano()
-	last := s.refusedLog.Load()
-	if now-last < int64(time.Second) || !s.refusedLog.CompareAndSwap(last, now) {
+// admit identifies the peer of a connection just accepted and gives it a
+// place, or closes it and returns nil.
+func (s *Server) admit(ctx context.Context, nc net.Conn) *srvConn {
+	ictx, cancel := context.WithTimeout(ctx, peerLookupTimeout)
+	peer, err := s.cfg.Peers.Identify(ictx, nc)
+	cancel()
+	<-s.identifying
+	reason := refuseUnidentified
+	if err == nil {
+		reason = s.access.Load().check(peer)
+	}
+	var c *srvConn
+	if reason == "" {
+		c = &srvConn{nc: nc, remote: srvAddr(nc.RemoteAddr()), peer: peer, idleSince: time.Now()}
+		reason = s.place(c)
+	}
+	if reason != "" {
+		s.refuse(nc, reason, peer, err)
+		return nil
+	}
+	return c
+}
+
+// place counts c in. At MaxConnsPerPeer for c's peer, that peer's
+// connection idle longest is closed to make room; at MaxConns, the
+// connection idle longest. It returns why c has no place when every
+// connection in the way is busy, "" when c was placed.
+func (s *Server) place(c *srvConn) string {
+	key := c.peer.key()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !(key.Local && s.uncapped[key.UID]) && s.perPeer[key] >= s.cfg.MaxConnsPerPeer &&
+		!s.evictIdle(func(o *srvConn) bool { return o.peer.key() == key }, refusePerPeer) {
+		return refusePerPeer
+	}
+	if len(s.conns) >= s.cfg.MaxConns && !s.evictIdle(nil, refuseMaxConns) {
+		return refuseMaxConns
+	}
+	s.conns[c] = struct{}{}
+	s.perPeer[key]++
+	return ""
+}
+
+// evictIdle closes the connection (among those match accepts; nil: all)
+// that has waited longest for its next request, and reports whether there
+// was one. s.mu is held.
+func (s *Server) evictIdle(match func(*srvConn) bool, reason string) bool {
+	for range 3 { // the one chosen may start a request meanwhile: choose again
+		var v *srvConn
+		var since time.Time
+		for o := range s.conns {
+			if match != nil && !match(o) {
+				continue
+			}
+			o.mu.Lock()
+			idle, t := o.idle && !o.evicted, o.idleSince
+			o.mu.Unlock()
+			if idle && (v == nil || t.Before(since)) {
+				v, since = o, t
+			}
+		}
+		if v == nil {
+			return false
+		}
+		v.mu.Lock()
+		ok := v.idle && !v.evicted
+		if ok {
+			// As at shutdown, a read deadline in the past wakes the
+			// connection's reader, which sees evicted and closes.
+			v.evicted = true
+			_ = v.nc.SetReadDeadline(time.Unix(1, 0))
+		}
+		v.mu.Unlock()
+		if !ok {
+			continue
+		}
+		s.forget(v)
+		s.cfg.Metrics.connEvicted(reason)
+		if n, ok := s.evictions.allow(time.Now()); ok {
+			s.log.Info("policy connection closed to make room for a new one",
+				"reason", reason, "remote", v.remote, "peer", v.peer.String(),
+				"idle", time.Since(since).Round(time.Millisecond), "evicted", n)
+		}
+		return true
+	}
+	return false
+}
+
+// release uncounts c once its connection has ended.
+func (s *Server) release(c *srvConn) {
+	s.mu.Lock()
+	s.forget(c)
+	s.mu.Unlock()
+}
+
+// forget uncounts c, unless it was already (evicted). s.mu is held.
+func (s *Server) forget(c *srvConn) {
+	if _, ok := s.conns[c]; !ok {
 		return
 	}
-	s.log.Warn("policy connection refused: too many connections",
-		"remote", remote, "max_conns", s.cfg.MaxConns, "refused", s.refused.Swap(0))
+	delete(s.conns, c)
+	key := c.peer.key()
+	if s.perPeer[key]--; s.perPeer[key] <= 0 {
+		delete(s.perPeer, key)
+	}
+}
+
+// refuseText words each refusal reason for the log.
+var refuseText = map[string]string{
+	refuseUnidentified: "policy connection refused: peer not identified",
+	refuseUser:         "policy connection refused: local user not allowed",
+	refuseNetwork:      "policy connection refused: remote address not allowed",
+	refusePerPeer:      "policy connection refused: too many connections from this peer, all busy",
+	refuseMaxConns:     "policy connection refused: too many connections, all busy",
+}
+
+// refuse closes a connection that may not be served and counts it. It
+// logs at most one line a second per reason, with the number refused
+// for that reason since the last line, so that a local user cannot flood
+// the log.
+func (s *Server) refuse(nc net.Conn, reason string, p Peer, err error) {
+	_ = nc.Close()
+	s.cfg.Metrics.connRefused(reason)
+	n, ok := s.refusals[reason].allow(time.Now())
+	if !ok {
+		return
+	}
+	attrs := []any{"reason", reason, "remote", srvAddr(nc.RemoteAddr())}
+	if p.Local {
+		attrs = append(attrs, "uid", p.UID)
+	}
+	switch reason {
+	case refuseUnidentified:
+		attrs = append(attrs, "error", err)
+	case refuseMaxConns:
+		attrs = append(attrs, "max_conns", s.cfg.MaxConns)
+	case refusePerPeer:
+		attrs = append(attrs, "max_conns_per_peer", s.cfg.MaxConnsPerPeer)
+	}
+	s.log.Warn(refuseText[reason], append(attrs, "refused", n)...)
 }
 
 // serveConn answers the requests on one connection, in order, until the
@@ -350,6 +573,9 @@ func (l *srvListener) serveConn(c *srvConn) {
 			s.log.Debug("policy connection closed", "remote", c.remote, "error", err)
 			return
 		}
+		c.mu.Lock()
+		c.idleSince = time.Now() // before the answer leaves: a client that has it sees this time passed
+		c.mu.Unlock()
 		if err := WriteAction(bw, a); err != nil {
 			s.log.Info("policy answer not delivered, closing connection", "remote", c.remote, "error", err)
 			return
@@ -384,7 +610,9 @@ func (l *srvListener) waitRequest(c *srvConn, br *bufio.Reader) bool {
 
 	c.mu.Lock()
 	c.idle = false
-	if err == nil {
+	if c.evicted {
+		err = errEvicted // even when a request has begun: its place is taken
+	} else if err == nil {
 		// A request has begun: it is read under RequestTimeout and
 		// answered even when shutdown started meanwhile. This deadline
 		// replaces one that shutdown may just have set.
@@ -397,6 +625,8 @@ func (l *srvListener) waitRequest(c *srvConn, br *bufio.Reader) bool {
 		return true
 	case errors.Is(err, io.EOF):
 		s.log.Debug("policy connection closed by client", "remote", c.remote)
+	case errors.Is(err, errEvicted):
+		s.log.Debug("policy connection closed to make room", "remote", c.remote)
 	case errors.Is(err, os.ErrDeadlineExceeded) && l.stopping.Load():
 		s.log.Debug("policy connection closed for shutdown", "remote", c.remote)
 	case errors.Is(err, os.ErrDeadlineExceeded):

@@ -12,6 +12,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -321,19 +322,44 @@ func TestServerSlowlorisBoundedByRequestTimeout(t *testing.T) {
 	srvWaitFor(t, "the timeout log line", func() bool { return strings.Contains(ts.logs.String(), "policy request timed out") })
 }
 
+// srvBlocker is a handler that holds requests for "slow@example.org"
+// until released, and echoes the others.
+type srvBlocker struct {
+	entered chan struct{}
+	release chan struct{}
+}
+
+func newSrvBlocker() *srvBlocker {
+	return &srvBlocker{entered: make(chan struct{}, 100), release: make(chan struct{})}
+}
+
+func (b *srvBlocker) Decide(ctx context.Context, req *Request) Action {
+	if req.Recipient == "slow@example.org" {
+		b.entered <- struct{}{}
+		select {
+		case <-b.release:
+		case <-ctx.Done():
+		}
+	}
+	return srvEcho.Decide(ctx, req)
+}
+
 func TestServerMaxConns(t *testing.T) {
-	ts := srvStart(t, ServerConfig{Handler: srvEcho, MaxConns: 2})
+	b := newSrvBlocker()
+	ts := srvStart(t, ServerConfig{Handler: b, MaxConns: 2, MaxConnsPerPeer: 2, ShutdownGrace: 100 * time.Millisecond})
 	c1 := srvDial(t, "tcp", ts.addr)
 	c2 := srvDial(t, "tcp", ts.addr)
 	for _, c := range []*srvClient{c1, c2} {
-		if _, err := c.ask(policyFullRequest); err != nil {
+		if _, err := io.WriteString(c, srvRequestFor("slow@example.org")); err != nil {
 			t.Fatal(err)
 		}
+		<-b.entered
 	}
 	if n := ts.ActiveConns(); n != 2 {
 		t.Fatalf("ActiveConns() = %d, want 2", n)
 	}
 
+	// Both connections are busy: a third is closed at once.
 	first := time.Now()
 	c3 := srvDial(t, "tcp", ts.addr)
 	_, _ = io.WriteString(c3, policyFullRequest) // may fail: the server may have closed already
@@ -348,13 +374,45 @@ func TestServerMaxConns(t *testing.T) {
 		t.Errorf("4 refusals within a second logged %d times, want once", n)
 	}
 
-	// Once a connection ends, there is room again.
-	_ = c1.Close()
-	srvWaitFor(t, "a free slot", func() bool { return ts.ActiveConns() == 1 })
+	// Answered, both wait for their next request: a new connection takes
+	// the place of the one idle longest.
+	close(b.release)
+	for _, c := range []*srvClient{c1, c2} {
+		if got, err := c.answer(); err != nil || got != "OK slow@example.org alice@example.com" {
+			t.Fatalf("held request: %q, %v", got, err)
+		}
+	}
+	srvWaitFor(t, "both connections idle", func() bool { return srvIdle(ts.Server) == 2 })
+	if _, err := c2.ask(srvRequestFor("c2@example.org")); err != nil { // c1 is now idle longest
+		t.Fatal(err)
+	}
+	srvWaitFor(t, "both connections idle", func() bool { return srvIdle(ts.Server) == 2 })
 	c5 := srvDial(t, "tcp", ts.addr)
 	if got, err := c5.ask(srvRequestFor("again@example.org")); err != nil || got != "OK again@example.org alice@example.com" {
-		t.Fatalf("after a slot freed: %q, %v", got, err)
+		t.Fatalf("new connection at MaxConns: %q, %v", got, err)
 	}
+	c1.expectClosed(t)
+	if got, err := c2.ask(srvRequestFor("c2@example.org")); err != nil || got != "OK c2@example.org alice@example.com" {
+		t.Fatalf("the other connection after an eviction: %q, %v", got, err)
+	}
+	if n := ts.ActiveConns(); n != 2 {
+		t.Fatalf("ActiveConns() = %d, want 2", n)
+	}
+}
+
+// srvIdle counts the server's connections waiting for a request.
+func srvIdle(s *Server) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	for c := range s.conns {
+		c.mu.Lock()
+		if c.idle {
+			n++
+		}
+		c.mu.Unlock()
+	}
+	return n
 }
 
 func TestServerHandlerPanic(t *testing.T) {
@@ -470,7 +528,7 @@ func TestServerShutdownGrace(t *testing.T) {
 }
 
 func TestServeSeveralListeners(t *testing.T) {
-	srv, err := NewServer(ServerConfig{Handler: srvEcho, MaxConns: 2})
+	srv, err := NewServer(ServerConfig{Handler: srvEcho, MaxConns: 2, MaxConnsPerPeer: 2})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -486,18 +544,27 @@ func TestServeSeveralListeners(t *testing.T) {
 		addrs = append(addrs, ln.Addr().String())
 		go func() { done <- srv.Serve(ctx, ln) }()
 	}
+	var first *srvClient
 	for _, a := range addrs {
 		c := srvDial(t, "tcp", a)
 		if got, err := c.ask(srvRequestFor("x@" + a)); err != nil || got != "OK x@"+a+" alice@example.com" {
 			t.Fatalf("listener %s: %q, %v", a, got, err)
 		}
+		if first == nil {
+			first = c
+		}
 	}
 	if n := srv.ActiveConns(); n != 2 {
 		t.Errorf("ActiveConns() = %d, want 2", n)
 	}
-	// MaxConns counts over both listeners.
-	c3 := srvDial(t, "tcp", addrs[0])
-	c3.expectClosed(t)
+	// MaxConns counts over both listeners: a third connection takes the
+	// place of the one idle longest, on the first listener.
+	srvWaitFor(t, "both connections idle", func() bool { return srvIdle(srv) == 2 })
+	c3 := srvDial(t, "tcp", addrs[1])
+	if got, err := c3.ask(srvRequestFor("x@third")); err != nil || got != "OK x@third alice@example.com" {
+		t.Fatalf("third connection: %q, %v", got, err)
+	}
+	first.expectClosed(t)
 
 	cancel()
 	for range 2 {
@@ -579,6 +646,7 @@ func TestNewServer(t *testing.T) {
 		{"negative request timeout", ServerConfig{Handler: srvEcho, RequestTimeout: -time.Second}, "RequestTimeout"},
 		{"negative max conns", ServerConfig{Handler: srvEcho, MaxConns: -1}, "MaxConns"},
 		{"negative grace", ServerConfig{Handler: srvEcho, ShutdownGrace: -1}, "ShutdownGrace"},
+		{"negative per-peer max", ServerConfig{Handler: srvEcho, MaxConnsPerPeer: -1}, "MaxConnsPerPeer"},
 		{"all errors reported", ServerConfig{MaxConns: -1, IdleTimeout: -1}, "IdleTimeout must not be negative\ndetector: server: MaxConns"},
 	}
 	for _, tt := range tests {
@@ -597,17 +665,19 @@ func TestNewServer(t *testing.T) {
 	got := srv.cfg
 	got.Handler = nil // a func is not comparable
 	want := ServerConfig{
-		Limits:         Limits{MaxLine: DefaultMaxLine, MaxAttrs: DefaultMaxAttrs, MaxRequest: DefaultMaxRequest},
-		IdleTimeout:    5 * time.Minute,
-		RequestTimeout: 30 * time.Second,
-		MaxConns:       1000,
-		ShutdownGrace:  10 * time.Second,
+		Limits:          Limits{MaxLine: DefaultMaxLine, MaxAttrs: DefaultMaxAttrs, MaxRequest: DefaultMaxRequest},
+		IdleTimeout:     5 * time.Minute,
+		RequestTimeout:  30 * time.Second,
+		MaxConns:        1000,
+		MaxConnsPerPeer: 250,
+		ShutdownGrace:   10 * time.Second,
+		Peers:           SystemPeers{},
 	}
 	if got.Logger == nil {
 		t.Error("no Logger was set: a nil Logger must be replaced by a discarding one")
 	}
 	got.Logger = nil
-	if got != want {
+	if !reflect.DeepEqual(got, want) {
 		t.Errorf("defaults: got %+v, want %+v", got, want)
 	}
 }

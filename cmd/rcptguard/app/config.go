@@ -46,6 +46,10 @@ type PolicyConfig struct {
 	IdleTimeout    Duration `toml:"idle_timeout"`
 	RequestTimeout Duration `toml:"request_timeout"`
 	MaxConnections int      `toml:"max_connections"`
+	// Who may connect; see policyPeers.
+	MaxConnectionsPerPeer int      `toml:"max_connections_per_peer"`
+	AllowUsers            []string `toml:"allow_users"`
+	AllowNetworks         []string `toml:"allow_networks"`
 }
 
 // DetectorConfig is the [detector] section: counting and blocking.
@@ -140,6 +144,8 @@ func defaultConfig() Config {
 			IdleTimeout:    Duration(5 * time.Minute),
 			RequestTimeout: Duration(30 * time.Second),
 			MaxConnections: 1000,
+			AllowUsers:     []string{},
+			AllowNetworks:  []string{},
 		},
 		Detector: DetectorConfig{
 			Limit:  100,
@@ -330,6 +336,19 @@ func (c *Config) Validate() []error {
 	}
 	if c.Policy.MaxConnections < 1 {
 		bad("policy.max_connections", "must be at least 1, got %d", c.Policy.MaxConnections)
+	}
+	if c.Policy.MaxConnectionsPerPeer < 0 {
+		bad("policy.max_connections_per_peer", "must be 0 (max_connections/4) or more, got %d", c.Policy.MaxConnectionsPerPeer)
+	}
+	for i, u := range c.Policy.AllowUsers {
+		if err := checkUserName(u); err != nil {
+			bad(fmt.Sprintf("policy.allow_users[%d]", i), "%v", err)
+		}
+	}
+	for i, n := range c.Policy.AllowNetworks {
+		if _, err := parseNetwork(n); err != nil {
+			bad(fmt.Sprintf("policy.allow_networks[%d]", i), "%v", err)
+		}
 	}
 
 	d := &c.Detector

@@ -149,12 +149,26 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 		hooks.Detector(d)
 	}
 
+	peers, err := resolvePolicyPeers(&cfg.Policy, systemUser, postfixMailOwner(ctx))
+	if err != nil {
+		return configFileError(cfg.Path, err)
+	}
+	if peers.note != "" {
+		log.Warn(peers.note)
+	}
+	log.Info("policy service access", slog.Any("allow_uids", peers.uids), slog.Int("own_uid", os.Geteuid()),
+		slog.Any("allow_networks", cfg.Policy.AllowNetworks))
 	srv, err := detector.NewServer(detector.ServerConfig{
-		Handler:        newHoldGuard(cfg, d, log, reg),
-		Logger:         log.With("component", "policy"),
-		IdleTimeout:    cfg.Policy.IdleTimeout.D(),
-		RequestTimeout: cfg.Policy.RequestTimeout.D(),
-		MaxConns:       cfg.Policy.MaxConnections,
+		Handler:         newHoldGuard(cfg, d, log, reg),
+		Logger:          log.With("component", "policy"),
+		IdleTimeout:     cfg.Policy.IdleTimeout.D(),
+		RequestTimeout:  cfg.Policy.RequestTimeout.D(),
+		MaxConns:        cfg.Policy.MaxConnections,
+		MaxConnsPerPeer: cfg.Policy.MaxConnectionsPerPeer,
+		AllowUIDs:       peers.uids,
+		UncappedUIDs:    peers.uncapped,
+		AllowNetworks:   peers.networks,
+		Metrics:         metrics,
 	})
 	if err != nil {
 		return err
@@ -250,7 +264,7 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 	if cfg.Detector.UnblockAfter > 0 {
 		wg.Go(func() { autoUnblock(ctx, bl, 30*time.Second, time.Now, d.Limiter().Forget, log) })
 	}
-	wg.Go(func() { reloadOnHUP(ctx, hup, cfg, d, log) })
+	wg.Go(func() { reloadOnHUP(ctx, hup, cfg, d, srv, log) })
 
 	<-ctx.Done()
 	log.Info("rcptguard shutting down")
@@ -320,16 +334,17 @@ func housekeeping(ctx context.Context, d *detector.Detector, bl *blocklist.File,
 
 // reloadOnHUP rereads the configuration file on SIGHUP and applies what
 // can change while running: limits, limits_file, exemptions, local
-// domains, relay networks, warn_at, action, mode, wait. A broken file is
+// domains, relay networks, warn_at, action, mode, wait, and who may
+// connect (policy.allow_users, policy.allow_networks). A broken file is
 // logged and the running configuration kept.
-func reloadOnHUP(ctx context.Context, hup <-chan os.Signal, cur *Config, d *detector.Detector, log *slog.Logger) {
+func reloadOnHUP(ctx context.Context, hup <-chan os.Signal, cur *Config, d *detector.Detector, srv *detector.Server, log *slog.Logger) {
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-hup:
 		}
-		if err := reload(cur.Path, d); err != nil {
+		if err := reload(ctx, cur.Path, d, srv); err != nil {
 			log.Error("reload failed; the running configuration is kept", slog.String("config", cur.Path), slog.Any("error", err))
 			continue
 		}
@@ -337,7 +352,7 @@ func reloadOnHUP(ctx context.Context, hup <-chan os.Signal, cur *Config, d *dete
 	}
 }
 
-func reload(path string, d *detector.Detector) error {
+func reload(ctx context.Context, path string, d *detector.Detector, srv *detector.Server) error {
 	cfg, err := LoadConfig(path)
 	if err != nil {
 		return err
@@ -346,7 +361,27 @@ func reload(path string, d *detector.Detector) error {
 	if err != nil {
 		return fmt.Errorf("detector.limits_file: %w", err)
 	}
-	return d.Reload(detectorConfig(cfg, limits))
+	peers, err := resolvePolicyPeers(&cfg.Policy, systemUser, postfixMailOwner(ctx))
+	if err != nil {
+		return configFileError(path, err)
+	}
+	if err := d.Reload(detectorConfig(cfg, limits)); err != nil {
+		return err
+	}
+	srv.SetAccess(peers.uids, peers.networks)
+	return nil
+}
+
+// configFileError prefixes each line of err with the configuration file.
+func configFileError(path string, err error) error {
+	if path == "" {
+		return err
+	}
+	var errs []error
+	for _, line := range strings.Split(err.Error(), "\n") {
+		errs = append(errs, errors.New(line))
+	}
+	return joinConfigErrors(path, errs)
 }
 
 // blocklistAdapter gives the detector the blocklist file as it wants it.
