@@ -1,13 +1,16 @@
 # rcptguard: a static binary in a distroless image, running as a non-root user.
 #
 #   docker build --build-arg VERSION=v0.1.0 --build-arg COMMIT=$(git rev-parse HEAD) -t rcptguard .
-#   docker run -d --name rcptguard \
-#       -v rcptguard-state:/var/lib/rcptguard \
-#       -v /etc/rcptguard/rcptguard.toml:/etc/rcptguard/rcptguard.toml:ro \
-#       -p 127.0.0.1:10040:10040 rcptguard
+#   docker run -d --name rcptguard --network host \
+#       -v /var/lib/rcptguard:/var/lib/rcptguard \
+#       -v /var/spool/postfix/rcptguard:/var/spool/postfix/rcptguard \
+#       -v /etc/rcptguard/rcptguard.toml:/etc/rcptguard/rcptguard.toml:ro rcptguard
 #
-# In a container, policy.listen must be "0.0.0.0:10040" for the published port
-# to reach it (publish it on the host's loopback only, as above).
+# Only root, the daemon's own uid and policy.allow_users may send requests.
+# The image has no postfix user: in the mounted config, listen on the unix
+# socket in the shared directory and set allow_users to the host's numeric
+# Postfix uid (see the README, "With Docker"). A published TCP port is not
+# recommended: its connections come from the bridge address.
 
 FROM golang:1.26-bookworm AS build
 WORKDIR /src

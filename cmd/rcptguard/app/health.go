@@ -3,10 +3,13 @@ package app
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"strings"
+	"syscall"
 	"time"
 )
 
@@ -59,6 +62,11 @@ func askHealth(ctx context.Context, addr string) (string, error) {
 	}
 	line, err := bufio.NewReader(conn).ReadString('\n')
 	if err != nil {
+		if errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET) {
+			// rcptguard closes connections of users it does not allow
+			// without a word: say so, that is the usual cause.
+			return "", fmt.Errorf("health: %s closed the connection without an answer: is uid %d in policy.allow_users (root, Postfix's mail_owner and rcptguard's own user are allowed)? %w", addr, os.Getuid(), err)
+		}
 		return "", fmt.Errorf("health: no answer from %s: %w", addr, err)
 	}
 	if !strings.HasPrefix(line, "action=") {
