@@ -633,7 +633,7 @@ func writeEvidence(w *textWriter, r Report) {
 		w.line("")
 	}
 	if r.Kind == KindBlock && r.RetroactiveHold {
-		w.para("Its mail accepted before the block and still in Postfix's queue (often deferred by the receiving servers) is being held too; a follow-up report lists it.")
+		w.para("Its mail accepted before the block and still in Postfix's queue (often deferred by the receiving servers) is being held too; a follow-up report lists it, if there was any.")
 	}
 }
 
