@@ -27,8 +27,8 @@
 // addresses with reverse names and request counts, up to 20 invalid
 // recipients with the MX host and its reply, the queue IDs answered HOLD,
 // a loud line when Postfix's queue file system is nearly full, and the
-// exact commands to run as root: rcptguard held, release and purge (each
-// with -n first, a dry run) and unblock) and an inline application/json
+// exact commands to run as root: rcptguard held, release and purge, each
+// with -n first as a dry run, and unblock) and an inline application/json
 // part, report.json, with the same facts for ticket systems.
 //
 // A "held" report (KindHeld) follows a block when rcptguard's root-run

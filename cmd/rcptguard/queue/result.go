@@ -213,7 +213,7 @@ func ParseResult(b []byte) (HoldResult, error) {
 		if m.Size < 0 || m.Recipients < 0 {
 			return HoldResult{}, fmt.Errorf("queue ID %s: negative size or recipients", m.ID)
 		}
-		r.Held = append(r.Held, HeldMessage{ID: m.ID, Arrival: m.Arrival, Size: m.Size, Recipients: m.Recipients})
+		r.Held = append(r.Held, HeldMessage(m))
 	}
 	return r, nil
 }
