@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"math"
 	"mime"
 	"mime/multipart"
 	"mime/quotedprintable"
@@ -38,6 +39,27 @@ type jsonReport struct {
 	Clients       []jsonClient    `json:"clients"`
 	Recipients    []jsonRecipient `json:"recipients"`
 	QueueIDs      []string        `json:"queue_ids"`
+	// RetroactiveHold: a follow-up report of kind "held" lists the
+	// mail already queued at the block that was held.
+	RetroactiveHold bool                `json:"retroactive_hold"`
+	BlockedAt       string              `json:"blocked_at"`
+	Held            []jsonHeld          `json:"held"`
+	HeldCount       int                 `json:"held_count"`
+	QueueFS         *jsonQueueFS        `json:"queue_fs"`
+	Commands        map[string][]string `json:"commands"`
+}
+
+type jsonHeld struct {
+	QueueID    string `json:"queue_id"`
+	Arrival    string `json:"arrival"`
+	Size       int64  `json:"size"`
+	Recipients int    `json:"recipients"`
+}
+
+type jsonQueueFS struct {
+	FreeBytes uint64  `json:"free_bytes"`
+	FreeRatio float64 `json:"free_ratio"`
+	Low       bool    `json:"low"`
 }
 
 type jsonClient struct {
@@ -69,6 +91,7 @@ func Compose(r Report, from string, to []string) ([]byte, error) {
 		return nil, err
 	}
 	r.QueueIDs = queueIDs(r.QueueIDs)
+	r.Held = heldMessages(r.Held)
 	fromAddr, err := parseAddress(from)
 	if err != nil {
 		return nil, fmt.Errorf("notify: from: %w", err)
@@ -279,6 +302,8 @@ func subject(r Report) string {
 		return fmt.Sprintf("[rcptguard] blocked %s: %d invalid recipients in %s", id, r.Count, formatPeriod(r.Period))
 	case KindWouldBlock:
 		return fmt.Sprintf("[rcptguard] would block %s: %d invalid recipients in %s", id, r.Count, formatPeriod(r.Period))
+	case KindHeld:
+		return fmt.Sprintf("[rcptguard] held %s already queued of %s", plural(heldCount(r), "message", "messages"), id)
 	default:
 		return fmt.Sprintf("[rcptguard] warning %s: %d of %d", id, r.Count, r.Limit)
 	}
@@ -301,16 +326,29 @@ func reportJSON(r Report) ([]byte, error) {
 		Clients:       []jsonClient{},
 		Recipients:    []jsonRecipient{},
 		QueueIDs:      []string{},
+
+		RetroactiveHold: r.RetroactiveHold,
+		Held:            []jsonHeld{},
+		HeldCount:       heldCount(r),
+		Commands:        map[string][]string{},
+	}
+	if !r.BlockTime.IsZero() {
+		j.BlockedAt = r.BlockTime.Format(time.RFC3339)
+	}
+	for _, h := range head(r.Held, maxQueueIDs) {
+		j.Held = append(j.Held, jsonHeld{QueueID: h.QueueID, Arrival: timeOrEmpty(h.Arrival), Size: h.Size, Recipients: h.Recipients})
+	}
+	if q := r.QueueSpace; q != nil {
+		j.QueueFS = &jsonQueueFS{FreeBytes: q.FreeBytes, FreeRatio: math.Round(q.FreeRatio*1e4) / 1e4, Low: q.Low}
+	}
+	for name, argv := range commands(r) {
+		j.Commands[name] = argv
 	}
 	for _, c := range head(r.Clients, maxClients) {
 		j.Clients = append(j.Clients, jsonClient{Address: field(c.Address), Name: field(c.Name), Count: c.Count})
 	}
 	for _, rc := range head(r.Recipients, maxRecipients) {
-		t := ""
-		if !rc.Time.IsZero() {
-			t = rc.Time.Format(time.RFC3339)
-		}
-		j.Recipients = append(j.Recipients, jsonRecipient{Address: field(rc.Address), Time: t, Reason: field(rc.Reason), MX: field(rc.MX), Reply: field(rc.Reply)})
+		j.Recipients = append(j.Recipients, jsonRecipient{Address: field(rc.Address), Time: timeOrEmpty(rc.Time), Reason: field(rc.Reason), MX: field(rc.MX), Reply: field(rc.Reply)})
 	}
 	for _, q := range head(r.QueueIDs, maxQueueIDs) {
 		j.QueueIDs = append(j.QueueIDs, field(q))
@@ -323,6 +361,13 @@ func reportJSON(r Report) ([]byte, error) {
 		return nil, fmt.Errorf("notify: json: %w", err)
 	}
 	return b.Bytes(), nil
+}
+
+func timeOrEmpty(t time.Time) string {
+	if t.IsZero() {
+		return ""
+	}
+	return t.Format(time.RFC3339)
 }
 
 // field is an untrusted value for the JSON part: valid UTF-8, at most
@@ -427,15 +472,31 @@ func reportText(r Report) string {
 			then = "it would be blocked, but rcptguard runs in monitor mode and blocks nothing"
 		}
 		w.para("%s. Once it passes %d, %s.", tried, r.Limit, then)
+	case KindHeld:
+		w.para("rcptguard held %s of %s that Postfix had accepted before the block and that still waited in its queue.", plural(heldCount(r), "message", "messages"), who)
+		w.para("Postfix holds them now, with the mail held since the block: nothing of it is delivered, and nothing is lost, until you release or delete it.")
 	}
 
 	w.fact("Identity", id)
 	w.fact("Time", r.Time.Format(time.RFC3339))
 	w.fact("Local time", r.Time.Format("Monday 2 January 2006, 15:04:05 MST"))
-	w.fact("Mode", clean(r.Mode, maxField))
-	w.fact("Count", plural(r.Count, "invalid recipient", "invalid recipients"))
-	w.fact("Limit", plural(r.Limit, "invalid recipient", "invalid recipients"))
-	w.fact("Window", period)
+	if r.Kind == KindHeld {
+		if !r.BlockTime.IsZero() {
+			w.fact("Blocked at", r.BlockTime.In(r.Time.Location()).Format(time.RFC3339))
+		}
+		var rcpts int
+		var size int64
+		for _, h := range r.Held {
+			rcpts += h.Recipients
+			size += h.Size
+		}
+		w.fact("Held", fmt.Sprintf("%s, %s, %s", plural(heldCount(r), "message", "messages"), plural(rcpts, "recipient", "recipients"), plural(int(min(size, 1<<62)), "byte", "bytes")))
+	} else {
+		w.fact("Mode", clean(r.Mode, maxField))
+		w.fact("Count", plural(r.Count, "invalid recipient", "invalid recipients"))
+		w.fact("Limit", plural(r.Limit, "invalid recipient", "invalid recipients"))
+		w.fact("Window", period)
+	}
 	switch {
 	case r.Action == "":
 	case r.Kind == KindWouldBlock:
@@ -448,6 +509,64 @@ func reportText(r Report) string {
 	}
 	w.line("")
 
+	if q := r.QueueSpace; q != nil && q.Low {
+		w.para("WARNING: Postfix's queue file system is nearly full: %s free (%.1f%%). Held mail stays on it until it is released or deleted, and when it is full Postfix takes no mail at all. Delete held spam soon (rcptguard purge, below).",
+			humanBytes(q.FreeBytes), q.FreeRatio*100)
+	}
+
+	if r.Kind == KindHeld {
+		writeHeld(&w, r)
+	} else {
+		writeEvidence(&w, r)
+	}
+
+	w.line("What to do")
+	w.line("")
+	if !isClean(r.Identity) {
+		w.para("The identity holds control characters or invalid UTF-8, shown escaped above, so no command can name it here. Its exact bytes are in the JSON part (report.json).")
+		writeHoldCommands(&w, r, 1, "")
+		return w.String()
+	}
+	safe := "Make sure the account is safe again: most likely someone else knows its password, so change it."
+	check := "Check whether the account is compromised; if so, change its password."
+	if isIP(r.Identity) {
+		safe = "Find out what on that machine sends this mail (a compromised web form, script or PC) and stop it."
+		check = "Check what on that machine sends this mail (a compromised web form, script or PC)."
+	}
+	cmds := commands(r)
+	switch r.Kind {
+	case KindBlock, KindHeld:
+		w.step(1, "%s", safe)
+		if isIP(r.Identity) {
+			w.step(2, "Unblock it, so that its new mail flows again:")
+			w.line("   %s", shellLine(cmds["unblock"]))
+			w.line("")
+			writeHoldCommands(&w, r, 3, shellQuote(r.Identity))
+			return w.String()
+		}
+		writeQueueCommands(&w, cmds, 2)
+		w.step(5, "Once the account is safe, unblock it, so that its new mail flows again (release does this itself):")
+		w.line("   %s", shellLine(cmds["unblock"]))
+		w.line("")
+	default:
+		w.step(1, "%s", check)
+		w.step(2, "To block it now by hand:")
+		w.line("   %s", shellLine(cmds["block"]))
+		w.line("")
+		if len(r.QueueIDs) > 0 {
+			if isIP(r.Identity) {
+				writeHoldCommands(&w, r, 3, shellQuote(r.Identity))
+			} else {
+				writeQueueCommands(&w, cmds, 3)
+			}
+		}
+	}
+	return w.String()
+}
+
+// writeEvidence writes the clients, the invalid recipients and the queue
+// IDs answered HOLD of a block, would-block or warning report.
+func writeEvidence(w *textWriter, r Report) {
 	clients := head(r.Clients, maxClients)
 	if len(clients) == 0 {
 		w.para("No client address was recorded.")
@@ -513,55 +632,152 @@ func reportText(r Report) string {
 		}
 		w.line("")
 	}
-
-	w.line("What to do")
-	w.line("")
-	if !isClean(r.Identity) {
-		w.para("The identity holds control characters or invalid UTF-8, shown escaped above, so no command can name it here. Its exact bytes are in the JSON part (report.json).")
-		writeHoldCommands(&w, r, 1, "")
-		return w.String()
+	if r.Kind == KindBlock && r.RetroactiveHold {
+		w.para("Its mail accepted before the block and still in Postfix's queue (often deferred by the receiving servers) is being held too; a follow-up report lists it, if there was any.")
 	}
-	arg := shellQuote(r.Identity)
-	safe := "Make sure the account is safe again: most likely someone else knows its password, so change it."
-	check := "Check whether the account is compromised; if so, change its password."
-	if isIP(r.Identity) {
-		safe = "Find out what on that machine sends this mail (a compromised web form, script or PC) and stop it."
-		check = "Check what on that machine sends this mail (a compromised web form, script or PC)."
-	}
-	switch r.Kind {
-	case KindBlock:
-		w.step(1, "%s", safe)
-		w.step(2, "Unblock it, so that its new mail flows again:")
-		w.line("   rcptguard unblock %s", rcptguardArg(r.Identity))
-		w.line("")
-	default:
-		w.step(1, "%s", check)
-		w.step(2, "To block it now by hand:")
-		w.line("   rcptguard block %s", rcptguardArg(r.Identity))
-		w.line("")
-	}
-	writeHoldCommands(&w, r, 3, arg)
-	return w.String()
 }
 
-// writeHoldCommands writes the steps for held mail: list it, look at it,
-// release or delete it, one line per listed queue ID. arg is the shell
-// quoted identity, "" when no command may name it.
+// writeHeld writes the list of a KindHeld report.
+func writeHeld(w *textWriter, r Report) {
+	held := head(r.Held, maxQueueIDs)
+	if len(held) == 0 {
+		w.para("No message was held.")
+		return
+	}
+	w.line("Held retroactively, by Postfix queue ID (%d):", heldCount(r))
+	for _, h := range held {
+		arrived := "arrival unknown"
+		if !h.Arrival.IsZero() {
+			arrived = "arrived " + h.Arrival.In(r.Time.Location()).Format(time.RFC3339)
+		}
+		w.line("- %s, %s, %s, %s", h.QueueID, arrived, plural(h.Recipients, "recipient", "recipients"), plural(int(min(h.Size, 1<<62)), "byte", "bytes"))
+	}
+	if n := heldCount(r); n > len(held) {
+		w.line("(%d more not shown)", n-len(held))
+	}
+	w.line("")
+}
+
+// writeQueueCommands writes steps step to step+2: list the identity's
+// held mail, release it or delete it, with rcptguard's own commands,
+// which find the mail by the SASL login Postfix recorded in each queue
+// file (not by the envelope sender, which the sender chooses).
+func writeQueueCommands(w *textWriter, cmds map[string][]string, step int) {
+	w.step(step, "See what Postfix holds of it, as root: each held message with its queue ID, age, size, recipients and subject (postcat -vq QUEUEID shows one):")
+	w.line("   %s", shellLine(cmds["held"]))
+	w.line("")
+	w.step(step+1, "If the mail is legitimate, unblock the account and release its held mail, which Postfix then delivers. With -n first: it lists what it would release and changes nothing.")
+	w.line("   %s", shellLine(cmds["release_dry_run"]))
+	w.line("   %s", shellLine(cmds["release"]))
+	w.line("")
+	w.step(step+2, "If it is spam, delete its held mail; the account stays blocked. Again with -n first.")
+	w.line("   %s", shellLine(cmds["purge_dry_run"]))
+	w.line("   %s", shellLine(cmds["purge"]))
+	w.line("")
+}
+
+// commands returns the rcptguard commands of the report, by name, as
+// argument vectors: "unblock", "held", "release_dry_run", "release",
+// "purge_dry_run", "purge" after a block and in a held report; "block"
+// after a warning (and the others when mail was held already). The identity is the last argument, after "--" when it starts
+// with '-'. Only "unblock" or "block" for a client IP address (its mail
+// has no SASL login to find it by); none when the identity holds
+// characters clean would escape.
+func commands(r Report) map[string][]string {
+	if !isClean(r.Identity) {
+		return nil
+	}
+	cmd := func(words ...string) []string {
+		argv := append([]string{"rcptguard"}, words...)
+		if strings.HasPrefix(r.Identity, "-") {
+			argv = append(argv, "--")
+		}
+		return append(argv, r.Identity)
+	}
+	m := map[string][]string{}
+	switch r.Kind {
+	case KindBlock, KindHeld:
+		m["unblock"] = cmd("unblock")
+	default:
+		m["block"] = cmd("block")
+	}
+	if isIP(r.Identity) {
+		return m
+	}
+	if r.Kind == KindBlock || r.Kind == KindHeld || len(r.QueueIDs) > 0 {
+		m["held"] = cmd("held")
+		m["release_dry_run"] = cmd("release", "-n")
+		m["release"] = cmd("release")
+		m["purge_dry_run"] = cmd("purge", "-n")
+		m["purge"] = cmd("purge")
+	}
+	return m
+}
+
+// shellLine writes an argument vector from commands as a line to paste:
+// the fixed words as they are (none needs quoting), then the identity,
+// always last, through rcptguardArg (quoted, after "--" when it starts
+// with '-').
+func shellLine(argv []string) string {
+	if len(argv) < 2 {
+		return ""
+	}
+	words := argv[:len(argv)-1]
+	if words[len(words)-1] == "--" {
+		words = words[:len(words)-1]
+	}
+	return strings.Join(words, " ") + " " + rcptguardArg(argv[len(argv)-1])
+}
+
+// heldCount is how many messages a KindHeld report says were held.
+func heldCount(r Report) int {
+	return max(r.HeldCount, len(r.Held))
+}
+
+// heldMessages returns held without the entries whose queue ID is not a
+// Postfix queue ID, like queueIDs.
+func heldMessages(held []HeldMessage) []HeldMessage {
+	var out []HeldMessage
+	for _, h := range held {
+		if validQueueID(h.QueueID) {
+			out = append(out, h)
+		}
+	}
+	return out
+}
+
+// humanBytes writes a byte count in binary units: "512 B", "3.4 MiB".
+func humanBytes(n uint64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := uint64(unit), 0
+	for m := n / unit; m >= unit && exp < 5; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}
+
+// writeHoldCommands writes the steps for held mail by queue ID, for an
+// identity rcptguard's own commands cannot find the mail of: a client IP
+// address (no SASL login in its queue files) or one no command can name.
+// arg is the shell quoted identity, "" when no command may name it.
 func writeHoldCommands(w *textWriter, r Report, step int, arg string) {
 	qids := head(r.QueueIDs, maxQueueIDs)
-	if len(qids) == 0 && r.Kind != KindBlock {
+	if r.Kind == KindHeld {
+		qids = nil
+		for _, h := range head(r.Held, maxQueueIDs) {
+			qids = append(qids, h.QueueID)
+		}
+	}
+	if len(qids) == 0 && r.Kind != KindBlock && r.Kind != KindHeld {
 		return
 	}
 	w.step(step, "Look at the held mail, then release what is legitimate (Postfix delivers it) and delete the rest.")
-	if arg != "" && isAddress(r.Identity) && !isIP(r.Identity) {
-		w.line("   List the held mail sent with the account's address as sender:")
-		// The sender goes through the environment, not an argument: no
-		// value can be taken for an option.
-		w.line("   postqueue -j | RCPTGUARD_SENDER=%s jq -r 'select(.queue_name == \"hold\" and .sender == env.RCPTGUARD_SENDER) | .queue_id'", arg)
-	} else {
-		w.line("   List everything in the hold queue, with each message's sender:")
-		w.line(`   postqueue -j | jq -r 'select(.queue_name == "hold") | "\(.queue_id) \(.sender)"'`)
-	}
+	w.line("   List everything in the hold queue, with each message's sender:")
+	w.line(`   postqueue -j | jq -r 'select(.queue_name == "hold") | "\(.queue_id) \(.sender)"'`)
 	w.line("")
 	w.line("   Show one message:")
 	w.line("   postcat -vq QUEUEID")

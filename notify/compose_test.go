@@ -51,6 +51,25 @@ func fixedReport() notify.Report {
 	}
 }
 
+// heldReport is the follow-up of fixedReport's block: two messages
+// queued before it were held 3 seconds later.
+func heldReport() notify.Report {
+	r := fixedReport()
+	t0 := r.Time
+	return notify.Report{
+		Kind:      notify.KindHeld,
+		Identity:  r.Identity,
+		Time:      t0.Add(3 * time.Second),
+		BlockTime: t0,
+		Held: []notify.HeldMessage{
+			{QueueID: "4Xk2Lf1ZqQz9vAa", Arrival: t0.Add(-47 * time.Minute), Size: 2817, Recipients: 3},
+			{QueueID: "3F2B7C10D4", Arrival: t0.Add(-2 * time.Minute).UTC(), Size: 1024, Recipients: 1},
+		},
+		Hostname:  r.Hostname,
+		MessageID: "20240305140310.held@mail1.example.net",
+	}
+}
+
 var (
 	testFrom = "rcptguard <rcptguard@mail1.example.net>"
 	testTo   = []string{"abuse@example.com", "Abuse Desk <desk@example.com>"}
@@ -175,6 +194,8 @@ func golden(t *testing.T, name string, got []byte) {
 
 func TestComposeGolden(t *testing.T) {
 	block := fixedReport()
+	block.RetroactiveHold = true
+	block.QueueSpace = &notify.QueueSpace{FreeBytes: 1610612736, FreeRatio: 0.043, Low: true}
 
 	would := fixedReport()
 	would.Kind, would.Mode = notify.KindWouldBlock, "monitor"
@@ -196,6 +217,7 @@ func TestComposeGolden(t *testing.T) {
 		{"would-block", would},
 		{"warning", warn},
 		{"block-ip", ip},
+		{"held", heldReport()},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			raw := compose(t, tc.r)
@@ -204,6 +226,9 @@ func TestComposeGolden(t *testing.T) {
 			if tc.name == "block" {
 				golden(t, "block.json.golden", p.json)
 				golden(t, "block.eml.golden", raw)
+			}
+			if tc.name == "held" {
+				golden(t, "held.json.golden", p.json)
 			}
 		})
 	}
@@ -278,10 +303,10 @@ func TestComposeHeaders(t *testing.T) {
 		"nobody@example.net (mailbox-unknown, 2024-03-05T14:02:55+01:00)",
 		"mx.example.net replied: 550 5.1.1 <nobody@example.net>: Recipient address rejected: User unknown",
 		"- 4F2A1C0E3B",
-		"rcptguard unblock 'alice@example.com'",
-		`postqueue -j | RCPTGUARD_SENDER='alice@example.com' jq -r 'select(.queue_name == "hold" and .sender == env.RCPTGUARD_SENDER) | .queue_id'`,
-		"postsuper -H '4F2A1C0E3B'", "postsuper -H '4Xk2Ln3HcPz9vWx'",
-		"postsuper -d '4F2A1C0E3B'", "postsuper -d '4Xk2Ln3HcPz9vWx'",
+		"   rcptguard unblock 'alice@example.com'\n",
+		"   rcptguard held 'alice@example.com'\n",
+		"   rcptguard release -n 'alice@example.com'\n   rcptguard release 'alice@example.com'\n",
+		"   rcptguard purge -n 'alice@example.com'\n   rcptguard purge 'alice@example.com'\n",
 	} {
 		if !strings.Contains(p.text, want) {
 			t.Errorf("text body lacks %q", want)
@@ -314,7 +339,22 @@ type reportJSON struct {
 		MX      string `json:"mx"`
 		Reply   string `json:"reply"`
 	} `json:"recipients"`
-	QueueIDs []string `json:"queue_ids"`
+	QueueIDs        []string `json:"queue_ids"`
+	RetroactiveHold bool     `json:"retroactive_hold"`
+	BlockedAt       string   `json:"blocked_at"`
+	Held            []struct {
+		QueueID    string `json:"queue_id"`
+		Arrival    string `json:"arrival"`
+		Size       int64  `json:"size"`
+		Recipients int    `json:"recipients"`
+	} `json:"held"`
+	HeldCount int `json:"held_count"`
+	QueueFS   *struct {
+		FreeBytes uint64  `json:"free_bytes"`
+		FreeRatio float64 `json:"free_ratio"`
+		Low       bool    `json:"low"`
+	} `json:"queue_fs"`
+	Commands map[string][]string `json:"commands"`
 }
 
 func decodeJSON(t testing.TB, b []byte) reportJSON {
@@ -422,7 +462,10 @@ func TestComposeShellQuoting(t *testing.T) {
 		{"o'brien@example.com", `rcptguard unblock 'o'\''brien@example.com'` + "\n"},
 		{"$(rm -rf /)@example.com", "rcptguard unblock '$(rm -rf /)@example.com'\n"},
 		{"-rf", "rcptguard unblock -- '-rf'\n"},
-		{"-x@y", "RCPTGUARD_SENDER='-x@y' jq -r"},
+		{"-x@y", "rcptguard release -n -- '-x@y'\n"},
+		{"-x@y", "rcptguard purge -- '-x@y'\n"},
+		{"-x@y", "rcptguard held -- '-x@y'\n"},
+		{"--", "rcptguard unblock -- '--'\n"},
 		{"user name", "rcptguard unblock 'user name'\n"},
 	} {
 		r := fixedReport()
@@ -522,6 +565,9 @@ func TestComposeTooManyItems(t *testing.T) {
 	for range 150 {
 		r.QueueIDs = append(r.QueueIDs, "ABCDEF0123")
 	}
+	// A client address: its mail has no SASL login, so the report names
+	// the held messages by queue ID.
+	r.Identity = "192.0.2.55"
 	p := parseReport(t, compose(t, r))
 	if n := strings.Count(p.text, "(mailbox-unknown)"); n != 20 {
 		t.Errorf("%d recipients shown, want 20", n)
@@ -624,5 +670,101 @@ func TestSampleReportComposes(t *testing.T) {
 	}
 	if j := decodeJSON(t, p.json); len(j.Recipients) != 3 || len(j.QueueIDs) != 2 {
 		t.Errorf("sample JSON %+v", j)
+	}
+}
+
+// The JSON part's commands are the text's, as argument vectors: the
+// identity last, after "--" when it starts with '-'.
+func TestComposeCommandsJSON(t *testing.T) {
+	for _, tc := range []struct {
+		kind  notify.Kind
+		id    string
+		names []string
+	}{
+		{notify.KindBlock, "alice@example.com", []string{"held", "purge", "purge_dry_run", "release", "release_dry_run", "unblock"}},
+		{notify.KindBlock, "-x@y", []string{"held", "purge", "purge_dry_run", "release", "release_dry_run", "unblock"}},
+		{notify.KindHeld, "alice@example.com", []string{"held", "purge", "purge_dry_run", "release", "release_dry_run", "unblock"}},
+		{notify.KindBlock, "192.0.2.55", []string{"unblock"}},
+		{notify.KindWarning, "alice@example.com", []string{"block"}},
+		{notify.KindBlock, "bad\x00id", nil},
+	} {
+		r := fixedReport()
+		if tc.kind == notify.KindHeld {
+			r = heldReport()
+		}
+		r.Kind, r.Identity = tc.kind, tc.id
+		if tc.kind == notify.KindWarning {
+			r.Action, r.QueueIDs = "", nil
+		}
+		p := parseReport(t, compose(t, r))
+		j := decodeJSON(t, p.json)
+		var names []string
+		for name, argv := range j.Commands {
+			names = append(names, name)
+			want := []string{"rcptguard"}
+			switch name {
+			case "release_dry_run":
+				want = append(want, "release", "-n")
+			case "purge_dry_run":
+				want = append(want, "purge", "-n")
+			default:
+				want = append(want, name)
+			}
+			line := strings.Join(want, " ")
+			if strings.HasPrefix(tc.id, "-") {
+				want = append(want, "--")
+				line += " --"
+			}
+			want = append(want, tc.id)
+			if !slices.Equal(argv, want) {
+				t.Errorf("%s %q: %s = %q, want %q", tc.kind, tc.id, name, argv, want)
+			}
+			if line += " '" + tc.id + "'\n"; !strings.Contains(p.text, line) {
+				t.Errorf("%s %q: text lacks %q:\n%s", tc.kind, tc.id, line, p.text)
+			}
+		}
+		slices.Sort(names)
+		if !slices.Equal(names, tc.names) {
+			t.Errorf("%s %q: commands %v, want %v", tc.kind, tc.id, names, tc.names)
+		}
+	}
+}
+
+func TestComposeHeldAndQueueSpace(t *testing.T) {
+	r := heldReport()
+	r.Held = append(r.Held, notify.HeldMessage{QueueID: "-rf", Size: 1}, notify.HeldMessage{QueueID: "ABC DEF0123", Size: 1})
+	r.HeldCount = 1500
+	r.QueueSpace = &notify.QueueSpace{FreeBytes: 5 << 20, FreeRatio: 0.0123456, Low: true}
+	raw := compose(t, r)
+	p := parseReport(t, raw)
+	if !strings.Contains(string(raw), "Subject: [rcptguard] held 1500 messages already queued of alice@example.com\r\n") {
+		t.Errorf("subject:\n%s", raw)
+	}
+	for _, want := range []string{"Held retroactively, by Postfix queue ID (1500):", "(1498 more not shown)", "nearly full: 5.0 MiB free", "Blocked at:  2024-03-05T14:03:07+01:00"} {
+		if !strings.Contains(p.text, want) {
+			t.Errorf("text lacks %q:\n%s", want, p.text)
+		}
+	}
+	if strings.Contains(p.text, "-rf") || strings.Contains(p.text, "ABC DEF") {
+		t.Errorf("a queue ID that is not one is shown:\n%s", p.text)
+	}
+	j := decodeJSON(t, p.json)
+	if j.Kind != "held" || len(j.Held) != 2 || j.HeldCount != 1500 || j.Held[0].QueueID != "4Xk2Lf1ZqQz9vAa" || j.Held[0].Size != 2817 ||
+		j.Held[0].Recipients != 3 || j.Held[0].Arrival != "2024-03-05T13:16:07+01:00" || j.BlockedAt != "2024-03-05T14:03:07+01:00" {
+		t.Errorf("held JSON: %+v", j)
+	}
+	if j.QueueFS == nil || !j.QueueFS.Low || j.QueueFS.FreeBytes != 5<<20 || j.QueueFS.FreeRatio != 0.0123 {
+		t.Errorf("queue_fs: %+v", j.QueueFS)
+	}
+
+	// Room on the disk: the numbers, no warning.
+	b := fixedReport()
+	b.QueueSpace = &notify.QueueSpace{FreeBytes: 50 << 30, FreeRatio: 0.5}
+	p = parseReport(t, compose(t, b))
+	if strings.Contains(p.text, "nearly full") || strings.Contains(p.text, "follow-up") {
+		t.Errorf("warning or follow-up without cause:\n%s", p.text)
+	}
+	if j := decodeJSON(t, p.json); j.QueueFS == nil || j.QueueFS.Low || j.QueueFS.FreeRatio != 0.5 || j.RetroactiveHold {
+		t.Errorf("queue_fs %+v, retroactive_hold %v", j.QueueFS, j.RetroactiveHold)
 	}
 }

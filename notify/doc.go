@@ -16,6 +16,7 @@
 //	[rcptguard] blocked IDENTITY: N invalid recipients in PERIOD
 //	[rcptguard] would block IDENTITY: N invalid recipients in PERIOD   (monitor mode)
 //	[rcptguard] warning IDENTITY: N of LIMIT
+//	[rcptguard] held N messages already queued of IDENTITY              (follow-up of a block)
 //
 // The headers are Date, From, To, Subject, Message-ID (random, at the host
 // name), Auto-Submitted: auto-generated (RFC 3834), X-Rcptguard-Kind,
@@ -25,9 +26,16 @@
 // in RFC 3339 and in words, mode, count, limit and window, the client
 // addresses with reverse names and request counts, up to 20 invalid
 // recipients with the MX host and its reply, the queue IDs answered HOLD,
-// and the exact commands to unblock the identity and to list, release or
-// delete its held mail) and an inline application/json part, report.json,
-// with the same facts for ticket systems.
+// a loud line when Postfix's queue file system is nearly full, and the
+// exact commands to run as root: rcptguard held, release and purge, each
+// with -n first as a dry run, and unblock) and an inline application/json
+// part, report.json, with the same facts for ticket systems.
+//
+// A "held" report (KindHeld) follows a block when rcptguard's root-run
+// queue-hold has held the identity's mail that was accepted before the
+// block and still waited in Postfix's queue: it lists each message (queue
+// ID, arrival, size, recipients) and the same commands. The caller sends
+// at most one per block event.
 //
 // ComposeUserWarning turns a warning about an identity that is an email
 // address into a short message to the account holder in plain words, with
@@ -43,14 +51,21 @@
 // line endings are CRLF. Every command is safe to paste: each value is
 // in single quotes for a POSIX shell, each single quote in it closed,
 // escaped and reopened; no value can be taken for an option: queue IDs
-// that are not Postfix queue IDs (letters and digits) are left out, the
-// sender for jq goes through the environment, and an identity starting
-// with '-' follows "--":
+// that are not Postfix queue IDs (letters and digits) are left out, and
+// an identity starting with '-' follows "--" (rcptguard's flag parser
+// reads the rest as arguments):
 //
-//	rcptguard unblock 'o'\''brien@example.com'
+//	rcptguard held 'o'\''brien@example.com'
+//	rcptguard release -n 'o'\''brien@example.com'
+//	rcptguard purge -n -- '-x@example.com'
 //	rcptguard unblock -- '-x@example.com'
-//	postqueue -j | RCPTGUARD_SENDER='-x@example.com' jq -r '... env.RCPTGUARD_SENDER ...'
 //	postsuper -H '4Xk2Ln3HcPz9vWx'
+//
+// rcptguard's held, release and purge find the mail by the SASL login
+// Postfix wrote in each queue file. A client IP address has none, so for
+// it the report keeps naming the held messages by queue ID (postsuper).
+// An identity that holds characters shown escaped gets no command that
+// names it; its exact bytes are in the JSON part.
 //
 // # JSON part
 //
@@ -61,7 +76,7 @@
 // recipients and 100 queue IDs, as the text does.
 //
 //	version         number  1
-//	kind            string  "block", "would-block" (monitor mode) or "warning"
+//	kind            string  "block", "would-block" (monitor mode), "warning" or "held"
 //	identity        string  the SASL user name or client IP address, exactly
 //	time            string  when it happened, RFC 3339
 //	mode            string  "enforce" or "monitor"
@@ -76,6 +91,23 @@
 //	                        most recent first; time RFC 3339; reason e.g. "mailbox-unknown";
 //	                        mx the host that answered; reply its reply line
 //	queue_ids       list    Postfix queue IDs answered HOLD
+//	retroactive_hold bool   a "held" report will list the mail queued before
+//	                        the block that was held
+//	blocked_at      string  in a "held" report: when the block was, RFC 3339; else ""
+//	held            list    in a "held" report: {queue_id, arrival, size, recipients}:
+//	                        the messages held retroactively, at most 100; arrival
+//	                        RFC 3339, size in bytes, recipients not yet delivered
+//	held_count      number  how many were held in all (may exceed the list)
+//	queue_fs        object  {free_bytes, free_ratio, low}: Postfix's queue file
+//	                        system when the report was made, null if not checked;
+//	                        low: below 10% free, the text then warns
+//	commands        object  name → argument vector (no shell needed): "unblock",
+//	                        "held", "release_dry_run", "release", "purge_dry_run",
+//	                        "purge" after a block and in a "held" report; "block"
+//	                        after a warning or would-block; only "unblock" or
+//	                        "block" for a client IP address; {} when the identity
+//	                        holds characters the text shows escaped. The identity is
+//	                        the last argument, after "--" when it starts with '-'
 //
 // For example:
 //
@@ -99,7 +131,20 @@
 //	     "reason": "mailbox-unknown", "mx": "mx.example.net",
 //	     "reply": "550 5.1.1 <nobody@example.net>: Recipient address rejected: User unknown"}
 //	  ],
-//	  "queue_ids": ["4F2A1C0E3B"]
+//	  "queue_ids": ["4F2A1C0E3B"],
+//	  "retroactive_hold": true,
+//	  "blocked_at": "",
+//	  "held": [],
+//	  "held_count": 0,
+//	  "queue_fs": {"free_bytes": 41943040000, "free_ratio": 0.3906, "low": false},
+//	  "commands": {
+//	    "held": ["rcptguard", "held", "alice@example.com"],
+//	    "purge": ["rcptguard", "purge", "alice@example.com"],
+//	    "purge_dry_run": ["rcptguard", "purge", "-n", "alice@example.com"],
+//	    "release": ["rcptguard", "release", "alice@example.com"],
+//	    "release_dry_run": ["rcptguard", "release", "-n", "alice@example.com"],
+//	    "unblock": ["rcptguard", "unblock", "alice@example.com"]
+//	  }
 //	}
 //
 // # Sending

@@ -23,6 +23,10 @@ const (
 	KindWouldBlock Kind = "would-block"
 	// KindWarning: the identity reached the warning share of its limit.
 	KindWarning Kind = "warning"
+	// KindHeld: the follow-up of a block: the identity's mail that was
+	// already in Postfix's queue at the block has been put on hold
+	// ("rcptguard queue-hold"). Report.Held lists it.
+	KindHeld Kind = "held"
 )
 
 // Report is the facts of one block event or warning. It is plain data: the
@@ -46,6 +50,23 @@ type Report struct {
 	QueueIDs   []string    // Postfix queue IDs answered HOLD
 	Hostname   string      // the machine rcptguard runs on; "" means "localhost"
 
+	// RetroactiveHold is set on a block report when rcptguard asked for
+	// the identity's mail already in the queue to be held: the report
+	// then says that a follow-up report (KindHeld) lists it.
+	RetroactiveHold bool
+	// BlockTime, in a KindHeld report, is when the block asked for the
+	// hold; Time is when the mail was held.
+	BlockTime time.Time
+	// Held, in a KindHeld report, is the mail held retroactively; at
+	// most 100 are shown. HeldCount is how many were held in all, when
+	// more than len(Held) (the list was cut short before the report).
+	Held      []HeldMessage
+	HeldCount int
+	// QueueSpace is the free space of Postfix's queue file system when
+	// the report was made; nil when it was not checked. When Low, the
+	// report says so loudly: held mail stays on that file system.
+	QueueSpace *QueueSpace
+
 	// MessageID, when set, is the Message-ID to use, without angle
 	// brackets ("id@host"). It is normally empty: Compose then makes a
 	// random one at Hostname. Tests set it to get byte-identical output.
@@ -57,6 +78,21 @@ type Client struct {
 	Address string // IP address as Postfix reported it
 	Name    string // reverse name, "" or "unknown" if there is none
 	Count   int    // requests seen from it
+}
+
+// HeldMessage is one message held retroactively.
+type HeldMessage struct {
+	QueueID    string    // Postfix queue ID; one that is not is left out
+	Arrival    time.Time // when Postfix accepted it
+	Size       int64     // bytes
+	Recipients int       // recipients not delivered yet
+}
+
+// QueueSpace is the free space of Postfix's queue file system.
+type QueueSpace struct {
+	FreeBytes uint64
+	FreeRatio float64 // 0 to 1
+	Low       bool    // below the threshold at which rcptguard warns
 }
 
 // Recipient is one recipient that turned out not to exist.
@@ -111,7 +147,7 @@ func SampleReport(now time.Time, hostname string) Report {
 // validate reports the first thing that makes r impossible to compose.
 func (r Report) validate() error {
 	switch r.Kind {
-	case KindBlock, KindWouldBlock, KindWarning:
+	case KindBlock, KindWouldBlock, KindWarning, KindHeld:
 	default:
 		return fmt.Errorf("notify: unknown report kind %q", string(r.Kind))
 	}
@@ -298,12 +334,6 @@ func validQueueID(q string) bool {
 func isIP(s string) bool {
 	_, err := netip.ParseAddr(s)
 	return err == nil
-}
-
-// isAddress reports whether the identity looks like an email address.
-func isAddress(s string) bool {
-	at := strings.LastIndexByte(s, '@')
-	return at > 0 && at < len(s)-1
 }
 
 // sanitizeHostname returns h when it is a plausible host name for a

@@ -522,7 +522,7 @@ spool = %q
 		t.Fatalf("report envelope: auth %q to %v", block.AuthUser, block.To)
 	}
 	for _, want := range []string{"Auto-Submitted: auto-generated", "application/json", "rcptguard unblock 'mallory@customer.test'",
-		"x5@good.test", "postsuper -H 'ABC123'"} {
+		"x5@good.test", "- ABC123", "rcptguard release -n 'mallory@customer.test'", "rcptguard purge -n 'mallory@customer.test'"} {
 		if !strings.Contains(string(block.Data), want) {
 			t.Errorf("block report lacks %q", want)
 		}

@@ -278,6 +278,7 @@ mx.dest.test. 300 IN A 127.0.0.1
 			"permit_sasl_authenticated, reject_unauth_destination",
 	})
 
+	relay := test.StartRelay(t, test.RelayConfig{})
 	state := test.SharedTempDir(t)
 	requests := filepath.Join(state, "hold-requests")
 	configPath := filepath.Join(state, "rcptguard.toml")
@@ -303,11 +304,15 @@ path = %q
 
 [notify]
 spool = %q
+to = ["abuse@isp.test"]
+from = "rcptguard@isp.test"
+relay = %q
+starttls = "off"
 
 [queue]
 postfix_config = %q
 requests = %q
-`, policyAddr, dns.Addr, calloutPort, filepath.Join(state, "blocklist"), filepath.Join(state, "spool"), s.ConfigDir, requests)
+`, policyAddr, dns.Addr, calloutPort, filepath.Join(state, "blocklist"), filepath.Join(state, "spool"), relay.Addr, s.ConfigDir, requests)
 	if err := os.WriteFile(configPath, []byte(config), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -376,6 +381,45 @@ requests = %q
 	t.Logf("retroactive hold: 1 deferred message held, %s from the daemon's request to held",
 		r.done.Sub(r.requested).Round(time.Millisecond))
 
+	// The abuse desk hears of it: the block report announces the
+	// follow-up, and the follow-up, which the daemon sends from
+	// queue-hold's result, lists the message held retroactively.
+	var blockReport, heldReport *test.RelayMessage
+	deadline := time.Now().Add(30 * time.Second)
+	for (blockReport == nil || heldReport == nil) && time.Now().Before(deadline) {
+		for _, m := range relay.Messages() {
+			switch text := decodedReport(t, m.Data); {
+			case strings.Contains(text, "X-Rcptguard-Kind: block"):
+				blockReport = &m
+			case strings.Contains(text, "X-Rcptguard-Kind: held"):
+				if heldReport != nil {
+					t.Fatalf("two held reports for one block:\n%s", text)
+				}
+				heldReport = &m
+			}
+		}
+		if heldReport == nil {
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	if blockReport == nil || heldReport == nil {
+		t.Fatalf("reports at the relay: block %v, held %v, want both", blockReport != nil, heldReport != nil)
+	}
+	t.Logf("held report at the relay %s after the request", time.Since(r.requested).Round(time.Millisecond))
+	if text := decodedReport(t, blockReport.Data); !strings.Contains(text, `"retroactive_hold": true`) {
+		t.Errorf("the block report does not announce the follow-up:\n%s", text)
+	}
+	held := decodedReport(t, heldReport.Data)
+	for _, want := range []string{"Subject: [rcptguard] held 1 message already queued of " + spammer,
+		"- " + early + ", arrived ", "rcptguard purge -n '" + spammer + "'", `"queue_id": "` + early + `"`} {
+		if !strings.Contains(held, want) {
+			t.Errorf("held report lacks %q:\n%s", want, held)
+		}
+	}
+	if strings.Contains(held, honestID) || strings.Contains(held, atBlock) {
+		t.Errorf("held report lists a message not held retroactively (honest %s, held at RCPT %s):\n%s", honestID, atBlock, held)
+	}
+
 	// hold_max = 2: the blocking message was the first held at RCPT, this
 	// one the second; the next is refused.
 	second := s.Send(t, spammer, spammer, "second held", "good@dest.test")
@@ -390,4 +434,13 @@ requests = %q
 	if !strings.Contains(d.logs.String(), "hold queue guard") {
 		t.Errorf("no guard log line:\n%s", d.logs)
 	}
+}
+
+// decodedReport returns a report as received with its quoted-printable
+// soft line breaks and line ends undone, for searching.
+func decodedReport(t *testing.T, data []byte) string {
+	t.Helper()
+	s := strings.ReplaceAll(string(data), "=\r\n", "")
+	s = strings.ReplaceAll(s, "=3D", "=")
+	return strings.ReplaceAll(s, "\r\n", "\n")
 }

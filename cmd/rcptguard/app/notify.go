@@ -71,6 +71,12 @@ func newMailer(cfg *Config, log *slog.Logger, withSpool bool) (*notify.Mailer, e
 type reportNotifier struct {
 	log    *slog.Logger
 	mailer *notify.Mailer // nil: log only
+	// space is the queue file system's last reading, said in each
+	// report (nil: not watched).
+	space *queueSpaceNow
+	// retroactive: blocks ask for a retroactive hold (queue.requests),
+	// so a block report announces the "held" follow-up.
+	retroactive bool
 }
 
 func (n reportNotifier) Notify(ctx context.Context, ev detector.Event) error {
@@ -81,7 +87,10 @@ func (n reportNotifier) Notify(ctx context.Context, ev detector.Event) error {
 	if n.mailer == nil {
 		return nil
 	}
-	return n.mailer.Enqueue(ctx, reportOf(ev))
+	r := reportOf(ev)
+	r.QueueSpace = n.space.get()
+	r.RetroactiveHold = n.retroactive && r.Kind == notify.KindBlock
+	return n.mailer.Enqueue(ctx, r)
 }
 
 // reportOf turns a detector event into the notify package's report.

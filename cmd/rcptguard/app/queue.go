@@ -241,6 +241,14 @@ func cmdQueueHold(ctx context.Context, args []string, stdout, stderr io.Writer) 
 				slog.Time("arrival", m.Arrival), slog.Int("recipients", m.Recipients), slog.Int64("size", m.Size),
 				slog.String("subject", queue.Printable(m.Subject, 80)))
 		}
+		// The daemon reports what was held (holdresults.go); a result
+		// not written is logged, the hold itself stands.
+		if len(held) > 0 {
+			dir := queue.ResultsDir(cfg.Queue.Requests)
+			if werr := queue.WriteResult(dir, queue.NewHoldResult(r.Identity, r.Time, time.Now(), held)); werr != nil {
+				log.Error("retroactive hold not reported: result not written", slog.String("identity", r.Identity), slog.Any("error", werr))
+			}
+		}
 		if err != nil {
 			return fmt.Errorf("hold %s: %w", r.Identity, err)
 		}
@@ -281,6 +289,9 @@ func withBlockHooks(cfg *Config, b detector.Blocklist, log *slog.Logger) (detect
 	h := blockHooks{Blocklist: b, log: log, unblockAfter: cfg.Detector.UnblockAfter.D(), now: time.Now}
 	if cfg.Queue.Requests != "" {
 		if err := ensureDir(cfg.Queue.Requests, "queue.requests"); err != nil {
+			return nil, err
+		}
+		if err := makeResultsDir(cfg.Queue.Requests); err != nil {
 			return nil, err
 		}
 		h.req = &queue.Requester{Dir: cfg.Queue.Requests}

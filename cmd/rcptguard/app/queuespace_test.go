@@ -12,6 +12,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/rcptguard/rcptguard/cmd/rcptguard/queue"
+	"github.com/rcptguard/rcptguard/notify"
 )
 
 func TestWatchQueueSpace(t *testing.T) {
@@ -39,7 +40,35 @@ func TestWatchQueueSpace(t *testing.T) {
 	}
 	var logs bytes.Buffer
 	reg := prometheus.NewRegistry()
-	watchQueueSpace(ctx, "/var/spool/postfix", time.Millisecond, space, reg, slog.New(slog.NewTextHandler(&logs, nil)))
+	var now queueSpaceNow
+	var seen []*notify.QueueSpace
+	spaceSeen := func(d string) (queue.Space, error) {
+		if i > 0 {
+			seen = append(seen, now.get())
+		}
+		return space(d)
+	}
+	watchQueueSpace(ctx, "/var/spool/postfix", time.Millisecond, spaceSeen, reg, slog.New(slog.NewTextHandler(&logs, nil)), &now)
+	seen = append(seen, now.get())
+	// What a report made after each reading would say.
+	if len(seen) != len(seq) {
+		t.Fatalf("%d readings seen, want %d", len(seen), len(seq))
+	}
+	for k, want := range seq {
+		got := seen[k]
+		switch {
+		case want.err != nil:
+			if got != nil {
+				t.Errorf("reading %d failed, but reports get %+v", k, got)
+			}
+		case got == nil || got.FreeBytes != want.s.Free || got.Low != (want.s.FreeRatio() < 0.10):
+			t.Errorf("reading %d: reports get %+v, want free %d low %v", k, got, want.s.Free, want.s.FreeRatio() < 0.10)
+		}
+	}
+	var never *queueSpaceNow
+	if never.get() != nil {
+		t.Error("an unwatched queue has a reading")
+	}
 	out := logs.String()
 	if n := strings.Count(out, "nearly full"); n != 1 {
 		t.Errorf("%d nearly-full lines, want 1:\n%s", n, out)

@@ -134,7 +134,9 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 	if dcfg.Blocklist, err = withBlockHooks(cfg, newBlocklistAdapter(bl), log); err != nil {
 		return err
 	}
-	dcfg.Notifier = reportNotifier{log: log, mailer: mailer}
+	space := &queueSpaceNow{}
+	reports := reportNotifier{log: log, mailer: mailer, space: space, retroactive: cfg.Queue.Requests != ""}
+	dcfg.Notifier = reports
 	dcfg.Logger = log
 	dcfg.Metrics = metrics
 	d, err := detector.New(dcfg)
@@ -259,7 +261,10 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 	if dir, err := queue.Directory(ctx, cfg.Queue.PostfixConfig); err != nil {
 		log.Warn("queue disk space not watched", slog.Any("error", err))
 	} else {
-		wg.Go(func() { watchQueueSpace(ctx, dir, 30*time.Second, queue.FreeSpace, reg, log) })
+		wg.Go(func() { watchQueueSpace(ctx, dir, 30*time.Second, queue.FreeSpace, reg, log, space) })
+	}
+	if cfg.Queue.Requests != "" {
+		wg.Go(func() { watchHoldResults(ctx, queue.ResultsDir(cfg.Queue.Requests), 2*time.Second, reports) })
 	}
 	if cfg.Detector.UnblockAfter > 0 {
 		wg.Go(func() { autoUnblock(ctx, bl, 30*time.Second, time.Now, d.Limiter().Forget, log) })

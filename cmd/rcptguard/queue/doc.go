@@ -18,6 +18,9 @@
 // systemd path unit, takes the requests ([TakeRequests]) and holds that
 // identity's recent messages ([Queue.HoldIdentity]) after checking that
 // the identity is blocked. Release and delete are never done on request.
+// What it held goes back as a result file ([WriteResult]) into a
+// directory the daemon owns ([ResultsDir]); the daemon takes it
+// ([TakeResults]) and reports it to the abuse desk.
 //
 // Only cmd/rcptguard imports this package.
 package queue

@@ -74,3 +74,31 @@ func FuzzParseRequest(f *testing.F) {
 		}
 	})
 }
+
+// FuzzParseResult checks that a result accepted holds one clean identity
+// and only valid queue IDs, and survives a round trip.
+func FuzzParseResult(f *testing.F) {
+	f.Add([]byte(`{"version":1,"identity":"a@b","requested":"2026-11-29T23:00:00Z","done":"2026-11-29T23:00:02Z","count":1,"held":[{"id":"ABCDEF0123","arrival":"2026-11-29T22:00:00Z","size":10,"recipients":1}]}`))
+	f.Add([]byte(`{"version":1,"identity":"-x","requested":"2026-11-29T23:00:00Z","done":"2026-11-29T23:00:02Z","count":0,"held":[]}`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		r, err := ParseResult(b)
+		if err != nil {
+			return
+		}
+		if !validIdentity(r.Identity) || r.Count < len(r.Held) || len(r.Held) > MaxResultHeld {
+			t.Fatalf("accepted %q as %+v", b, r)
+		}
+		for _, h := range r.Held {
+			if !ValidID(h.ID) || h.Size < 0 || h.Recipients < 0 {
+				t.Fatalf("accepted message %+v", h)
+			}
+		}
+		enc, err := encodeResult(r)
+		if err != nil {
+			t.Fatalf("accepted result does not encode: %v", err)
+		}
+		if _, err := ParseResult(enc); err != nil {
+			t.Fatalf("round trip: %v", err)
+		}
+	})
+}
