@@ -425,8 +425,10 @@ func (d *Detector) Decide(ctx context.Context, req *Request) Action {
 	go d.run(*req, id, rcpt, p, lim) // *req: the server reuses it for the next request
 	if (st.Safe || pc.mode == ModeMonitor) && p.accept() {
 		// Far from every limit even if everything in flight turns out
-		// invalid: answer now, the verdict counts when it arrives.
-		return d.answer(req, id, nil, "verifying", ActionDunno, st.Count)
+		// invalid: answer now, the verdict counts when it arrives. Its
+		// decision line is written then, with the verdict (note "late").
+		d.metrics.answered(answerDunno)
+		return ActionDunno
 	}
 	return d.await(ctx, req, id, nil, p, pc, lim)
 }
@@ -462,13 +464,13 @@ func (p *probe) refuse() {
 }
 
 // finish publishes the verdict and tells whether the request was
-// accepted before it.
-func (p *probe) finish(res callout.Result) (accepted bool) {
+// answered before it (so the verdict's decision line is still to write).
+func (p *probe) finish(res callout.Result) (answeredBefore bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.res = res
 	close(p.done)
-	return p.accepted
+	return p.accepted || p.answered
 }
 
 // acceptedUnjudged reports whether the request was answered DUNNO and
@@ -509,7 +511,7 @@ func (d *Detector) run(req Request, id, rcpt string, p *probe, lim Thresholds) {
 				continue
 			}
 			d.limiter.Settle(id, nil, d.now(), lim)
-			if p.finish(res) {
+			if p.finish(res) && p.acceptedUnjudged() {
 				d.log.Warn("recipient accepted and never verified: the verifier's caps held for a whole period",
 					slog.String("identity", id), slog.String("recipient", boundString(rcpt, 320)), slog.String("queue_id", req.QueueID))
 			}
@@ -588,8 +590,13 @@ func (d *Detector) settled(req *Request, id string, own *callout.Result, p *prob
 		}
 	}
 	st := d.limiter.Standing(id, d.now(), lim)
-	if st.Safe && (own != nil || p.accept()) {
+	if st.Safe && own != nil {
 		return d.answer(req, id, own, "waited", ActionDunno, st.Count), true
+	}
+	if st.Safe && p.accept() {
+		// Its decision line comes with the verdict (note "late").
+		d.metrics.answered(answerDunno)
+		return ActionDunno, true
 	}
 	return "", false
 }
@@ -611,9 +618,9 @@ func (d *Detector) blockedAction(id string) (string, bool) {
 	if d.cfg.load().mode != ModeEnforce {
 		return "", false
 	}
-	if a, ok := d.limiter.blockAction(id); ok {
-		return a, true
-	}
+	// The blocklist, not the limiter: it answers blocked only once the
+	// entry is written or its write has had its bounded wait, so that an
+	// identity answered blocked is still blocked after a crash.
 	return d.block.Blocked(id)
 }
 
@@ -675,11 +682,11 @@ func (d *Detector) record(ctx context.Context, req *Request, id string, res call
 		if pc.mode == ModeMonitor {
 			action = ""
 		}
-		first, recorded := d.limiter.MarkBlocked(id, pc.mode, action)
-		if !first {
-			// Another request got here first: answer like it.
-			if pc.mode == ModeEnforce && recorded != "" {
-				return Action(recorded), ev.Count
+		if !d.limiter.MarkBlocked(id, pc.mode) {
+			// Another request got here first: answer like it, once its
+			// entry is written (the blocklist waits for that, bounded).
+			if a, ok := d.block.Blocked(id); ok && pc.mode == ModeEnforce {
+				return Action(a), ev.Count
 			}
 			return ActionDunno, ev.Count
 		}

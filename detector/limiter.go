@@ -302,22 +302,20 @@ func (l *Limiter) Warn(id string, now time.Time) bool {
 	return true
 }
 
-// MarkBlocked records that id was blocked in mode with action and reports
-// whether the caller is the first to act on it: only one request per
-// identity acts on a block. The others get the action the first recorded.
-// A would-block in monitor mode does not stand in the way of a real block
-// once the mode is enforce.
-func (l *Limiter) MarkBlocked(id string, mode Mode, action string) (first bool, recorded string) {
+// MarkBlocked records that id was blocked in mode and reports whether the
+// caller is the first to act on it: only one request per identity acts on
+// a block. A would-block in monitor mode does not stand in the way of a
+// real block once the mode is enforce.
+func (l *Limiter) MarkBlocked(id string, mode Mode) bool {
 	s := l.shard(id)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	tr := s.track(id)
 	if tr.blocked == ModeEnforce || tr.blocked == mode {
-		return false, tr.action
+		return false
 	}
 	tr.blocked = mode
-	tr.action = action
-	return true, action
+	return true
 }
 
 // Wake wakes the requests waiting for a change of id.
@@ -693,15 +691,4 @@ func (tr *track) expireProbes(t int64) {
 	if n > 0 {
 		tr.probes = slices.Delete(tr.probes, 0, n)
 	}
-}
-
-// blockAction returns the action recorded for a block in enforce mode.
-func (l *Limiter) blockAction(id string) (string, bool) {
-	s := l.shard(id)
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if tr := s.m[id]; tr != nil && tr.blocked == ModeEnforce && tr.action != "" {
-		return tr.action, true
-	}
-	return "", false
 }
