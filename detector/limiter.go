@@ -362,20 +362,22 @@ func (l *Limiter) Evidence(id string) Evidence {
 	return out
 }
 
-// Sweep forgets identities with no activity for a whole period and returns
-// how many identities are still tracked.
+// Sweep forgets identities with no activity for a whole period and no
+// invalid recipient left in the long window, and returns how many
+// identities are still tracked.
 func (l *Limiter) Sweep(now time.Time) int {
-	cutoff := now.UnixNano() - l.keep
+	t := now.UnixNano()
+	cutoff := t - l.keep
 	n := 0
 	for i := range l.shards {
 		s := &l.shards[i]
 		s.mu.Lock()
 		for id, tr := range s.m {
-			if tr.last <= cutoff && tr.warned <= now.UnixNano()-l.period && tr.pending == 0 && tr.waiters == 0 {
+			tr.expire(cutoff)
+			if tr.last <= t-l.period && len(tr.hits) == 0 && tr.warned <= t-l.period && tr.pending == 0 && tr.waiters == 0 {
 				delete(s.m, id)
 				continue
 			}
-			tr.expire(cutoff)
 			if len(tr.hits) == 0 && cap(tr.hits) > 4 {
 				tr.hits = nil
 			}

@@ -229,3 +229,22 @@ func (c *cachedInvalid) Cached(addr string) (callout.Result, bool) {
 	}
 	return callout.Result{}, false
 }
+
+// TestSweepLongWindow: an identity with an invalid recipient in the long
+// window stays tracked until it leaves; one with only valid verdicts goes
+// after a period.
+func TestSweepLongWindow(t *testing.T) {
+	l := newLimiter(time.Hour, 24*time.Hour)
+	lim := Thresholds{Count: 10, Long: 30}
+	l.Judge("bad", verdict("n@x.test", callout.StatusInvalid, callout.ReasonNoMailbox), t0, lim)
+	l.Judge("good", verdict("v@x.test", callout.StatusValid, callout.ReasonAccepted), t0, lim)
+	if n := l.Sweep(t0.Add(2 * time.Hour)); n != 1 {
+		t.Fatalf("%d tracked after 2h, want 1 (the one with a hit in the long window)", n)
+	}
+	if st := l.Standing("bad", t0.Add(2*time.Hour), lim); st.Long != 1 || st.Count != 0 {
+		t.Fatalf("standing after 2h %+v", st)
+	}
+	if n := l.Sweep(t0.Add(24 * time.Hour)); n != 0 {
+		t.Fatalf("%d tracked after 24h", n)
+	}
+}
