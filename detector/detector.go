@@ -679,9 +679,6 @@ func (d *Detector) record(ctx context.Context, req *Request, id string, res call
 			what = fmt.Sprintf("%d of %d verified recipients within %s do not exist", st.Invalid, st.Invalid+st.Valid, pc.periodTx)
 		}
 		action := pc.action + " rcptguard: " + id + " blocked: " + what
-		if pc.mode == ModeMonitor {
-			action = ""
-		}
 		if !d.limiter.MarkBlocked(id, pc.mode) {
 			// Another request got here first: answer like it, once its
 			// entry is written (the blocklist waits for that, bounded).

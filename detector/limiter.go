@@ -42,10 +42,9 @@ type track struct {
 	pending int32   // verifications reserved and not yet settled
 	waiters int32   // requests waiting for a change
 	change  chan struct{}
-	last    int64  // time of the last activity, unix ns
-	warned  int64  // time of the last warning, unix ns; 0 none
-	blocked Mode   // the mode a block was acted on in ("" none)
-	action  string // the action answered for the block
+	last    int64 // time of the last activity, unix ns
+	warned  int64 // time of the last warning, unix ns; 0 none
+	blocked Mode  // the mode a block was acted on in ("" none)
 	ev      evidence
 }
 
