@@ -473,13 +473,19 @@ func (p *probe) finish(res callout.Result) (answeredBefore bool) {
 	return p.accepted || p.answered
 }
 
-// acceptedUnjudged reports whether the request was answered DUNNO and
-// the verdict is still to come: then a verification that could not be
-// made must be retried, else it must not.
-func (p *probe) acceptedUnjudged() bool {
+// owed reports whether the request was answered DUNNO before its
+// verdict, which res (no verdict) cannot settle: the verification must be
+// made again. When it was not, res is published at once, so the request
+// can no longer be accepted and defers.
+func (p *probe) owed(res callout.Result) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return p.accepted
+	if p.accepted {
+		return true
+	}
+	p.res = res
+	close(p.done)
+	return false
 }
 
 // unjudged reports whether a verification could not be made because of a
@@ -505,13 +511,21 @@ func (d *Detector) run(req Request, id, rcpt string, p *probe, lim Thresholds) {
 			return // shutting down
 		}
 		if unjudged(res.Reason) {
-			pc := d.cfg.load()
-			if p.acceptedUnjudged() && time.Since(start)+backoff <= pc.period && d.sleep(d.ctx, backoff) {
+			if !p.owed(res) {
+				// Not accepted: the waiting request defers.
+				d.limiter.Settle(id, nil, d.now(), lim)
+				d.limiter.Wake(id)
+				return
+			}
+			// Accepted already: the verdict is owed. Try again later,
+			// keeping the reservation, for up to a period.
+			if time.Since(start)+backoff <= d.cfg.load().period && d.sleep(d.ctx, backoff) {
 				backoff *= 2
 				continue
 			}
 			d.limiter.Settle(id, nil, d.now(), lim)
-			if p.finish(res) && p.acceptedUnjudged() {
+			p.finish(res)
+			if d.ctx.Err() == nil {
 				d.log.Warn("recipient accepted and never verified: the verifier's caps held for a whole period",
 					slog.String("identity", id), slog.String("recipient", boundString(rcpt, 320)), slog.String("queue_id", req.QueueID))
 			}
