@@ -135,10 +135,16 @@ func TestDecideLongAndRatioBlock(t *testing.T) {
 // until it is opened, then invalid.
 type rateLimitedVerifier struct {
 	fakeVerifier
+	hold chan struct{} // every answer waits for it
 	open chan struct{}
 }
 
 func (r *rateLimitedVerifier) Verify(ctx context.Context, addr string) callout.Result {
+	select {
+	case <-r.hold:
+	case <-ctx.Done():
+		return callout.Result{Address: addr, Status: callout.StatusUnknown, Reason: callout.ReasonCanceled}
+	}
 	select {
 	case <-r.open:
 		return r.fakeVerifier.Verify(ctx, addr)
@@ -155,7 +161,7 @@ func (r *rateLimitedVerifier) Verify(ctx context.Context, addr string) callout.R
 // one answered at once is retried in the background until judged, and
 // then counts.
 func TestDecideVerifierCapsNeverWaveThrough(t *testing.T) {
-	v := &rateLimitedVerifier{fakeVerifier: fakeVerifier{results: map[string]callout.Result{}}, open: make(chan struct{})}
+	v := &rateLimitedVerifier{fakeVerifier: fakeVerifier{results: map[string]callout.Result{}}, hold: make(chan struct{}), open: make(chan struct{})}
 	bl := &fakeBlocklist{entries: map[string]string{}}
 	d, err := New(Config{Verifier: v, Blocklist: bl, Limit: 2, Wait: time.Minute, Now: func() time.Time { return t0 }})
 	if err != nil {
@@ -177,13 +183,18 @@ func TestDecideVerifierCapsNeverWaveThrough(t *testing.T) {
 			t.Fatalf("request %d: %q, want DUNNO at once", i, a)
 		}
 	}
+	close(v.hold) // both come back rate-limited, after their answers
 	// Both are accepted and unjudged: their reservations hold, so the
 	// third could cross, waits, is not verifiable: deferred.
 	if a := d.Decide(ctx, rcptRequest("u@example.com", "n2@x.test")); a != DeferAction {
 		t.Fatalf("third: %q, want a defer", a)
 	}
-	if d.InFlight() != 2 {
-		t.Fatalf("%d verifications in flight, want the two accepted ones retrying", d.InFlight())
+	deadline := time.Now().Add(5 * time.Second)
+	for d.InFlight() != 2 {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d verifications in flight, want the two accepted ones retrying", d.InFlight())
+		}
+		time.Sleep(100 * time.Microsecond)
 	}
 	close(v.open)
 	close(retry)
