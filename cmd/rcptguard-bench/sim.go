@@ -104,7 +104,7 @@ func (w *simWorld) verdict(addr string) callout.Result {
 	return r
 }
 
-// exists is the ground truth: would mail to addr be delivered?
+// invalid is the ground truth: does addr not exist?
 func (w *simWorld) invalid(addr string) bool {
 	r := w.verdict(addr)
 	if strings.Contains(addr, "@flaky") {
@@ -205,7 +205,7 @@ func (b *simBlocklist) Block(_ context.Context, id, action string) error {
 	return nil
 }
 
-// detectorConfig returns the detector configuration of rcptguard's
+// simDetectorConfig returns the detector configuration of rcptguard's
 // defaults (or of base).
 func simDetectorConfig(sc simConfig) (detector.Config, error) {
 	cfg := sc.DetectorBase
