@@ -693,8 +693,8 @@ func (d *Detector) record(ctx context.Context, req *Request, id string, res call
 			what = fmt.Sprintf("%d of %d verified recipients within %s do not exist", st.Invalid, st.Invalid+st.Valid, pc.periodTx)
 		}
 		action := pc.action + " rcptguard: " + id + " blocked: " + what
-		if !d.limiter.MarkBlocked(id, pc.mode) {
-			// Another request got here first: answer like it, once its
+		if !st.First {
+			// Another verdict crossed first: answer like it, once its
 			// entry is written (the blocklist waits for that, bounded).
 			if a, ok := d.block.Blocked(id); ok && pc.mode == ModeEnforce {
 				return Action(a), ev.Count
@@ -756,7 +756,7 @@ func (pc *policyConfig) limitsFor(id string) Thresholds {
 	if n == 0 {
 		return Thresholds{}
 	}
-	lim := Thresholds{Count: n, Ratio: pc.ratio, RatioMin: pc.ratioMin}
+	lim := Thresholds{Count: n, Ratio: pc.ratio, RatioMin: pc.ratioMin, Act: pc.mode}
 	if pc.long > 0 {
 		lim.Long = pc.longLim
 		if lim.Long == 0 {

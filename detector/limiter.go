@@ -301,22 +301,6 @@ func (l *Limiter) Warn(id string, now time.Time) bool {
 	return true
 }
 
-// MarkBlocked records that id was blocked in mode and reports whether the
-// caller is the first to act on it: only one request per identity acts on
-// a block. A would-block in monitor mode does not stand in the way of a
-// real block once the mode is enforce.
-func (l *Limiter) MarkBlocked(id string, mode Mode) bool {
-	s := l.shard(id)
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	tr := s.track(id)
-	if tr.blocked == ModeEnforce || tr.blocked == mode {
-		return false
-	}
-	tr.blocked = mode
-	return true
-}
-
 // Wake wakes the requests waiting for a change of id.
 func (l *Limiter) Wake(id string) {
 	s := l.shard(id)
@@ -476,6 +460,10 @@ type Thresholds struct {
 	Long     int     // distinct invalid recipients in the long window
 	Ratio    float64 // share of invalid among judged recipients in the short window
 	RatioMin int     // invalid recipients (dead domains once) the ratio needs
+	// Act is the mode a crossing is acted on in: the first verdict that
+	// finds the identity past a limit, and not yet blocked in Act (or in
+	// enforce), gets Standing.First. "": none does.
+	Act Mode
 }
 
 // Trigger names the limit an identity crossed.
@@ -497,6 +485,10 @@ type Standing struct {
 	Valid   int     // valid verdicts, short window
 	Pending int     // verifications reserved and not settled
 	Crossed Trigger // the first limit passed, TriggerNone when none
+	// First is set for the one verdict that acts on the crossing: the one
+	// that took the count past the limit (exactly limit+1), or the next
+	// one after a switch from monitor to enforce.
+	First bool
 	// Safe is true when no limit can be passed even if every pending
 	// verification turns out invalid: a request may be answered at once.
 	Safe bool
@@ -564,7 +556,20 @@ func (l *Limiter) Settle(id string, res *callout.Result, now time.Time, lim Thre
 		tr.pending--
 	}
 	l.count(tr, res, t)
-	return l.standing(tr, t, lim)
+	return l.act(tr, l.standing(tr, t, lim), res, lim)
+}
+
+// act marks the track blocked in lim.Act when an invalid verdict finds it
+// past a limit for the first time: under the identity's lock, so exactly
+// one verdict, the one at limit+1, acts on a crossing.
+func (l *Limiter) act(tr *track, st Standing, res *callout.Result, lim Thresholds) Standing {
+	if st.Crossed == TriggerNone || res == nil || res.Status != callout.StatusInvalid || lim.Act == "" ||
+		tr.blocked == ModeEnforce || tr.blocked == lim.Act {
+		return st
+	}
+	tr.blocked = lim.Act
+	st.First = true
+	return st
 }
 
 // Judge counts a verdict that needed no reservation (one from the cache)
@@ -577,7 +582,7 @@ func (l *Limiter) Judge(id string, res *callout.Result, now time.Time, lim Thres
 	tr := s.track(id)
 	tr.last = max(tr.last, t)
 	l.count(tr, res, t)
-	return l.standing(tr, t, lim)
+	return l.act(tr, l.standing(tr, t, lim), res, lim)
 }
 
 func (l *Limiter) count(tr *track, res *callout.Result, t int64) {
