@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -257,5 +258,33 @@ func TestSweepLongWindow(t *testing.T) {
 	}
 	if n := l.Sweep(t0.Add(24 * time.Hour)); n != 0 {
 		t.Fatalf("%d tracked after 24h", n)
+	}
+}
+
+// TestFirstCrossingIsLimitPlusOne: of many invalid verdicts settling at
+// once, exactly one acts on the crossing, and it is the one that took the
+// count to limit+1.
+func TestFirstCrossingIsLimitPlusOne(t *testing.T) {
+	for range 20 {
+		l := NewLimiter(time.Hour)
+		lim := Thresholds{Count: 10, Act: ModeEnforce}
+		var mu sync.Mutex
+		var firsts []int
+		var wg sync.WaitGroup
+		for i := range 40 {
+			l.Reserve("u", t0, lim)
+			wg.Go(func() {
+				st := l.Settle("u", verdict(fmt.Sprintf("n%d@x.test", i), callout.StatusInvalid, callout.ReasonNoMailbox), t0, lim)
+				if st.First {
+					mu.Lock()
+					firsts = append(firsts, st.Count)
+					mu.Unlock()
+				}
+			})
+		}
+		wg.Wait()
+		if len(firsts) != 1 || firsts[0] != 11 {
+			t.Fatalf("first crossings at counts %v, want one at 11", firsts)
+		}
 	}
 }
