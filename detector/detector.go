@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	ident "github.com/rcptguard/rcptguard/blocklist/identity"
@@ -63,8 +64,10 @@ type Event struct {
 	Identity string
 	Time     time.Time
 	Mode     Mode
-	Count    int           // distinct invalid recipients in the window
-	Limit    int           // the identity's limit
+	Trigger  Trigger       // the limit that was passed (blocks only)
+	Count    int           // invalid recipients in the window (for the ratio: dead domains once)
+	Limit    int           // the limit passed (for the ratio: ratio_min)
+	Judged   int           // ratio trigger: valid and invalid recipients in the window
 	Period   time.Duration // the window
 	Action   string        // the action answered from now on ("" for warnings)
 	Evidence Evidence
@@ -100,11 +103,28 @@ type Config struct {
 	// Limits overrides Limit per identity ("user@example.com") or per
 	// domain of the identity ("*@example.com").
 	Limits map[string]int
-	// ProbeRate caps the verifications per identity per minute that the
-	// cache cannot answer; past it a recipient is not verified (DUNNO,
-	// nothing counted). 0: no cap.
+	// LongPeriod is a second, longer window (say 24h) with its own limit,
+	// LongLimit, for senders slow enough to stay under Limit per Period;
+	// 0: none. LongLimit 0 means three times the identity's limit.
+	LongPeriod time.Duration
+	LongLimit  int
+	// Ratio and RatioMin: block also when, in the Period window, at least
+	// RatioMin invalid recipients make up at least Ratio of the judged
+	// (valid and invalid) recipients; recipients at a domain that takes
+	// no mail at all count once per domain. Ratio 0: off.
+	Ratio    float64
+	RatioMin int
+	// ProbeRate caps the verifications per identity that the cache cannot
+	// answer, in any sliding minute; past it the answer is DeferAction
+	// (the client retries later, nothing is accepted unjudged). 0: no cap.
 	ProbeRate int
 }
+
+// DeferAction is the answer for a recipient rcptguard could not judge in
+// time for an identity that could be crossing a limit with it, or past
+// the identity's probe cap: Postfix answers 450 to that RCPT only, and the
+// client retries later. Nothing is accepted unjudged, nothing is lost.
+const DeferAction Action = "DEFER_IF_PERMIT 4.7.1 rcptguard: recipient not verified yet, try again later"
 
 // Detector makes the decision for each policy request. Create it with New;
 // it is safe for concurrent use.
@@ -118,7 +138,10 @@ type Detector struct {
 	metrics *Metrics
 	now     func() time.Time
 	limiter *Limiter
-	probes  *ProbeBudget
+	busy    atomic.Int64 // verifications running in the background
+
+	// sleep waits d or until ctx ends (false); tests replace it.
+	sleep func(ctx context.Context, d time.Duration) bool
 
 	ctx    context.Context // ends at Close: background verifications
 	cancel context.CancelFunc
@@ -139,6 +162,11 @@ type policyConfig struct {
 	probe    int
 	period   time.Duration
 	periodTx string
+	long     time.Duration
+	longTx   string
+	longLim  int
+	ratio    float64
+	ratioMin int
 }
 
 type atomicConfig struct {
@@ -178,8 +206,8 @@ func New(cfg Config) (*Detector, error) {
 		log:     cfg.Logger,
 		metrics: cfg.Metrics,
 		now:     cfg.Now,
-		limiter: NewLimiter(cfg.Period),
-		probes:  NewProbeBudget(),
+		limiter: newLimiter(cfg.Period, cfg.LongPeriod),
+		sleep:   sleepCtx,
 		ctx:     ctx,
 		cancel:  cancel,
 	}
@@ -207,6 +235,18 @@ func newPolicyConfig(cfg Config) (*policyConfig, error) {
 	if cfg.Wait <= 0 {
 		cfg.Wait = 5 * time.Second
 	}
+	if cfg.LongPeriod < 0 || (cfg.LongPeriod > 0 && cfg.LongPeriod <= cfg.Period) {
+		return nil, fmt.Errorf("detector: long_period %s is not longer than period %s", cfg.LongPeriod, cfg.Period)
+	}
+	if cfg.LongLimit < 0 {
+		return nil, fmt.Errorf("detector: long_limit %d is negative", cfg.LongLimit)
+	}
+	if cfg.Ratio < 0 || cfg.Ratio > 1 {
+		return nil, fmt.Errorf("detector: ratio %v is not between 0 and 1", cfg.Ratio)
+	}
+	if cfg.RatioMin < 0 || (cfg.Ratio > 0 && cfg.RatioMin < 1) {
+		return nil, fmt.Errorf("detector: ratio_min %d must be at least 1 when ratio is on", cfg.RatioMin)
+	}
 	pc := &policyConfig{
 		limit:    cfg.Limit,
 		warnAt:   cfg.WarnAt,
@@ -220,6 +260,13 @@ func newPolicyConfig(cfg Config) (*policyConfig, error) {
 		probe:    cfg.ProbeRate,
 		period:   cfg.Period,
 		periodTx: FormatPeriod(cfg.Period),
+		long:     cfg.LongPeriod,
+		longLim:  cfg.LongLimit,
+		ratio:    cfg.Ratio,
+		ratioMin: cfg.RatioMin,
+	}
+	if cfg.LongPeriod > 0 {
+		pc.longTx = FormatPeriod(cfg.LongPeriod)
 	}
 	for _, d := range cfg.LocalDomains {
 		pc.local[strings.ToLower(strings.TrimSuffix(d, "."))] = true
@@ -237,7 +284,8 @@ func newPolicyConfig(cfg Config) (*policyConfig, error) {
 }
 
 // Reload replaces the limits, exemptions, local domains, relay networks,
-// warn_at, action, mode and wait. The period cannot change while running.
+// warn_at, action, mode, wait, ratio and long_limit. The periods cannot
+// change while running.
 func (d *Detector) Reload(cfg Config) error {
 	cur := d.cfg.load()
 	if cfg.Period == 0 {
@@ -245,6 +293,9 @@ func (d *Detector) Reload(cfg Config) error {
 	}
 	if cfg.Period != cur.period {
 		return fmt.Errorf("detector: period cannot change without a restart (%s → %s)", cur.period, cfg.Period)
+	}
+	if cfg.LongPeriod != cur.long {
+		return fmt.Errorf("detector: long_period cannot change without a restart (%s → %s)", cur.long, cfg.LongPeriod)
 	}
 	pc, err := newPolicyConfig(cfg)
 	if err != nil {
@@ -327,15 +378,13 @@ func (d *Detector) Decide(ctx context.Context, req *Request) Action {
 		return Action(action)
 	}
 
-	// Not counted: exempt identities, bounces and auto-replies, local
-	// recipients.
+	// Not counted: exempt identities and local recipients. A null sender
+	// is judged like any other: bounces and auto-replies the server
+	// makes itself are not authenticated and never get here, while a
+	// stolen login can send with MAIL FROM:<> (DESIGN.md).
 	switch {
 	case pc.exempt[id]:
 		d.logDecision(req, id, nil, "exempt", ActionDunno, 0)
-		d.metrics.answered(answerDunno)
-		return ActionDunno
-	case req.Sender == "":
-		d.logDecision(req, id, nil, "null-sender", ActionDunno, 0)
 		d.metrics.answered(answerDunno)
 		return ActionDunno
 	case pc.local[recipientDomain(rcpt)]:
@@ -343,92 +392,327 @@ func (d *Detector) Decide(ctx context.Context, req *Request) Action {
 		d.metrics.answered(answerDunno)
 		return ActionDunno
 	}
+	lim := pc.limitsFor(id)
 
-	// Verify: from the cache when the verifier has the verdict at hand,
-	// else waiting at most pc.wait; a verification that takes longer goes
-	// on and is counted when it ends.
-	res, cached := d.cachedVerdict(rcpt)
-	start := time.Now()
-	if !cached && !d.probes.Take(id, d.now(), pc.probe) {
-		res = callout.Result{Address: rcpt, Status: callout.StatusUnknown, Reason: callout.ReasonRateLimited,
-			Detail: fmt.Sprintf("more than %d verifications this minute for this identity (callout.per_identity_rate)", pc.probe)}
-		d.logDecision(req, id, &res, "probe-rate", ActionDunno, 0)
+	// A verdict at hand is counted now. Only an invalid one can make this
+	// request the one that crosses a limit, and then only if it cannot be
+	// sure that the verifications still in flight will not: then it waits.
+	if res, ok := d.cachedVerdict(rcpt); ok && res.Reason != callout.ReasonRateLimited {
+		d.metrics.verified(res, 0)
+		st := d.limiter.Judge(id, &res, d.now(), lim)
+		a, count := d.record(ctx, req, id, res, st, lim)
+		d.limiter.Wake(id)
+		if a != ActionDunno || res.Status != callout.StatusInvalid || st.Safe || pc.mode == ModeMonitor {
+			return d.answer(req, id, &res, "", a, count)
+		}
+		return d.await(ctx, req, id, &res, nil, pc, lim)
+	}
+
+	// An uncached recipient is a probe: within the identity's cap, or
+	// deferred (the client retries; nothing is accepted unjudged).
+	if !d.limiter.TakeProbe(id, d.now(), pc.probe) {
+		res := callout.Result{Address: rcpt, Status: callout.StatusUnknown, Reason: callout.ReasonRateLimited,
+			Detail: fmt.Sprintf("more than %d verifications within a minute for this identity (callout.per_identity_rate)", pc.probe)}
+		if pc.mode == ModeMonitor {
+			return d.answer(req, id, &res, "probe-rate-monitor", ActionDunno, 0)
+		}
+		return d.answer(req, id, &res, "probe-rate", DeferAction, 0)
+	}
+	st := d.limiter.Reserve(id, d.now(), lim)
+	p := &probe{done: make(chan struct{})}
+	d.busy.Add(1)
+	d.wg.Add(1)
+	go d.run(*req, id, rcpt, p, lim) // *req: the server reuses it for the next request
+	if (st.Safe || pc.mode == ModeMonitor) && p.accept() {
+		// Far from every limit even if everything in flight turns out
+		// invalid: answer now, the verdict counts when it arrives. Its
+		// decision line is written then, with the verdict (note "late").
 		d.metrics.answered(answerDunno)
 		return ActionDunno
 	}
-	if !cached {
-		wctx, cancel := context.WithTimeout(ctx, pc.wait)
-		res = d.verify.Verify(wctx, rcpt)
-		cancel()
-	}
-	d.metrics.verified(res, time.Since(start))
-	if res.Reason == callout.ReasonCanceled {
-		// The server reuses *req for the connection's next request.
-		req := *req
-		d.wg.Add(1)
-		go func() {
-			defer d.wg.Done()
-			res := d.verify.Verify(d.ctx, rcpt)
-			if res.Reason == callout.ReasonCanceled {
-				return // shutting down
-			}
-			d.metrics.verified(res, time.Since(start))
-			a, count := d.record(d.ctx, &req, id, res)
-			d.logDecision(&req, id, &res, "late", a, count)
-		}()
-		d.logDecision(&req, id, &res, "wait-exceeded", ActionDunno, 0)
-		d.metrics.answered(answerDunno)
-		return ActionDunno
-	}
-	action, count := d.record(ctx, req, id, res)
-	d.logDecision(req, id, &res, "", action, count)
-	if action != ActionDunno {
-		d.metrics.answered(answerBlocked)
-	} else {
-		d.metrics.answered(answerDunno)
-	}
-	return action
+	return d.await(ctx, req, id, nil, p, pc, lim)
 }
 
-// record counts an invalid verdict for id and blocks or warns when the
-// count calls for it. It returns the action for the request and the count.
-func (d *Detector) record(ctx context.Context, req *Request, id string, res callout.Result) (Action, int) {
+// probe is one verification running in the background for a request.
+type probe struct {
+	mu       sync.Mutex
+	accepted bool // the request was answered DUNNO before the verdict
+	answered bool // the request was answered otherwise (defer, block)
+	done     chan struct{}
+	res      callout.Result // set before done is closed
+}
+
+// accept marks the request answered DUNNO before its verdict; false when
+// the verdict is in already (the caller must look at it).
+func (p *probe) accept() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	select {
+	case <-p.done:
+		return false
+	default:
+	}
+	p.accepted = true
+	return true
+}
+
+// refuse marks the request answered with a defer or a block.
+func (p *probe) refuse() {
+	p.mu.Lock()
+	p.answered = true
+	p.mu.Unlock()
+}
+
+// finish publishes the verdict and tells whether the request was
+// answered before it (so the verdict's decision line is still to write).
+func (p *probe) finish(res callout.Result) (answeredBefore bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.res = res
+	close(p.done)
+	return p.accepted || p.answered
+}
+
+// owed reports whether the request was answered DUNNO before its
+// verdict, which res (no verdict) cannot settle: the verification must be
+// made again. When it was not, res is published at once, so the request
+// can no longer be accepted and defers.
+func (p *probe) owed(res callout.Result) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.accepted {
+		return true
+	}
+	p.res = res
+	close(p.done)
+	return false
+}
+
+// unjudged reports whether a verification could not be made because of a
+// cap: no verdict at all.
+func unjudged(r callout.Reason) bool { return r == callout.ReasonRateLimited }
+
+// run verifies rcpt for req in the background, counts the verdict and
+// acts on it, then wakes the requests of id waiting for it. A request
+// already answered DUNNO whose recipient could not be verified because of
+// a cap is retried, backing off, for up to a period: what was accepted is
+// judged late rather than never.
+func (d *Detector) run(req Request, id, rcpt string, p *probe, lim Thresholds) {
+	defer d.wg.Done()
+	defer d.busy.Add(-1)
+	start := time.Now()
+	backoff := time.Minute
+	for {
+		res := d.verify.Verify(d.ctx, rcpt)
+		if res.Reason == callout.ReasonCanceled || res.Reason == callout.ReasonShutdown {
+			d.limiter.Settle(id, nil, d.now(), lim)
+			p.finish(res)
+			d.limiter.Wake(id)
+			return // shutting down
+		}
+		if unjudged(res.Reason) {
+			if !p.owed(res) {
+				// Not accepted: the waiting request defers.
+				d.limiter.Settle(id, nil, d.now(), lim)
+				d.limiter.Wake(id)
+				return
+			}
+			// Accepted already: the verdict is owed. Try again later,
+			// keeping the reservation, for up to a period.
+			if time.Since(start)+backoff <= d.cfg.load().period && d.sleep(d.ctx, backoff) {
+				backoff *= 2
+				continue
+			}
+			d.limiter.Settle(id, nil, d.now(), lim)
+			p.finish(res)
+			if d.ctx.Err() == nil {
+				d.log.Warn("recipient accepted and never verified: the verifier's caps held for a whole period",
+					slog.String("identity", id), slog.String("recipient", boundString(rcpt, 320)), slog.String("queue_id", req.QueueID))
+			}
+			d.limiter.Wake(id)
+			return
+		}
+		d.metrics.verified(res, time.Since(start))
+		st := d.limiter.Settle(id, &res, d.now(), lim)
+		a, count := d.record(d.ctx, &req, id, res, st, lim)
+		if p.finish(res) {
+			d.logDecision(&req, id, &res, "late", a, count)
+		}
+		d.limiter.Wake(id)
+		return
+	}
+}
+
+// await holds the answer of a request that could be the one crossing a
+// limit until that is settled: the identity is blocked (the block
+// action), or no limit can be passed any more by the verifications in
+// flight (DUNNO), or its own verdict is not invalid (DUNNO). Past
+// pc.wait, or when its recipient could not be verified, the answer is
+// DeferAction: the client retries, and the verification still counts.
+// own is the request's verdict when it was at hand, p its verification.
+func (d *Detector) await(ctx context.Context, req *Request, id string, own *callout.Result, p *probe, pc *policyConfig, lim Thresholds) Action {
+	if pc.mode == ModeMonitor {
+		// Monitor mode never blocks nor defers: nothing to wait for.
+		if own == nil && !p.accept() {
+			own = &p.res
+		}
+		return d.answer(req, id, own, "", ActionDunno, 0)
+	}
+	t := time.NewTimer(pc.wait)
+	defer t.Stop()
+	for {
+		ch := d.limiter.Changed(id)
+		a, done := d.settled(req, id, own, p, lim)
+		if done {
+			d.limiter.Unwait(id)
+			return a
+		}
+		select {
+		case <-ch:
+			d.limiter.Unwait(id)
+		case <-t.C:
+			d.limiter.Unwait(id)
+			return d.timedOut(req, id, own, p, lim, "wait-exceeded")
+		case <-ctx.Done():
+			d.limiter.Unwait(id)
+			return d.timedOut(req, id, own, p, lim, "request-ended")
+		}
+	}
+}
+
+// settled looks whether a waiting request can be answered.
+func (d *Detector) settled(req *Request, id string, own *callout.Result, p *probe, lim Thresholds) (Action, bool) {
+	if a, ok := d.blockedAction(id); ok {
+		if p != nil {
+			p.refuse()
+		}
+		return d.answer(req, id, own, "crossed", Action(a), 0), true
+	}
+	if own == nil && p != nil {
+		select {
+		case <-p.done:
+			own = &p.res
+		default:
+		}
+	}
+	if own != nil {
+		switch {
+		case unjudged(own.Reason) || own.Reason == callout.ReasonCanceled || own.Reason == callout.ReasonShutdown:
+			return d.answer(req, id, own, "not-verified", DeferAction, 0), true
+		case own.Status != callout.StatusInvalid:
+			return d.answer(req, id, own, "", ActionDunno, 0), true
+		}
+	}
+	st := d.limiter.Standing(id, d.now(), lim)
+	if st.Safe && own != nil {
+		return d.answer(req, id, own, "waited", ActionDunno, st.Count), true
+	}
+	if st.Safe && p.accept() {
+		// Its decision line comes with the verdict (note "late").
+		d.metrics.answered(answerDunno)
+		return ActionDunno, true
+	}
+	return "", false
+}
+
+// timedOut answers a request whose wait ran out: the verdict, if it came
+// in just now, else a defer.
+func (d *Detector) timedOut(req *Request, id string, own *callout.Result, p *probe, lim Thresholds, note string) Action {
+	if a, done := d.settled(req, id, own, p, lim); done {
+		return a
+	}
+	if p != nil {
+		p.refuse()
+	}
+	return d.answer(req, id, own, note, DeferAction, 0)
+}
+
+// blockedAction returns the action of an identity blocked in enforce mode.
+func (d *Detector) blockedAction(id string) (string, bool) {
+	if d.cfg.load().mode != ModeEnforce {
+		return "", false
+	}
+	// The blocklist, not the limiter: it answers blocked only once the
+	// entry is written or its write has had its bounded wait, so that an
+	// identity answered blocked is still blocked after a crash.
+	return d.block.Blocked(id)
+}
+
+// answer logs the decision and counts the answer.
+func (d *Detector) answer(req *Request, id string, res *callout.Result, note string, a Action, count int) Action {
+	d.logDecision(req, id, res, note, a, count)
+	switch {
+	case a == ActionDunno:
+		d.metrics.answered(answerDunno)
+	case a == DeferAction:
+		d.metrics.answered(answerDeferred)
+	default:
+		d.metrics.answered(answerBlocked)
+	}
+	return a
+}
+
+// InFlight returns the verifications running in the background.
+func (d *Detector) InFlight() int { return int(d.busy.Load()) }
+
+func sleepCtx(ctx context.Context, dur time.Duration) bool {
+	t := time.NewTimer(dur)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+// record acts on the standing after a verdict of id: it keeps the
+// evidence of an invalid one, blocks when a limit was passed (once) and
+// warns at warn_at of the limit. It returns the action for the request
+// and the count.
+func (d *Detector) record(ctx context.Context, req *Request, id string, res callout.Result, st Standing, lim Thresholds) (Action, int) {
 	if res.Status != callout.StatusInvalid {
-		return ActionDunno, 0
+		return ActionDunno, st.Count
 	}
 	pc := d.cfg.load()
 	now := d.now()
-	count := d.limiter.Add(id, res.Address, now)
 	d.limiter.Note(id, now, func(e *evidence) {
 		e.addClient(req.ClientAddress, req.ClientName)
 		e.addRecipient(res, now)
 	})
-	limit := pc.limitFor(id)
-	if limit == 0 {
-		return ActionDunno, count
-	}
-	if count > limit {
-		if !d.limiter.MarkBlocked(id, pc.mode) {
-			// Another request got here first and blocked: answer like it.
-			if a, ok := d.block.Blocked(id); ok && pc.mode == ModeEnforce {
-				return Action(a), count
-			}
-			return ActionDunno, count
+	if st.Crossed != TriggerNone {
+		ev := Event{Kind: EventBlock, Identity: id, Time: now, Mode: pc.mode, Trigger: st.Crossed,
+			Count: st.Count, Limit: lim.Count, Period: pc.period}
+		what := fmt.Sprintf("%d invalid recipients within %s", st.Count, pc.periodTx)
+		switch st.Crossed {
+		case TriggerLong:
+			ev.Count, ev.Limit, ev.Period = st.Long, lim.Long, pc.long
+			what = fmt.Sprintf("%d invalid recipients within %s", st.Long, pc.longTx)
+		case TriggerRatio:
+			ev.Count, ev.Limit, ev.Judged = st.Invalid, lim.RatioMin, st.Invalid+st.Valid
+			what = fmt.Sprintf("%d of %d verified recipients within %s do not exist", st.Invalid, st.Invalid+st.Valid, pc.periodTx)
 		}
-		ev := Event{Kind: EventBlock, Identity: id, Time: now, Mode: pc.mode, Count: count, Limit: limit, Period: pc.period}
+		action := pc.action + " rcptguard: " + id + " blocked: " + what
+		if !st.First {
+			// Another verdict crossed first: answer like it, once its
+			// entry is written (the blocklist waits for that, bounded).
+			if a, ok := d.block.Blocked(id); ok && pc.mode == ModeEnforce {
+				return Action(a), ev.Count
+			}
+			return ActionDunno, ev.Count
+		}
 		if pc.mode == ModeMonitor {
 			ev.Kind = EventWouldBlock
-			d.log.Warn("rcptguard would block (monitor mode)", slog.String("identity", id),
-				slog.Int("count", count), slog.Int("limit", limit), slog.String("period", pc.periodTx))
+			d.log.Warn("rcptguard would block (monitor mode)", slog.String("identity", id), slog.String("trigger", string(st.Crossed)),
+				slog.Int("count", ev.Count), slog.Int("limit", ev.Limit), slog.String("period", FormatPeriod(ev.Period)))
 			d.tell(ctx, ev)
-			return ActionDunno, count
+			return ActionDunno, ev.Count
 		}
-		action := fmt.Sprintf("%s rcptguard: %s blocked: %d invalid recipients within %s", pc.action, id, count, pc.periodTx)
 		ev.Action = action
 		// The file lock may be held by a stuck `rcptguard block`, the disk
 		// may hang: the answer to Postfix must not wait for long. The block
 		// holds in memory meanwhile and is written as soon as possible.
-		bctx, cancel := context.WithTimeout(ctx, time.Second)
+		bctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
 		err := d.block.Block(bctx, id, action)
 		cancel()
 		if err != nil {
@@ -436,18 +720,19 @@ func (d *Detector) record(ctx context.Context, req *Request, id string, res call
 				slog.String("identity", id), slog.Any("error", err))
 			d.metrics.blocklistError()
 		}
-		d.log.Warn("rcptguard blocked", slog.String("identity", id), slog.Int("count", count),
-			slog.Int("limit", limit), slog.String("period", pc.periodTx), slog.String("action", pc.action),
-			slog.String("client", req.ClientAddress), slog.String("queue_id", req.QueueID))
+		d.log.Warn("rcptguard blocked", slog.String("identity", id), slog.String("trigger", string(st.Crossed)),
+			slog.Int("count", ev.Count), slog.Int("limit", ev.Limit), slog.String("period", FormatPeriod(ev.Period)),
+			slog.String("action", pc.action), slog.String("client", req.ClientAddress), slog.String("queue_id", req.QueueID))
 		d.metrics.blocked()
 		d.limiter.Note(id, now, func(e *evidence) { e.addQueueID(req.QueueID) })
 		d.tell(ctx, ev)
-		return Action(action), count
+		return Action(action), ev.Count
 	}
-	if pc.warnAt > 0 && count >= int(math.Ceil(pc.warnAt*float64(limit))) && d.limiter.Warn(id, now) {
+	count := st.Count
+	if pc.warnAt > 0 && lim.Count > 0 && count >= int(math.Ceil(pc.warnAt*float64(lim.Count))) && d.limiter.Warn(id, now) {
 		d.log.Warn("rcptguard warning", slog.String("identity", id), slog.Int("count", count),
-			slog.Int("limit", limit), slog.String("period", pc.periodTx))
-		d.tell(ctx, Event{Kind: EventWarning, Identity: id, Time: now, Mode: pc.mode, Count: count, Limit: limit, Period: pc.period})
+			slog.Int("limit", lim.Count), slog.String("period", pc.periodTx))
+		d.tell(ctx, Event{Kind: EventWarning, Identity: id, Time: now, Mode: pc.mode, Count: count, Limit: lim.Count, Period: pc.period})
 	}
 	return ActionDunno, count
 }
@@ -461,6 +746,24 @@ func (d *Detector) tell(ctx context.Context, ev Event) {
 	if err := d.notify.Notify(context.WithoutCancel(ctx), ev); err != nil {
 		d.log.Error("notify failed", slog.String("identity", ev.Identity), slog.String("event", string(ev.Kind)), slog.Any("error", err))
 	}
+}
+
+// limitsFor returns the thresholds of id: its limit, the long window's
+// (long_limit, else three times its limit) and the ratio trigger. An
+// identity with limit 0 is not limited at all.
+func (pc *policyConfig) limitsFor(id string) Thresholds {
+	n := pc.limitFor(id)
+	if n == 0 {
+		return Thresholds{}
+	}
+	lim := Thresholds{Count: n, Ratio: pc.ratio, RatioMin: pc.ratioMin, Act: pc.mode}
+	if pc.long > 0 {
+		lim.Long = pc.longLim
+		if lim.Long == 0 {
+			lim.Long = 3 * n
+		}
+	}
+	return lim
 }
 
 // limitFor returns the identity's limit: its own line in limits_file, else

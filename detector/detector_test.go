@@ -125,7 +125,20 @@ func rcptRequest(user, rcpt string) *Request {
 		Sender: user, Recipient: rcpt, ClientAddress: "198.51.100.7", ClientName: "pc.example.net", QueueID: "4F2A1C0E3B"}
 }
 
-func (h *harness) ask(req *Request) Action { return h.d.Decide(context.Background(), req) }
+// ask asks one question and lets the verifications it started end, so
+// that sequential tests see every verdict counted before the next request.
+func (h *harness) ask(req *Request) Action {
+	a := h.d.Decide(context.Background(), req)
+	settle(h.d)
+	return a
+}
+
+// settle waits until d has no verification running in the background.
+func settle(d *Detector) {
+	for d.InFlight() > 0 {
+		time.Sleep(100 * time.Microsecond)
+	}
+}
 
 func TestDecideIgnoresWhatIsNotOurs(t *testing.T) {
 	h := newHarness(t, Config{Limit: 1})
@@ -213,7 +226,6 @@ func TestDecideNotCounted(t *testing.T) {
 	for range 2 {
 		for i, r := range []*Request{
 			rcptRequest("newsletter@example.com", "x1@elsewhere.test"),
-			{Request: "smtpd_access_policy", ProtocolState: "RCPT", SASLUsername: "u@example.com", Sender: "", Recipient: "bounce@elsewhere.test"},
 			rcptRequest("u@example.com", "colleague@EXAMPLE.com"),
 		} {
 			if a := h.ask(r); a != ActionDunno {
@@ -252,28 +264,30 @@ func TestDecideMonitorMode(t *testing.T) {
 	}
 }
 
+// TestDecideWaitThenCountsLate: a request that cannot cross the limit is
+// answered at once; one that could waits at most wait, then is deferred,
+// and both verdicts still count when they arrive.
 func TestDecideWaitThenCountsLate(t *testing.T) {
 	h := newHarness(t, Config{Limit: 1, Wait: 20 * time.Millisecond})
 	h.v.gate = make(chan struct{})
 	start := time.Now()
-	for i := range 2 {
-		if a := h.ask(rcptRequest("dave@example.com", fmt.Sprintf("n%d@x.test", i))); a != ActionDunno {
-			t.Fatalf("answer %q while the verification is pending", a)
-		}
+	ctx := context.Background()
+	if a := h.d.Decide(ctx, rcptRequest("dave@example.com", "n0@x.test")); a != ActionDunno {
+		t.Fatalf("first answer %q: it cannot cross the limit of 1", a)
+	}
+	if el := time.Since(start); el > 10*time.Millisecond {
+		t.Fatalf("a request that cannot cross the limit waited %s", el)
+	}
+	if a := h.d.Decide(ctx, rcptRequest("dave@example.com", "n1@x.test")); a != DeferAction {
+		t.Fatalf("second answer %q, want a defer: it could be the crossing one", a)
 	}
 	if el := time.Since(start); el > time.Second {
 		t.Fatalf("answers took %s with wait 20ms", el)
 	}
 	close(h.v.gate) // the probes end now and are counted in the background
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		if _, ok := h.bl.Blocked("dave@example.com"); ok {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("late verdicts were not counted")
-		}
-		time.Sleep(5 * time.Millisecond)
+	settle(h.d)
+	if _, ok := h.bl.Blocked("dave@example.com"); !ok {
+		t.Fatal("late verdicts were not counted")
 	}
 }
 
@@ -376,30 +390,63 @@ func (f *fakeCachingVerifier) Cached(addr string) (callout.Result, bool) {
 
 func TestDecideProbeRatePerIdentity(t *testing.T) {
 	v := &fakeCachingVerifier{fakeVerifier: fakeVerifier{results: map[string]callout.Result{}}, cached: map[string]bool{"friend@x.test": true}}
-	now := t0
+	now := t0.Add(50 * time.Second)
 	d, err := New(Config{Verifier: v, Blocklist: &fakeBlocklist{entries: map[string]string{}}, Limit: 1000, ProbeRate: 10,
 		Now: func() time.Time { return now }})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer d.Close(0)
+	ask := func(id, rcpt string) Action {
+		a := d.Decide(context.Background(), rcptRequest(id, rcpt))
+		settle(d)
+		return a
+	}
 	for i := range 30 {
-		d.Decide(context.Background(), rcptRequest("lister@example.com", fmt.Sprintf("n%d@x.test", i)))
+		a := ask("lister@example.com", fmt.Sprintf("n%d@x.test", i))
+		if want := map[bool]Action{true: ActionDunno, false: DeferAction}[i < 10]; a != want {
+			t.Fatalf("request %d: %q, want %q", i, a, want)
+		}
 	}
 	if v.count() != 10 {
 		t.Fatalf("%d probes in a minute with a cap of 10", v.count())
 	}
 	if got := d.Limiter().Count("lister@example.com", now); got != 10 {
-		t.Fatalf("count %d: rate-limited recipients must not count", got)
+		t.Fatalf("count %d: deferred recipients are not counted", got)
 	}
 	// Cached verdicts are not probes and are still answered.
-	d.Decide(context.Background(), rcptRequest("lister@example.com", "friend@x.test"))
-	// Another identity has its own budget; the next minute starts afresh.
-	d.Decide(context.Background(), rcptRequest("other@example.com", "m@x.test"))
-	now = now.Add(time.Minute)
-	d.Decide(context.Background(), rcptRequest("lister@example.com", "late@x.test"))
+	if a := ask("lister@example.com", "friend@x.test"); a != ActionDunno {
+		t.Fatalf("cached verdict past the cap: %q", a)
+	}
+	// Another identity has its own budget.
+	ask("other@example.com", "m@x.test")
+	// The window slides: a new clock minute brings no new budget...
+	now = t0.Add(70 * time.Second)
+	if a := ask("lister@example.com", "early@x.test"); a != DeferAction {
+		t.Fatalf("a new clock minute reset the cap: %q", a)
+	}
+	// ...a minute after the probes, it does.
+	now = t0.Add(110 * time.Second)
+	if a := ask("lister@example.com", "late@x.test"); a != ActionDunno {
+		t.Fatalf("a minute later: %q", a)
+	}
 	if v.count() != 12 {
 		t.Fatalf("%d probes, want 12", v.count())
+	}
+}
+
+// TestDecideNullSenderJudged: MAIL FROM:<> of an authenticated identity is
+// verified and counted like any other mail.
+func TestDecideNullSenderJudged(t *testing.T) {
+	h := newHarness(t, Config{Limit: 2})
+	var last Action
+	for i := range 3 {
+		r := rcptRequest("mallory@example.com", fmt.Sprintf("n%d@x.test", i))
+		r.Sender = ""
+		last = h.ask(r)
+	}
+	if !strings.HasPrefix(string(last), "HOLD rcptguard: mallory@example.com blocked: 3 ") {
+		t.Fatalf("null sender not judged: %q", last)
 	}
 }
 

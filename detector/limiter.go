@@ -10,15 +10,19 @@ import (
 )
 
 // Limiter counts, per identity, the distinct invalid recipients that fall
-// inside a sliding window of Period, and keeps the evidence a report
-// needs. It is a plain sharded map behind mutexes: a cache with an
-// admission policy could silently drop a counter, and a dropped counter
-// is an abuser let through.
+// inside a sliding window of Period (and of a longer second window, when
+// there is one), the valid verdicts of the short window for the ratio
+// trigger, the verifications still in flight, and the uncached probes of
+// the last minute; and it keeps the evidence a report needs. It is a plain
+// sharded map behind mutexes: a cache with an admission policy could
+// silently drop a counter, and a dropped counter is an abuser let through.
 //
 // Time is always passed in, so tests control it. The zero Limiter is not
 // usable; call NewLimiter.
 type Limiter struct {
 	period int64 // nanoseconds
+	long   int64 // nanoseconds of the long window; 0: none
+	keep   int64 // max(period, long): how long a hit is kept
 	seed   maphash.Seed
 	shards [limiterShards]limiterShard
 }
@@ -32,19 +36,38 @@ type limiterShard struct {
 
 // track is the state of one identity.
 type track struct {
-	hits    []hit // distinct invalid recipients in the window, oldest first
+	hits    []hit // distinct invalid recipients in the longer window, oldest first
+	valid   *validRing
+	probes  []int64 // times of the uncached probes of the last minute, oldest first
+	pending int32   // verifications reserved and not yet settled
+	waiters int32   // requests waiting for a change
+	change  chan struct{}
 	last    int64 // time of the last activity, unix ns
 	warned  int64 // time of the last warning, unix ns; 0 none
 	blocked Mode  // the mode a block was acted on in ("" none)
 	ev      evidence
 }
 
-// hit is one distinct invalid recipient: a hash of the address and when it
-// was last seen invalid.
+// hit is one distinct invalid recipient: a hash of the address, when it
+// was last seen invalid and, for a recipient at a domain that does not
+// take mail at all (NXDOMAIN, null MX, no mail host), a hash of the domain
+// (never 0), so the ratio counts such a domain once.
 type hit struct {
-	h uint64
-	t int64
+	h   uint64
+	t   int64
+	dom uint32
 }
+
+// validRing counts valid verdicts in validBuckets buckets that together
+// span the short window. The oldest bucket may reach up to one bucket
+// width before the window: valid verdicts are overcounted, never
+// undercounted, which only lowers the invalid share the ratio trigger sees.
+type validRing struct {
+	head int64 // index (time / width) of the newest bucket
+	n    [validBuckets]uint16
+}
+
+const validBuckets = 12
 
 // Evidence is what a report tells about an identity: where it connected
 // from, which invalid recipients it tried (the most recent, at most
@@ -117,8 +140,11 @@ const (
 )
 
 // NewLimiter returns a limiter with the given window length.
-func NewLimiter(period time.Duration) *Limiter {
-	l := &Limiter{period: int64(period), seed: maphash.MakeSeed()}
+func NewLimiter(period time.Duration) *Limiter { return newLimiter(period, 0) }
+
+// newLimiter returns a limiter with a short and a long window (0: none).
+func newLimiter(period, long time.Duration) *Limiter {
+	l := &Limiter{period: int64(period), long: int64(long), keep: int64(max(period, long)), seed: maphash.MakeSeed()}
 	for i := range l.shards {
 		l.shards[i].m = make(map[string]*track)
 	}
@@ -145,14 +171,20 @@ func (s *limiterShard) track(id string) *track {
 // A recipient already in the window is not counted again; its time moves
 // to now. rcpt is compared as given: the caller normalises it.
 func (l *Limiter) Add(id, rcpt string, now time.Time) int {
-	h := maphash.String(l.seed, rcpt)
 	t := now.UnixNano()
 	s := l.shard(id)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	tr := s.track(id)
 	tr.last = max(tr.last, t)
-	tr.expire(t - l.period)
+	l.addHit(tr, maphash.String(l.seed, rcpt), 0, t)
+	return tr.countSince(t - l.period)
+}
+
+// addHit records one invalid recipient (hash h, dead domain hash dom or 0)
+// at t, once per recipient.
+func (l *Limiter) addHit(tr *track, h uint64, dom uint32, t int64) {
+	tr.expire(t - l.keep)
 	if i := slices.IndexFunc(tr.hits, func(x hit) bool { return x.h == h }); i >= 0 {
 		tr.hits = slices.Delete(tr.hits, i, i+1)
 	}
@@ -162,8 +194,71 @@ func (l *Limiter) Add(id, rcpt string, now time.Time) int {
 	for i > 0 && tr.hits[i-1].t > t {
 		i--
 	}
-	tr.hits = slices.Insert(tr.hits, i, hit{h: h, t: t})
-	return len(tr.hits)
+	tr.hits = slices.Insert(tr.hits, i, hit{h: h, t: t, dom: dom})
+}
+
+// countSince returns the hits after cutoff.
+func (tr *track) countSince(cutoff int64) int {
+	i, _ := slices.BinarySearchFunc(tr.hits, cutoff, func(x hit, c int64) int {
+		if x.t <= c {
+			return -1
+		}
+		return 1
+	})
+	return len(tr.hits) - i
+}
+
+// ratioCount returns the invalid recipients after cutoff as the ratio
+// trigger counts them: each dead domain once.
+func (tr *track) ratioCount(cutoff int64) int {
+	n := 0
+	var dead []uint32
+	var buf [8]uint32
+	dead = buf[:0]
+	for i := len(tr.hits) - 1; i >= 0 && tr.hits[i].t > cutoff; i-- {
+		d := tr.hits[i].dom
+		if d == 0 {
+			n++
+		} else if !slices.Contains(dead, d) {
+			dead = append(dead, d)
+		}
+	}
+	return n + len(dead)
+}
+
+// addValid counts one valid verdict at t, bucket width w.
+func (tr *track) addValid(t, w int64) {
+	if tr.valid == nil {
+		tr.valid = &validRing{head: t / w}
+	}
+	tr.valid.advance(t / w)
+	if b := &tr.valid.n[(t/w)%validBuckets]; *b < 0xffff && t/w > tr.valid.head-validBuckets {
+		*b++
+	}
+}
+
+// advance moves the newest bucket to b, clearing the ones that leave.
+func (r *validRing) advance(b int64) {
+	if b <= r.head {
+		return
+	}
+	for i := r.head + 1; i <= b && i <= r.head+validBuckets; i++ {
+		r.n[i%validBuckets] = 0
+	}
+	r.head = b
+}
+
+// validCount returns the valid verdicts of the window ending at t.
+func (tr *track) validCount(t, w int64) int {
+	if tr.valid == nil {
+		return 0
+	}
+	tr.valid.advance(t / w)
+	n := 0
+	for _, v := range tr.valid.n {
+		n += int(v)
+	}
+	return n
 }
 
 // expire drops hits at or before cutoff.
@@ -187,8 +282,7 @@ func (l *Limiter) Count(id string, now time.Time) int {
 	if tr == nil {
 		return 0
 	}
-	tr.expire(now.UnixNano() - l.period)
-	return len(tr.hits)
+	return tr.countSince(now.UnixNano() - l.period)
 }
 
 // Warn reports whether a warning for id is due at now: true at most once
@@ -207,20 +301,14 @@ func (l *Limiter) Warn(id string, now time.Time) bool {
 	return true
 }
 
-// MarkBlocked records that id was blocked in mode and reports whether the
-// caller is the first to act on it: only one request per identity acts on
-// a block. A would-block in monitor mode does not stand in the way of a
-// real block once the mode is enforce.
-func (l *Limiter) MarkBlocked(id string, mode Mode) bool {
+// Wake wakes the requests waiting for a change of id.
+func (l *Limiter) Wake(id string) {
 	s := l.shard(id)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	tr := s.track(id)
-	if tr.blocked == ModeEnforce || tr.blocked == mode {
-		return false
+	if tr := s.m[id]; tr != nil {
+		tr.wake()
 	}
-	tr.blocked = mode
-	return true
 }
 
 // Note updates the evidence kept for id: fn runs with the identity's
@@ -257,22 +345,28 @@ func (l *Limiter) Evidence(id string) Evidence {
 	return out
 }
 
-// Sweep forgets identities with no activity for a whole period and returns
-// how many identities are still tracked.
+// Sweep forgets identities with no activity for a whole period and no
+// invalid recipient left in the long window, and returns how many
+// identities are still tracked.
 func (l *Limiter) Sweep(now time.Time) int {
-	cutoff := now.UnixNano() - l.period
+	t := now.UnixNano()
+	cutoff := t - l.keep
 	n := 0
 	for i := range l.shards {
 		s := &l.shards[i]
 		s.mu.Lock()
 		for id, tr := range s.m {
-			if tr.last <= cutoff && tr.warned <= cutoff {
+			tr.expire(cutoff)
+			if tr.last <= t-l.period && len(tr.hits) == 0 && tr.warned <= t-l.period && tr.pending == 0 && tr.waiters == 0 {
 				delete(s.m, id)
 				continue
 			}
-			tr.expire(cutoff)
 			if len(tr.hits) == 0 && cap(tr.hits) > 4 {
 				tr.hits = nil
+			}
+			tr.expireProbes(now.UnixNano())
+			if len(tr.probes) == 0 {
+				tr.probes = nil
 			}
 		}
 		n += len(s.m)
@@ -281,11 +375,17 @@ func (l *Limiter) Sweep(now time.Time) int {
 	return n
 }
 
-// Forget drops everything known about id, as after an unblock.
+// Forget drops everything known about id, as after an unblock. Requests
+// and verifications of id still in progress keep their own state.
 func (l *Limiter) Forget(id string) {
 	s := l.shard(id)
 	s.mu.Lock()
-	delete(s.m, id)
+	if tr := s.m[id]; tr != nil && (tr.pending > 0 || tr.waiters > 0) {
+		// Keep the gate; drop the counts and the evidence.
+		*tr = track{pending: tr.pending, waiters: tr.waiters, change: tr.change, last: tr.last}
+	} else {
+		delete(s.m, id)
+	}
 	s.mu.Unlock()
 }
 
@@ -353,43 +453,248 @@ func (e *evidence) addQueueID(id string) {
 	*e.queueIDs = append(*e.queueIDs, id)
 }
 
-// ProbeBudget caps, per identity, the verifications per minute that are
-// not answered from the cache, so that rcptguard cannot be used as a probe
-// oracle or a traffic amplifier by a sender with a long list. Counts are
-// kept per fixed minute and forgotten when the minute ends.
-type ProbeBudget struct {
-	seed   maphash.Seed
-	shards [limiterShards]probeShard
+// Thresholds are the limits an identity is judged against; a zero field
+// turns its trigger off.
+type Thresholds struct {
+	Count    int     // distinct invalid recipients in the short window
+	Long     int     // distinct invalid recipients in the long window
+	Ratio    float64 // share of invalid among judged recipients in the short window
+	RatioMin int     // invalid recipients (dead domains once) the ratio needs
+	// Act is the mode a crossing is acted on in: the first verdict that
+	// finds the identity past a limit, and not yet blocked in Act (or in
+	// enforce), gets Standing.First. "": none does.
+	Act Mode
 }
 
-type probeShard struct {
-	mu     sync.Mutex
-	minute int64
-	m      map[string]int
+// Trigger names the limit an identity crossed.
+type Trigger string
+
+// Triggers.
+const (
+	TriggerNone  Trigger = ""
+	TriggerCount Trigger = "count" // more than Thresholds.Count in the short window
+	TriggerLong  Trigger = "long"  // more than Thresholds.Long in the long window
+	TriggerRatio Trigger = "ratio" // Thresholds.Ratio of judged, at least Thresholds.RatioMin
+)
+
+// Standing is what the limiter knows about an identity at one moment.
+type Standing struct {
+	Count   int     // distinct invalid recipients, short window
+	Long    int     // distinct invalid recipients, long window
+	Invalid int     // invalid recipients as the ratio counts them (dead domains once)
+	Valid   int     // valid verdicts, short window
+	Pending int     // verifications reserved and not settled
+	Crossed Trigger // the first limit passed, TriggerNone when none
+	// First is set for the one verdict that acts on the crossing: the one
+	// that took the count past the limit (exactly limit+1), or the next
+	// one after a switch from monitor to enforce.
+	First bool
+	// Safe is true when no limit can be passed even if every pending
+	// verification turns out invalid: a request may be answered at once.
+	Safe bool
 }
 
-// NewProbeBudget returns an empty budget.
-func NewProbeBudget() *ProbeBudget {
-	return &ProbeBudget{seed: maphash.MakeSeed()}
+// standing computes the Standing of tr at t; the caller holds the lock.
+func (l *Limiter) standing(tr *track, t int64, lim Thresholds) Standing {
+	tr.expire(t - l.keep)
+	st := Standing{Count: tr.countSince(t - l.period), Pending: int(tr.pending)}
+	if l.long > 0 {
+		st.Long = tr.countSince(t - l.long)
+	}
+	if lim.Ratio > 0 {
+		st.Invalid = tr.ratioCount(t - l.period)
+		st.Valid = tr.validCount(t, l.period/validBuckets)
+	}
+	p := st.Pending
+	switch {
+	case lim.Count > 0 && st.Count > lim.Count:
+		st.Crossed = TriggerCount
+	case lim.Long > 0 && l.long > 0 && st.Long > lim.Long:
+		st.Crossed = TriggerLong
+	case ratioCrossed(lim, st.Invalid, st.Valid):
+		st.Crossed = TriggerRatio
+	}
+	st.Safe = st.Crossed == TriggerNone &&
+		(lim.Count == 0 || st.Count+p <= lim.Count) &&
+		(lim.Long == 0 || l.long == 0 || st.Long+p <= lim.Long) &&
+		!ratioCrossed(lim, st.Invalid+p, st.Valid)
+	return st
 }
 
-// Take counts one probe for id at now and reports whether it stays within
-// perMinute; perMinute <= 0 means no cap.
-func (b *ProbeBudget) Take(id string, now time.Time, perMinute int) bool {
+// ratioCrossed reports whether invalid of invalid+valid judged passes the
+// ratio trigger.
+func ratioCrossed(lim Thresholds, invalid, valid int) bool {
+	return lim.Ratio > 0 && lim.RatioMin > 0 && invalid >= lim.RatioMin &&
+		float64(invalid) >= lim.Ratio*float64(invalid+valid)
+}
+
+// Reserve records that a verification for id starts whose verdict may
+// count, and returns the identity's standing with it included.
+func (l *Limiter) Reserve(id string, now time.Time, lim Thresholds) Standing {
+	t := now.UnixNano()
+	s := l.shard(id)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	tr := s.track(id)
+	tr.last = max(tr.last, t)
+	tr.pending++
+	return l.standing(tr, t, lim)
+}
+
+// Settle ends a reservation with its verdict: an invalid one is counted
+// (a dead domain once for the ratio), a valid one counts for the ratio,
+// any other only ends the reservation; res nil ends it without a verdict.
+// It returns the new standing; the caller acts on it, then calls Wake.
+func (l *Limiter) Settle(id string, res *callout.Result, now time.Time, lim Thresholds) Standing {
+	t := now.UnixNano()
+	s := l.shard(id)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	tr := s.track(id)
+	tr.last = max(tr.last, t)
+	if tr.pending > 0 {
+		tr.pending--
+	}
+	l.count(tr, res, t)
+	return l.act(tr, l.standing(tr, t, lim), res, lim)
+}
+
+// act marks the track blocked in lim.Act when an invalid verdict finds it
+// past a limit for the first time: under the identity's lock, so exactly
+// one verdict, the one at limit+1, acts on a crossing.
+func (l *Limiter) act(tr *track, st Standing, res *callout.Result, lim Thresholds) Standing {
+	if st.Crossed == TriggerNone || res == nil || res.Status != callout.StatusInvalid || lim.Act == "" ||
+		tr.blocked == ModeEnforce || tr.blocked == lim.Act {
+		return st
+	}
+	tr.blocked = lim.Act
+	st.First = true
+	return st
+}
+
+// Judge counts a verdict that needed no reservation (one from the cache)
+// and returns the standing with it; the caller acts on it, then calls Wake.
+func (l *Limiter) Judge(id string, res *callout.Result, now time.Time, lim Thresholds) Standing {
+	t := now.UnixNano()
+	s := l.shard(id)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	tr := s.track(id)
+	tr.last = max(tr.last, t)
+	l.count(tr, res, t)
+	return l.act(tr, l.standing(tr, t, lim), res, lim)
+}
+
+func (l *Limiter) count(tr *track, res *callout.Result, t int64) {
+	switch {
+	case res == nil:
+	case res.Status == callout.StatusInvalid:
+		l.addHit(tr, maphash.String(l.seed, res.Address), l.deadDomain(res), t)
+	case res.Status == callout.StatusValid:
+		tr.addValid(t, max(l.period/validBuckets, 1))
+	}
+}
+
+// deadDomain returns the hash (never 0) of the recipient's domain when the
+// verdict says the whole domain takes no mail, else 0.
+func (l *Limiter) deadDomain(res *callout.Result) uint32 {
+	switch res.Reason {
+	case callout.ReasonNXDomain, callout.ReasonNullMX, callout.ReasonNoMailHost:
+		return uint32(maphash.String(l.seed, recipientDomain(res.Address))) | 1
+	}
+	return 0
+}
+
+// Standing returns the standing of id at now.
+func (l *Limiter) Standing(id string, now time.Time, lim Thresholds) Standing {
+	s := l.shard(id)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	tr := s.m[id]
+	if tr == nil {
+		return Standing{Safe: true}
+	}
+	return l.standing(tr, now.UnixNano(), lim)
+}
+
+// Changed returns a channel closed at the next change of id's counts; the
+// caller must call Unwait(id) once done waiting.
+func (l *Limiter) Changed(id string) <-chan struct{} {
+	s := l.shard(id)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	tr := s.track(id)
+	tr.waiters++
+	if tr.change == nil {
+		tr.change = make(chan struct{})
+	}
+	return tr.change
+}
+
+// Unwait ends one Changed.
+func (l *Limiter) Unwait(id string) {
+	s := l.shard(id)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if tr := s.m[id]; tr != nil && tr.waiters > 0 {
+		tr.waiters--
+	}
+}
+
+// Waiting returns the requests of id waiting for a change.
+func (l *Limiter) Waiting(id string) int {
+	s := l.shard(id)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if tr := s.m[id]; tr != nil {
+		return int(tr.waiters)
+	}
+	return 0
+}
+
+// wake closes the change channel for those waiting on it.
+func (tr *track) wake() {
+	if tr.change != nil {
+		close(tr.change)
+		tr.change = nil
+	}
+}
+
+// probeWindow is the sliding window of the per-identity probe cap.
+const probeWindow = int64(time.Minute)
+
+// TakeProbe counts one uncached verification for id at now and reports
+// whether it stays within perMinute in the minute ending at now (a sliding
+// window); perMinute <= 0 means no cap. A refused probe is not counted.
+func (l *Limiter) TakeProbe(id string, now time.Time, perMinute int) bool {
 	if perMinute <= 0 {
 		return true
 	}
-	minute := now.Unix() / 60
-	s := &b.shards[maphash.String(b.seed, id)%limiterShards]
+	t := now.UnixNano()
+	s := l.shard(id)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.minute != minute || s.m == nil {
-		s.m = make(map[string]int)
-		s.minute = minute
-	}
-	if s.m[id] >= perMinute {
+	tr := s.track(id)
+	tr.last = max(tr.last, t)
+	tr.expireProbes(t)
+	if len(tr.probes) >= perMinute {
 		return false
 	}
-	s.m[id]++
+	i := len(tr.probes)
+	for i > 0 && tr.probes[i-1] > t {
+		i--
+	}
+	tr.probes = slices.Insert(tr.probes, i, t)
 	return true
+}
+
+// expireProbes drops probes that left the minute ending at t.
+func (tr *track) expireProbes(t int64) {
+	n := 0
+	for n < len(tr.probes) && tr.probes[n] <= t-probeWindow {
+		n++
+	}
+	if n > 0 {
+		tr.probes = slices.Delete(tr.probes, 0, n)
+	}
 }

@@ -14,6 +14,7 @@ import (
 // A nil *Metrics records nothing.
 type Metrics struct {
 	dunno, blockedAns     prometheus.Counter
+	deferred              prometheus.Counter
 	verdicts              map[verdictKey]prometheus.Counter
 	probe                 prometheus.Observer
 	blocks, blocklistErrs prometheus.Counter
@@ -33,13 +34,14 @@ type answer int
 const (
 	answerDunno answer = iota
 	answerBlocked
+	answerDeferred
 )
 
 // NewMetrics creates the metrics and registers them with reg.
 func NewMetrics(reg prometheus.Registerer) *Metrics {
 	requests := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "rcptguard_policy_requests_total",
-		Help: "Policy requests answered, by action.",
+		Help: "Policy requests answered, by action (dunno, blocked, defer).",
 	}, []string{"action"})
 	verdicts := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "rcptguard_verdicts_total",
@@ -53,6 +55,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	m := &Metrics{
 		dunno:      requests.WithLabelValues("dunno"),
 		blockedAns: requests.WithLabelValues("blocked"),
+		deferred:   requests.WithLabelValues("defer"),
 		verdicts:   map[verdictKey]prometheus.Counter{},
 		probe:      probe,
 		blocks: prometheus.NewCounter(prometheus.CounterOpts{
@@ -93,9 +96,12 @@ func (m *Metrics) answered(a answer) {
 	if m == nil {
 		return
 	}
-	if a == answerBlocked {
+	switch a {
+	case answerBlocked:
 		m.blockedAns.Inc()
-	} else {
+	case answerDeferred:
+		m.deferred.Inc()
+	default:
 		m.dunno.Inc()
 	}
 }

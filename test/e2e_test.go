@@ -176,7 +176,10 @@ func TestHonestUserNeverBlocked(t *testing.T) {
 		rcpts = append(rcpts, fmt.Sprintf("user%d@grey.test", i), fmt.Sprintf("user%d@slow.test", i), fmt.Sprintf("user%d@block.test", i))
 	}
 	for _, r := range rcpts {
-		if a := c.Must(rcpt("honest@customer.test", r)); a != "DUNNO" {
+		a := c.Must(rcpt("honest@customer.test", r))
+		// A slow probe with more in flight than the limit of 5 could be
+		// the crossing one: deferred (the client retries), never held.
+		if a != "DUNNO" && !(strings.HasSuffix(r, "@slow.test") && strings.HasPrefix(a, "DEFER_IF_PERMIT ")) {
 			t.Fatalf("%s: %q for an honest user", r, a)
 		}
 	}
@@ -350,6 +353,11 @@ func TestConcurrentSameAsSerial(t *testing.T) {
 			close(work)
 			wg.Wait()
 		}
+		// Verdicts of requests answered before them count when they
+		// arrive: wait for the last decision line.
+		pollUntil(t, 5*time.Second, "verdicts still in flight", func() bool {
+			return strings.Count(d.logs.String(), "msg=decision") >= len(reqs)
+		})
 		var ids []string
 		for _, line := range strings.Split(strings.TrimSpace(runCLI(t, "list", "-config", cfgPath)), "\n") {
 			id, _, _ := strings.Cut(line, "\t")

@@ -45,6 +45,8 @@ commands:
   baseline  run the bare policy server (reads a request, answers DUNNO)
   world     run rcptguard in process against an in-process DNS server and MX
   table     print tagged load reports as one Markdown table (for compare.sh)
+  sim       play honest and compromised identities against the detector in a
+            modelled Internet, in virtual time; print a Markdown table
 
 "rcptguard-bench COMMAND -h" describes a command's flags.
 `
@@ -65,6 +67,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		err = cmdWorld(ctx, args[1:], stdout, stderr)
 	case "table":
 		err = cmdTable(args[1:], os.Stdin, stdout, stderr)
+	case "sim":
+		err = cmdSim(ctx, args[1:], stdout, stderr)
 	case "help", "-h", "-help", "--help":
 		fmt.Fprint(stdout, usage)
 		return 0

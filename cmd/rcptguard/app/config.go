@@ -60,6 +60,10 @@ type DetectorConfig struct {
 	Action        string   `toml:"action"`
 	Mode          string   `toml:"mode"`
 	Wait          Duration `toml:"wait"`
+	Ratio         float64  `toml:"ratio"`
+	RatioMin      int      `toml:"ratio_min"`
+	LongPeriod    Duration `toml:"long_period"`
+	LongLimit     int      `toml:"long_limit"`
 	RelayNetworks []string `toml:"relay_networks"`
 	LocalDomains  []string `toml:"local_domains"`
 	Exempt        []string `toml:"exempt"`
@@ -154,6 +158,10 @@ func defaultConfig() Config {
 			Action: "HOLD",
 			Mode:   "enforce",
 			Wait:   Duration(5 * time.Second),
+			// Judged by the simulation (README, "Simulation").
+			Ratio:      0.5,
+			RatioMin:   30,
+			LongPeriod: Duration(24 * time.Hour),
 			// Empty, not nil, as a file saying "= []" decodes.
 			RelayNetworks: []string{},
 			LocalDomains:  []string{},
@@ -369,6 +377,18 @@ func (c *Config) Validate() []error {
 	}
 	if d.Wait.D() <= 0 || d.Wait.D() > time.Minute {
 		bad("detector.wait", "must be between 0 and 1m (Postfix's policy timeout is 100s at most), got %s", d.Wait.D())
+	}
+	if d.Ratio < 0 || d.Ratio > 1 {
+		bad("detector.ratio", "must be a fraction between 0 (off) and 1, got %v", d.Ratio)
+	}
+	if d.RatioMin < 1 && d.Ratio > 0 {
+		bad("detector.ratio_min", "must be at least 1 when detector.ratio is on, got %d", d.RatioMin)
+	}
+	if lp := d.LongPeriod.D(); lp != 0 && (lp <= d.Period.D() || lp > 90*24*time.Hour) {
+		bad("detector.long_period", "must be 0 (none) or longer than detector.period and at most 90d, got %s", lp)
+	}
+	if d.LongLimit < 0 {
+		bad("detector.long_limit", "must be 0 (three times the limit) or more, got %d", d.LongLimit)
 	}
 	for i, n := range d.RelayNetworks {
 		if _, err := parseNetwork(n); err != nil {
