@@ -200,15 +200,17 @@ func TestDialogue503IsNotTheEnd(t *testing.T) {
 		t.Fatalf("got %s", res)
 	}
 	r.v.Close()
-	// The server notes a verb in its own goroutine: on a loaded machine the
-	// last one may land just after Close returns.
-	want := "EHLO MAIL RSET MAIL RCPT MAIL RCPT RSET QUIT"
+	// The verdict is handed out before the worker's RSET: Close may come
+	// first, and then the session ends with QUIT alone. Both are polite.
+	// The server notes a verb in its own goroutine, so the last one may
+	// land just after Close returns.
+	want, alt := "EHLO MAIL RSET MAIL RCPT MAIL RCPT RSET QUIT", "EHLO MAIL RSET MAIL RCPT MAIL RCPT QUIT"
 	got := strings.Join(verbs(), " ")
-	for deadline := time.Now().Add(5 * time.Second); got != want && time.Now().Before(deadline); {
+	for deadline := time.Now().Add(5 * time.Second); got != want && got != alt && time.Now().Before(deadline); {
 		time.Sleep(10 * time.Millisecond)
 		got = strings.Join(verbs(), " ")
 	}
-	if got != want {
+	if got != want && got != alt {
 		t.Fatalf("dialogue %q, want %q", got, want)
 	}
 }
