@@ -420,13 +420,17 @@ func (d *Detector) Decide(ctx context.Context, req *Request) Action {
 	}
 	st := d.limiter.Reserve(id, d.now(), lim)
 	p := &probe{done: make(chan struct{})}
+	// Far from every limit even if everything in flight turns out invalid:
+	// the request is accepted before the probe starts, so whatever comes
+	// back — even a cap's instant "rate-limited" — is owed and judged late
+	// (retried in the background), never turned into a defer by a race.
+	early := (st.Safe || pc.mode == ModeMonitor) && p.accept()
 	d.busy.Add(1)
 	d.wg.Add(1)
 	go d.run(*req, id, rcpt, p, lim) // *req: the server reuses it for the next request
-	if (st.Safe || pc.mode == ModeMonitor) && p.accept() {
-		// Far from every limit even if everything in flight turns out
-		// invalid: answer now, the verdict counts when it arrives. Its
-		// decision line is written then, with the verdict (note "late").
+	if early {
+		// The verdict counts when it arrives. Its decision line is
+		// written then, with the verdict (note "late").
 		d.metrics.answered(answerDunno)
 		return ActionDunno
 	}

@@ -3,6 +3,7 @@ package detector
 import (
 	"context"
 	"fmt"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -286,5 +287,42 @@ func TestFirstCrossingIsLimitPlusOne(t *testing.T) {
 		if len(firsts) != 1 || firsts[0] != 11 {
 			t.Fatalf("first crossings at counts %v, want one at 11", firsts)
 		}
+	}
+}
+
+// TestDecideInstantCapNeverDefersSafeIdentity: a verifier whose caps
+// answer "rate-limited" at once (before Decide could look) must not turn
+// the requests of an identity far from every limit into defers: they are
+// accepted, and their verdicts are owed and judged late.
+func TestDecideInstantCapNeverDefersSafeIdentity(t *testing.T) {
+	v := &rateLimitedVerifier{fakeVerifier: fakeVerifier{results: map[string]callout.Result{}}, hold: make(chan struct{}), open: make(chan struct{})}
+	close(v.hold) // every answer comes back at once
+	bl := &fakeBlocklist{entries: map[string]string{}}
+	d, err := New(Config{Verifier: v, Blocklist: bl, Limit: 1000, Wait: time.Minute, Now: func() time.Time { return t0 }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close(0)
+	retry := make(chan struct{})
+	d.sleep = func(ctx context.Context, _ time.Duration) bool {
+		select {
+		case <-retry:
+			return true
+		case <-ctx.Done():
+			return false
+		}
+	}
+	ctx := context.Background()
+	for i := range 300 {
+		runtime.Gosched() // let an earlier probe's goroutine run first, as on a busy machine
+		if a := d.Decide(ctx, rcptRequest("u@example.com", fmt.Sprintf("n%d@x.test", i))); a != ActionDunno {
+			t.Fatalf("request %d: %q, want DUNNO (the identity is far from its limit)", i, a)
+		}
+	}
+	close(v.open)
+	close(retry)
+	settle(d)
+	if got := d.Limiter().Count("u@example.com", t0); got != 300 {
+		t.Fatalf("count %d after the retries, want 300 (every accepted recipient judged late)", got)
 	}
 }

@@ -79,7 +79,17 @@ func TestSoak(t *testing.T) {
 		"detector.period": `"1m"`,
 		"detector.wait":   `"2s"`,
 		"callout.timeout": `"2s"`,
-		"log.level":       `"info"`, // a decision line per request, formatted and counted
+		// The world is one recipient domain on one MX: the politeness caps
+		// would rightly refuse 500 new recipients a second there, and the
+		// policy answer then is a defer. The soak measures the daemon, not
+		// the caps (tested on their own in callout and faults_test.go).
+		"callout.per_domain_rcpt_rate": "1000000",
+		"callout.per_host_rcpt_rate":   "1000000",
+		"callout.per_domain_rate":      "1000000",
+		"callout.per_host_rate":        "1000000",
+		"callout.session_rate":         "1000000",
+		"callout.per_identity_rate":    "0",
+		"log.level":                    `"info"`, // a decision line per request, formatted and counted
 	})
 	goroutinesBefore := runtime.NumGoroutine()
 	logs := &countingWriter{}
