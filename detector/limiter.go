@@ -2,8 +2,10 @@ package detector
 
 import (
 	"hash/maphash"
+	"log/slog"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/rcptguard/rcptguard/callout"
@@ -17,6 +19,11 @@ import (
 // sharded map behind mutexes: a cache with an admission policy could
 // silently drop a counter, and a dropped counter is an abuser let through.
 //
+// Its size is bounded all the same: past a ceiling of tracked identities
+// (SetMaxIdentities) the least recently active identities are dropped,
+// never one that is blocked or has a verification in flight or a request
+// waiting, and each drop is counted and logged.
+//
 // Time is always passed in, so tests control it. The zero Limiter is not
 // usable; call NewLimiter.
 type Limiter struct {
@@ -25,13 +32,29 @@ type Limiter struct {
 	keep   int64 // max(period, long): how long a hit is kept
 	seed   maphash.Seed
 	shards [limiterShards]limiterShard
+
+	shardMax int // tracked identities per shard past which idle ones are dropped
+	log      *slog.Logger
+	metrics  *Metrics
+	dropped  atomic.Int64 // identities dropped at the ceiling, not yet logged
+	loggedAt atomic.Int64 // unix ns of the last drop log line
 }
 
 const limiterShards = 64
 
+// DefaultMaxIdentities is the default ceiling of tracked identities.
+const DefaultMaxIdentities = 1_000_000
+
+// dropLogEvery is the least time between two log lines about identities
+// dropped at the ceiling.
+const dropLogEvery = int64(time.Minute)
+
 type limiterShard struct {
 	mu sync.Mutex
 	m  map[string]*track
+	// noScanBelow: a scan for identities to drop found too few; the next
+	// one waits until the shard holds this many.
+	noScanBelow int
 }
 
 // track is the state of one identity.
@@ -148,23 +171,140 @@ func newLimiter(period, long time.Duration) *Limiter {
 	for i := range l.shards {
 		l.shards[i].m = make(map[string]*track)
 	}
+	l.SetMaxIdentities(DefaultMaxIdentities, nil, nil)
 	return l
+}
+
+// SetMaxIdentities sets the ceiling of tracked identities (n <= 0: the
+// default) and where drops at the ceiling are logged and counted (nil:
+// nowhere). The ceiling is kept per shard, n/64 each (at least one), so
+// the total stays at or under n, except for identities that cannot be
+// dropped: blocked, or with a verification in flight or a request waiting.
+// Call it before the Limiter is used.
+func (l *Limiter) SetMaxIdentities(n int, log *slog.Logger, m *Metrics) {
+	if n <= 0 {
+		n = DefaultMaxIdentities
+	}
+	l.shardMax = max(n/limiterShards, 1)
+	l.log, l.metrics = log, m
 }
 
 func (l *Limiter) shard(id string) *limiterShard {
 	return &l.shards[maphash.String(l.seed, id)%limiterShards]
 }
 
-// track returns the state of id, created when missing; the caller holds
-// s.mu.
-func (s *limiterShard) track(id string) *track {
+// track returns the state of id, created when missing, at t; the caller
+// holds s.mu. Creating one in a shard at its ceiling first drops the
+// least recently active identities that may be dropped.
+func (l *Limiter) track(s *limiterShard, id string, t int64) *track {
 	tr := s.m[id]
 	if tr == nil {
+		if len(s.m) >= l.shardMax && len(s.m) >= s.noScanBelow {
+			l.drop(s, t)
+		}
 		tr = &track{}
 		s.m[id] = tr
 	}
 	return tr
 }
+
+// droppable reports whether the ceiling may drop tr: not blocked (nor
+// holding the queue IDs of a blocked identity's mail), no verification in
+// flight (its verdict must find the count it was reserved against, so the
+// one at limit+1 acts), no request waiting for a change.
+func (tr *track) droppable() bool {
+	return tr.blocked == "" && tr.ev.queueIDs == nil && tr.pending == 0 && tr.waiters == 0
+}
+
+// drop makes room in s, which is at the ceiling: it drops the least
+// recently active droppable identities, a batch of a 32nd of the shard's
+// ceiling at once, so that the scan it takes (O(shard)) is paid once per
+// batch of new identities: amortized, a few entries per new identity.
+// The caller holds s.mu.
+func (l *Limiter) drop(s *limiterShard, t int64) {
+	batch := max(l.shardMax/32, 1)
+	lasts := make([]int64, 0, len(s.m))
+	for _, tr := range s.m {
+		if tr.droppable() {
+			lasts = append(lasts, tr.last)
+		}
+	}
+	n := 0
+	if len(lasts) > 0 {
+		cutoff := nthSmallest(lasts, min(batch, len(lasts))-1)
+		for id, tr := range s.m {
+			if n < batch && tr.last <= cutoff && tr.droppable() {
+				delete(s.m, id)
+				n++
+			}
+		}
+	}
+	if n < batch {
+		// Too few to drop: do not scan again for each new identity.
+		s.noScanBelow = len(s.m) + batch
+	} else {
+		s.noScanBelow = 0
+	}
+	if n == 0 {
+		return
+	}
+	if l.metrics != nil {
+		l.metrics.identitiesDropped.Add(float64(n))
+	}
+	l.dropped.Add(int64(n))
+	l.logDropped(t)
+}
+
+// nthSmallest returns the k-th smallest of a (k from 0), reordering a;
+// quickselect: O(len(a)) on average.
+func nthSmallest(a []int64, k int) int64 {
+	lo, hi := 0, len(a)-1
+	for lo < hi {
+		p := a[lo+(hi-lo)/2]
+		i, j := lo, hi
+		for i <= j {
+			for a[i] < p {
+				i++
+			}
+			for a[j] > p {
+				j--
+			}
+			if i <= j {
+				a[i], a[j] = a[j], a[i]
+				i++
+				j--
+			}
+		}
+		switch {
+		case k <= j:
+			hi = j
+		case k >= i:
+			lo = i
+		default:
+			return a[k]
+		}
+	}
+	return a[k]
+}
+
+// logDropped logs the identities dropped at the ceiling since the last
+// line, at most once per dropLogEvery.
+func (l *Limiter) logDropped(t int64) {
+	last := l.loggedAt.Load()
+	if t-last < dropLogEvery || !l.loggedAt.CompareAndSwap(last, t) {
+		return
+	}
+	n := l.dropped.Swap(0)
+	if n == 0 || l.log == nil {
+		return
+	}
+	l.log.Warn("tracked identities at the ceiling (detector.max_identities): dropped the least recently active",
+		slog.Int64("dropped", n), slog.Int("max_identities", l.shardMax*limiterShards))
+}
+
+// Dropped returns how many identities the ceiling dropped and no log line
+// has told yet.
+func (l *Limiter) Dropped() int64 { return l.dropped.Load() }
 
 // Add records that rcpt, a recipient of id, does not exist, and returns the
 // number of distinct invalid recipients of id in the window ending at now.
@@ -175,7 +315,7 @@ func (l *Limiter) Add(id, rcpt string, now time.Time) int {
 	s := l.shard(id)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	tr := s.track(id)
+	tr := l.track(s, id, t)
 	tr.last = max(tr.last, t)
 	l.addHit(tr, maphash.String(l.seed, rcpt), 0, t)
 	return tr.countSince(t - l.period)
@@ -292,7 +432,7 @@ func (l *Limiter) Warn(id string, now time.Time) bool {
 	s := l.shard(id)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	tr := s.track(id)
+	tr := l.track(s, id, t)
 	tr.last = max(tr.last, t)
 	if tr.warned != 0 && t-tr.warned < l.period {
 		return false
@@ -318,7 +458,7 @@ func (l *Limiter) Note(id string, now time.Time, fn func(*evidence)) {
 	s := l.shard(id)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	tr := s.track(id)
+	tr := l.track(s, id, now.UnixNano())
 	tr.last = max(tr.last, now.UnixNano())
 	fn(&tr.ev)
 }
@@ -346,8 +486,9 @@ func (l *Limiter) Evidence(id string) Evidence {
 }
 
 // Sweep forgets identities with no activity for a whole period and no
-// invalid recipient left in the long window, and returns how many
-// identities are still tracked.
+// invalid recipient left in the long window, logs the identities the
+// ceiling dropped that no line has told yet (at most once a minute), and
+// returns how many identities are still tracked.
 func (l *Limiter) Sweep(now time.Time) int {
 	t := now.UnixNano()
 	cutoff := t - l.keep
@@ -372,6 +513,7 @@ func (l *Limiter) Sweep(now time.Time) int {
 		n += len(s.m)
 		s.mu.Unlock()
 	}
+	l.logDropped(t)
 	return n
 }
 
@@ -535,7 +677,7 @@ func (l *Limiter) Reserve(id string, now time.Time, lim Thresholds) Standing {
 	s := l.shard(id)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	tr := s.track(id)
+	tr := l.track(s, id, t)
 	tr.last = max(tr.last, t)
 	tr.pending++
 	return l.standing(tr, t, lim)
@@ -550,7 +692,7 @@ func (l *Limiter) Settle(id string, res *callout.Result, now time.Time, lim Thre
 	s := l.shard(id)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	tr := s.track(id)
+	tr := l.track(s, id, t)
 	tr.last = max(tr.last, t)
 	if tr.pending > 0 {
 		tr.pending--
@@ -579,7 +721,7 @@ func (l *Limiter) Judge(id string, res *callout.Result, now time.Time, lim Thres
 	s := l.shard(id)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	tr := s.track(id)
+	tr := l.track(s, id, t)
 	tr.last = max(tr.last, t)
 	l.count(tr, res, t)
 	return l.act(tr, l.standing(tr, t, lim), res, lim)
@@ -623,7 +765,7 @@ func (l *Limiter) Changed(id string) <-chan struct{} {
 	s := l.shard(id)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	tr := s.track(id)
+	tr := l.track(s, id, 0) // 0: no log line from here
 	tr.waiters++
 	if tr.change == nil {
 		tr.change = make(chan struct{})
@@ -674,7 +816,7 @@ func (l *Limiter) TakeProbe(id string, now time.Time, perMinute int) bool {
 	s := l.shard(id)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	tr := s.track(id)
+	tr := l.track(s, id, t)
 	tr.last = max(tr.last, t)
 	tr.expireProbes(t)
 	if len(tr.probes) >= perMinute {

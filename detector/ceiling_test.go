@@ -1,0 +1,218 @@
+package detector
+
+import (
+	"bytes"
+	"log/slog"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/rcptguard/rcptguard/callout"
+)
+
+func invalidFor(rcpt string) *callout.Result {
+	return &callout.Result{Address: rcpt, Status: callout.StatusInvalid, Reason: callout.ReasonNoMailbox}
+}
+
+// ceilingLimiter returns a limiter with a ceiling of max identities, its
+// metrics and what it logs.
+func ceilingLimiter(t *testing.T, max int) (*Limiter, *Metrics, *bytes.Buffer) {
+	t.Helper()
+	var buf bytes.Buffer
+	m := NewMetrics(prometheus.NewRegistry())
+	l := NewLimiter(time.Hour)
+	l.SetMaxIdentities(max, slog.New(slog.NewTextHandler(&buf, nil)), m)
+	return l, m, &buf
+}
+
+// tracked reports whether the limiter holds state for id.
+func (l *Limiter) tracked(id string) bool {
+	s := l.shard(id)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.m[id] != nil
+}
+
+// TestCeilingDropsLeastRecentlyActive: past the ceiling, each shard keeps
+// its most recently active identities, the total stays at the ceiling, and
+// every drop is counted and logged (once a minute, with the count).
+func TestCeilingDropsLeastRecentlyActive(t *testing.T) {
+	const max = 64 * 40
+	l, m, logs := ceilingLimiter(t, max)
+	const n = 4 * max
+	at := func(i int) time.Time { return t0.Add(time.Duration(i) * time.Millisecond) }
+	for i := range n {
+		l.Add("user"+strconv.Itoa(i), "rcpt", at(i))
+		if got := l.Len(); got > max {
+			t.Fatalf("after %d identities: %d tracked, ceiling %d", i+1, got, max)
+		}
+	}
+	// Within each shard, every identity kept was active after every one
+	// dropped.
+	minKept, maxDropped := map[*limiterShard]int{}, map[*limiterShard]int{}
+	kept := 0
+	for i := n - 1; i >= 0; i-- {
+		id := "user" + strconv.Itoa(i)
+		if l.tracked(id) {
+			kept++
+			minKept[l.shard(id)] = i
+		} else if _, ok := maxDropped[l.shard(id)]; !ok {
+			maxDropped[l.shard(id)] = i
+		}
+	}
+	for s, d := range maxDropped {
+		if k, ok := minKept[s]; !ok || d > k {
+			t.Fatalf("a shard dropped identity %d and kept an older one, %d", d, k)
+		}
+	}
+	dropped := n - kept
+	if kept < max*3/4 {
+		t.Fatalf("%d kept of a ceiling of %d: drops far more than needed", kept, max)
+	}
+	if got := testutil.ToFloat64(m.identitiesDropped); got != float64(dropped) {
+		t.Fatalf("dropped metric %v, want %d", got, dropped)
+	}
+	// One line in the first minute: the first batch; the rest is told by
+	// the first sweep a minute later.
+	if c := strings.Count(logs.String(), "dropped the least recently active"); c != 1 {
+		t.Fatalf("%d log lines in the first minute, want 1:\n%s", c, logs)
+	}
+	first := logDropCount(t, logs.String())
+	logs.Reset()
+	l.Sweep(at(n).Add(time.Minute))
+	if got := first + logDropCount(t, logs.String()); got != int64(dropped) {
+		t.Fatalf("log lines tell %d dropped, metric %d:\n%s", got, dropped, logs)
+	}
+	if l.Dropped() != 0 {
+		t.Fatalf("%d dropped left untold after the sweep", l.Dropped())
+	}
+}
+
+func logDropCount(t *testing.T, s string) int64 {
+	t.Helper()
+	_, after, ok := strings.Cut(s, "dropped=")
+	if !ok {
+		t.Fatalf("no dropped= in %q", s)
+	}
+	n, err := strconv.ParseInt(strings.Fields(after)[0], 10, 64)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// TestCeilingKeepsBlockedAndInFlight: the oldest identities are blocked,
+// hold a reservation or have a request waiting: a flood of ten times the
+// ceiling of newer identities drops none of them, and the reserved
+// verdict that takes an identity to limit+1 is still the one that acts.
+func TestCeilingKeepsBlockedAndInFlight(t *testing.T) {
+	const max = 64 * 8
+	l, _, _ := ceilingLimiter(t, max)
+	lim := Thresholds{Count: 2, Act: ModeEnforce}
+	// Blocked: three invalid recipients, limit 2.
+	for i, r := range []string{"a", "b", "c"} {
+		st := l.Judge("blocked@x", invalidFor(r), t0, lim)
+		if st.First != (i == 2) {
+			t.Fatalf("blocked@x verdict %d: First %v", i, st.First)
+		}
+	}
+	// In flight: two invalid recipients, then a reservation for a third.
+	l.Judge("inflight@x", invalidFor("a"), t0, lim)
+	l.Judge("inflight@x", invalidFor("b"), t0, lim)
+	if st := l.Reserve("inflight@x", t0, lim); st.Safe {
+		t.Fatal("reservation at the limit reported safe")
+	}
+	// Waiting.
+	l.Judge("waiting@x", invalidFor("a"), t0, lim)
+	l.Changed("waiting@x")
+	// Blocked by the file: only the queue IDs of its held mail are known.
+	l.Note("held@x", t0, func(e *evidence) { e.addQueueID("4F2A1C0E3B") })
+
+	for i := range 10 * max {
+		l.Add("flood"+strconv.Itoa(i), "r", t0.Add(time.Duration(i+1)*time.Millisecond))
+	}
+	if got := l.Len(); got > max+4 {
+		t.Fatalf("%d tracked, ceiling %d and 4 kept", got, max)
+	}
+	for _, id := range []string{"blocked@x", "inflight@x", "waiting@x", "held@x"} {
+		if !l.tracked(id) {
+			t.Fatalf("%s was dropped", id)
+		}
+	}
+	if ev := l.Evidence("held@x"); len(ev.QueueIDs) != 1 {
+		t.Fatalf("held@x evidence %+v", ev)
+	}
+	now := t0.Add(time.Hour / 2)
+	st := l.Settle("inflight@x", invalidFor("c"), now, lim)
+	if st.Count != 3 || st.Crossed != TriggerCount || !st.First {
+		t.Fatalf("the reserved verdict at limit+1: %+v, want count 3, crossed, first", st)
+	}
+	if st := l.Judge("blocked@x", invalidFor("d"), now, lim); st.First {
+		t.Fatal("blocked@x acted on its crossing twice")
+	}
+	// Once settled and no longer waited on, they are droppable again.
+	l.Unwait("waiting@x")
+	for i := range 2 * max {
+		l.Add("later"+strconv.Itoa(i), "r", now.Add(time.Duration(i+1)*time.Millisecond))
+	}
+	if l.tracked("waiting@x") {
+		t.Fatal("waiting@x kept once nothing waits on it")
+	}
+	if !l.tracked("inflight@x") || !l.tracked("blocked@x") {
+		t.Fatal("a blocked identity was dropped")
+	}
+}
+
+// TestCeilingAllPinned: a shard whose identities can none be dropped
+// takes new ones (nothing is dropped that must stay) without scanning for
+// each.
+func TestCeilingAllPinned(t *testing.T) {
+	l, m, _ := ceilingLimiter(t, 64)
+	lim := Thresholds{Count: 100}
+	for i := range 64 * 10 {
+		l.Reserve("p"+strconv.Itoa(i), t0, lim)
+	}
+	if got := l.Len(); got != 640 {
+		t.Fatalf("%d tracked, want all 640 in flight", got)
+	}
+	if got := testutil.ToFloat64(m.identitiesDropped); got != 0 {
+		t.Fatalf("%v dropped", got)
+	}
+}
+
+// BenchmarkLimiterAtCeiling is the cost of a new identity when the
+// limiter is full: amortized, a batch drop per 1/32 of a shard.
+var ceilingBench = 100_000
+
+func BenchmarkLimiterAtCeiling(b *testing.B) {
+	l := NewLimiter(time.Hour)
+	l.SetMaxIdentities(ceilingBench, nil, nil)
+	ids := make([]string, 1<<20)
+	for i := range ids {
+		ids[i] = "user" + strconv.Itoa(i) + "@example.com"
+	}
+	for i := range 100_000 {
+		l.Add(ids[i], "r", t0.Add(time.Duration(i)))
+	}
+	b.ResetTimer()
+	for i := 0; b.Loop(); i++ {
+		l.Add(ids[i%len(ids)], "r", t0.Add(time.Duration(100_000+i)))
+	}
+}
+
+func TestNthSmallest(t *testing.T) {
+	for _, a := range [][]int64{{5}, {3, 1, 2}, {1, 1, 1, 1}, {9, 8, 7, 6, 5, 4, 3, 2, 1, 0}, {2, 7, 2, 7, 2, 7, 1, 8}} {
+		for k := range a {
+			sorted := slices.Clone(a)
+			slices.Sort(sorted)
+			if got := nthSmallest(slices.Clone(a), k); got != sorted[k] {
+				t.Fatalf("nthSmallest(%v, %d) = %d, want %d", a, k, got, sorted[k])
+			}
+		}
+	}
+}
