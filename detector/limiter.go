@@ -4,9 +4,11 @@ import (
 	"hash/maphash"
 	"log/slog"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"github.com/rcptguard/rcptguard/callout"
 )
@@ -161,6 +163,37 @@ const (
 	MaxClients    = 20
 	MaxQueueIDs   = 100
 )
+
+// Evidence bounds in bytes, so that what a sender or a recipient's MX
+// chooses to say costs at most this much per tracked identity (strings
+// only; the entries themselves are bounded by the counts above):
+//   - maxEvidenceString: one recipient address, MX host or reply text is
+//     cut to this many bytes (a copy, so the cut does not pin the rest);
+//   - maxClientBytes: the client addresses and names of an identity; past
+//     it a new client's name is not kept, then no new client;
+//   - maxRecipientBytes: its invalid recipients' addresses, MX hosts and
+//     reply texts; past it the oldest recipients are dropped (the newest
+//     is always kept).
+const (
+	maxEvidenceString = 256
+	maxClientBytes    = 1024
+	maxRecipientBytes = 2048
+)
+
+// evidenceString returns s cut to maxEvidenceString bytes, at the start
+// of a UTF-8 sequence, as a copy when it was cut.
+func evidenceString(s string) string {
+	if len(s) <= maxEvidenceString {
+		return s
+	}
+	n := maxEvidenceString
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return strings.Clone(s[:n])
+}
+
+func (r *evRecipient) size() int { return len(r.addr) + len(r.mx) + len(r.text) }
 
 // NewLimiter returns a limiter with the given window length.
 func NewLimiter(period time.Duration) *Limiter { return newLimiter(period, 0) }
@@ -550,11 +583,21 @@ func (e *evidence) addRecipient(res callout.Result, now time.Time) {
 	if len(e.rcpts) >= MaxRecipients {
 		e.rcpts = slices.Delete(e.rcpts, 0, len(e.rcpts)-MaxRecipients+1)
 	}
-	r := evRecipient{addr: res.Address, t: uint32(max(now.Unix(), 0)), reason: reasonIndex(res.Reason), mx: res.Host,
-		code: uint16(min(max(res.Reply.Code, 0), 999)), text: res.Reply.Text}
+	r := evRecipient{addr: evidenceString(res.Address), t: uint32(max(now.Unix(), 0)), reason: reasonIndex(res.Reason),
+		mx: evidenceString(res.Host), code: uint16(min(max(res.Reply.Code, 0), 999)), text: evidenceString(res.Reply.Text)}
 	for i, v := range res.Reply.Enhanced {
 		r.enh[i] = uint16(min(max(v, 0), 999))
 	}
+	size := r.size()
+	for _, x := range e.rcpts {
+		size += x.size()
+	}
+	drop := 0
+	for drop < len(e.rcpts) && size > maxRecipientBytes {
+		size -= e.rcpts[drop].size()
+		drop++
+	}
+	e.rcpts = slices.Delete(e.rcpts, 0, drop)
 	if e.rcpts == nil {
 		// Most identities never get a second one: no spare capacity.
 		e.rcpts = make([]evRecipient, 0, 1)
@@ -567,18 +610,32 @@ func (e *evidence) addClient(addr, name string) {
 	for i := range e.clients {
 		if e.clients[i].Address == addr {
 			e.clients[i].Count++
-			if name != "" {
+			if name != "" && name != e.clients[i].Name && e.clientBytes()-len(e.clients[i].Name)+len(name) <= maxClientBytes {
 				e.clients[i].Name = name
 			}
 			return
 		}
 	}
-	if len(e.clients) < MaxClients {
+	size := e.clientBytes() + len(addr) + len(name)
+	if size > maxClientBytes {
+		size -= len(name)
+		name = ""
+	}
+	if len(e.clients) < MaxClients && size <= maxClientBytes {
 		if e.clients == nil {
 			e.clients = make([]ClientSeen, 0, 1)
 		}
 		e.clients = append(e.clients, ClientSeen{Address: addr, Name: name, Count: 1})
 	}
+}
+
+// clientBytes returns the bytes of the client addresses and names kept.
+func (e *evidence) clientBytes() int {
+	n := 0
+	for _, c := range e.clients {
+		n += len(c.Address) + len(c.Name)
+	}
+	return n
 }
 
 // addQueueID remembers a queue ID that was answered with the block action.
