@@ -35,7 +35,8 @@ type Limiter struct {
 	seed   maphash.Seed
 	shards [limiterShards]limiterShard
 
-	shardMax int // tracked identities per shard past which idle ones are dropped
+	max      int64        // tracked identities past which idle ones are dropped
+	n        atomic.Int64 // tracked identities
 	log      *slog.Logger
 	metrics  *Metrics
 	dropped  atomic.Int64 // identities dropped at the ceiling, not yet logged
@@ -59,18 +60,58 @@ type limiterShard struct {
 	noScanBelow int
 }
 
-// track is the state of one identity.
+// track is the state of one identity. Most of the tracked identities at
+// any time are honest users with a verdict or two: what only a few need
+// (a warning, a block, requests waiting) is in x, so that a track fits
+// in 128 bytes.
 type track struct {
-	hits    []hit // distinct invalid recipients in the longer window, oldest first
-	valid   *validRing
+	hits    []hit   // distinct invalid recipients in the longer window, oldest first
 	probes  []int64 // times of the uncached probes of the last minute, oldest first
-	pending int32   // verifications reserved and not yet settled
-	waiters int32   // requests waiting for a change
-	change  chan struct{}
-	last    int64 // time of the last activity, unix ns
-	warned  int64 // time of the last warning, unix ns; 0 none
-	blocked Mode  // the mode a block was acted on in ("" none)
+	valid   *validRing
+	x       *trackExtra // nil: none of it
+	last    uint32      // time of the last activity, unix seconds (to 2106)
+	pending int32       // verifications reserved and not yet settled
 	ev      evidence
+}
+
+// trackExtra is the state few identities have.
+type trackExtra struct {
+	change  chan struct{}
+	warned  int64 // time of the last warning, unix ns; 0 none
+	waiters int32 // requests waiting for a change
+	blocked Mode  // the mode a block was acted on in ("" none)
+}
+
+// extra returns tr.x, created when missing.
+func (tr *track) extra() *trackExtra {
+	if tr.x == nil {
+		tr.x = &trackExtra{}
+	}
+	return tr.x
+}
+
+func (tr *track) waiters() int32 {
+	if tr.x == nil {
+		return 0
+	}
+	return tr.x.waiters
+}
+
+func (tr *track) blocked() Mode {
+	if tr.x == nil {
+		return ""
+	}
+	return tr.x.blocked
+}
+
+// touch records activity at t (unix ns).
+func (tr *track) touch(t int64) {
+	tr.last = max(tr.last, unixSeconds(t))
+}
+
+// unixSeconds returns t (unix ns) in unix seconds, as a track keeps them.
+func unixSeconds(t int64) uint32 {
+	return uint32(min(max(t/int64(time.Second), 0), 1<<32-1))
 }
 
 // hit is one distinct invalid recipient: a hash of the address, when it
@@ -210,15 +251,17 @@ func newLimiter(period, long time.Duration) *Limiter {
 
 // SetMaxIdentities sets the ceiling of tracked identities (n <= 0: the
 // default) and where drops at the ceiling are logged and counted (nil:
-// nowhere). The ceiling is kept per shard, n/64 each (at least one), so
-// the total stays at or under n, except for identities that cannot be
-// dropped: blocked, or with a verification in flight or a request waiting.
-// Call it before the Limiter is used.
+// nowhere). A new identity that finds n tracked makes room in its own
+// shard: the identities are spread evenly over the shards, so the oldest
+// of a shard are about the oldest of all. The total stays at or under n,
+// except for identities that cannot be dropped: blocked, or with a
+// verification in flight or a request waiting. Call it before the
+// Limiter is used.
 func (l *Limiter) SetMaxIdentities(n int, log *slog.Logger, m *Metrics) {
 	if n <= 0 {
 		n = DefaultMaxIdentities
 	}
-	l.shardMax = max(n/limiterShards, 1)
+	l.max = int64(n)
 	l.log, l.metrics = log, m
 }
 
@@ -232,11 +275,12 @@ func (l *Limiter) shard(id string) *limiterShard {
 func (l *Limiter) track(s *limiterShard, id string, t int64) *track {
 	tr := s.m[id]
 	if tr == nil {
-		if len(s.m) >= l.shardMax && len(s.m) >= s.noScanBelow {
+		if l.n.Load() >= l.max && len(s.m) >= s.noScanBelow {
 			l.drop(s, t)
 		}
 		tr = &track{}
 		s.m[id] = tr
+		l.n.Add(1)
 	}
 	return tr
 }
@@ -246,31 +290,32 @@ func (l *Limiter) track(s *limiterShard, id string, t int64) *track {
 // flight (its verdict must find the count it was reserved against, so the
 // one at limit+1 acts), no request waiting for a change.
 func (tr *track) droppable() bool {
-	return tr.blocked == "" && tr.ev.queueIDs == nil && tr.pending == 0 && tr.waiters == 0
+	return tr.blocked() == "" && tr.ev.queueIDs == nil && tr.pending == 0 && tr.waiters() == 0
 }
 
-// drop makes room in s, which is at the ceiling: it drops the least
-// recently active droppable identities, a batch of a 32nd of the shard's
-// ceiling at once, so that the scan it takes (O(shard)) is paid once per
-// batch of new identities: amortized, a few entries per new identity.
-// The caller holds s.mu.
+// drop makes room in s when the limiter is at the ceiling: it drops the
+// least recently active droppable identities of s, a batch of a 32nd of
+// a shard's share at once, so that the scan it takes (O(shard)) is paid
+// once per batch of new identities: amortized, a few entries per new
+// identity. The caller holds s.mu.
 func (l *Limiter) drop(s *limiterShard, t int64) {
-	batch := max(l.shardMax/32, 1)
+	batch := max(int(l.max/limiterShards/32), 1)
 	lasts := make([]int64, 0, len(s.m))
 	for _, tr := range s.m {
 		if tr.droppable() {
-			lasts = append(lasts, tr.last)
+			lasts = append(lasts, int64(tr.last))
 		}
 	}
 	n := 0
 	if len(lasts) > 0 {
 		cutoff := nthSmallest(lasts, min(batch, len(lasts))-1)
 		for id, tr := range s.m {
-			if n < batch && tr.last <= cutoff && tr.droppable() {
+			if n < batch && int64(tr.last) <= cutoff && tr.droppable() {
 				delete(s.m, id)
 				n++
 			}
 		}
+		l.n.Add(-int64(n))
 	}
 	if n < batch {
 		// Too few to drop: do not scan again for each new identity.
@@ -332,7 +377,7 @@ func (l *Limiter) logDropped(t int64) {
 		return
 	}
 	l.log.Warn("tracked identities at the ceiling (detector.max_identities): dropped the least recently active",
-		slog.Int64("dropped", n), slog.Int("max_identities", l.shardMax*limiterShards))
+		slog.Int64("dropped", n), slog.Int64("max_identities", l.max))
 }
 
 // Dropped returns how many identities the ceiling dropped and no log line
@@ -349,7 +394,7 @@ func (l *Limiter) Add(id, rcpt string, now time.Time) int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	tr := l.track(s, id, t)
-	tr.last = max(tr.last, t)
+	tr.touch(t)
 	l.addHit(tr, maphash.String(l.seed, rcpt), 0, t)
 	return tr.countSince(t - l.period)
 }
@@ -466,11 +511,12 @@ func (l *Limiter) Warn(id string, now time.Time) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	tr := l.track(s, id, t)
-	tr.last = max(tr.last, t)
-	if tr.warned != 0 && t-tr.warned < l.period {
+	tr.touch(t)
+	x := tr.extra()
+	if x.warned != 0 && t-x.warned < l.period {
 		return false
 	}
-	tr.warned = t
+	x.warned = t
 	return true
 }
 
@@ -492,7 +538,7 @@ func (l *Limiter) Note(id string, now time.Time, fn func(*evidence)) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	tr := l.track(s, id, now.UnixNano())
-	tr.last = max(tr.last, now.UnixNano())
+	tr.touch(now.UnixNano())
 	fn(&tr.ev)
 }
 
@@ -531,8 +577,12 @@ func (l *Limiter) Sweep(now time.Time) int {
 		s.mu.Lock()
 		for id, tr := range s.m {
 			tr.expire(cutoff)
-			if tr.last <= t-l.period && len(tr.hits) == 0 && tr.warned <= t-l.period && tr.pending == 0 && tr.waiters == 0 {
+			if x := tr.x; x != nil && x.change == nil && x.waiters == 0 && x.blocked == "" && x.warned <= t-l.period {
+				tr.x = nil
+			}
+			if tr.last <= unixSeconds(t-l.period) && len(tr.hits) == 0 && tr.x == nil && tr.pending == 0 {
 				delete(s.m, id)
+				l.n.Add(-1)
 				continue
 			}
 			if len(tr.hits) == 0 && cap(tr.hits) > 4 {
@@ -555,11 +605,16 @@ func (l *Limiter) Sweep(now time.Time) int {
 func (l *Limiter) Forget(id string) {
 	s := l.shard(id)
 	s.mu.Lock()
-	if tr := s.m[id]; tr != nil && (tr.pending > 0 || tr.waiters > 0) {
+	if tr := s.m[id]; tr != nil && (tr.pending > 0 || tr.waiters() > 0) {
 		// Keep the gate; drop the counts and the evidence.
-		*tr = track{pending: tr.pending, waiters: tr.waiters, change: tr.change, last: tr.last}
-	} else {
+		var x *trackExtra
+		if tr.x != nil {
+			x = &trackExtra{change: tr.x.change, waiters: tr.x.waiters}
+		}
+		*tr = track{pending: tr.pending, x: x, last: tr.last}
+	} else if tr != nil {
 		delete(s.m, id)
+		l.n.Add(-1)
 	}
 	s.mu.Unlock()
 }
@@ -735,7 +790,7 @@ func (l *Limiter) Reserve(id string, now time.Time, lim Thresholds) Standing {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	tr := l.track(s, id, t)
-	tr.last = max(tr.last, t)
+	tr.touch(t)
 	tr.pending++
 	return l.standing(tr, t, lim)
 }
@@ -750,7 +805,7 @@ func (l *Limiter) Settle(id string, res *callout.Result, now time.Time, lim Thre
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	tr := l.track(s, id, t)
-	tr.last = max(tr.last, t)
+	tr.touch(t)
 	if tr.pending > 0 {
 		tr.pending--
 	}
@@ -763,10 +818,10 @@ func (l *Limiter) Settle(id string, res *callout.Result, now time.Time, lim Thre
 // one verdict, the one at limit+1, acts on a crossing.
 func (l *Limiter) act(tr *track, st Standing, res *callout.Result, lim Thresholds) Standing {
 	if st.Crossed == TriggerNone || res == nil || res.Status != callout.StatusInvalid || lim.Act == "" ||
-		tr.blocked == ModeEnforce || tr.blocked == lim.Act {
+		tr.blocked() == ModeEnforce || tr.blocked() == lim.Act {
 		return st
 	}
-	tr.blocked = lim.Act
+	tr.extra().blocked = lim.Act
 	st.First = true
 	return st
 }
@@ -779,7 +834,7 @@ func (l *Limiter) Judge(id string, res *callout.Result, now time.Time, lim Thres
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	tr := l.track(s, id, t)
-	tr.last = max(tr.last, t)
+	tr.touch(t)
 	l.count(tr, res, t)
 	return l.act(tr, l.standing(tr, t, lim), res, lim)
 }
@@ -823,11 +878,12 @@ func (l *Limiter) Changed(id string) <-chan struct{} {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	tr := l.track(s, id, 0) // 0: no log line from here
-	tr.waiters++
-	if tr.change == nil {
-		tr.change = make(chan struct{})
+	x := tr.extra()
+	x.waiters++
+	if x.change == nil {
+		x.change = make(chan struct{})
 	}
-	return tr.change
+	return x.change
 }
 
 // Unwait ends one Changed.
@@ -835,8 +891,8 @@ func (l *Limiter) Unwait(id string) {
 	s := l.shard(id)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if tr := s.m[id]; tr != nil && tr.waiters > 0 {
-		tr.waiters--
+	if tr := s.m[id]; tr != nil && tr.waiters() > 0 {
+		tr.x.waiters--
 	}
 }
 
@@ -846,16 +902,16 @@ func (l *Limiter) Waiting(id string) int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if tr := s.m[id]; tr != nil {
-		return int(tr.waiters)
+		return int(tr.waiters())
 	}
 	return 0
 }
 
 // wake closes the change channel for those waiting on it.
 func (tr *track) wake() {
-	if tr.change != nil {
-		close(tr.change)
-		tr.change = nil
+	if tr.x != nil && tr.x.change != nil {
+		close(tr.x.change)
+		tr.x.change = nil
 	}
 }
 
@@ -874,7 +930,7 @@ func (l *Limiter) TakeProbe(id string, now time.Time, perMinute int) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	tr := l.track(s, id, t)
-	tr.last = max(tr.last, t)
+	tr.touch(t)
 	tr.expireProbes(t)
 	if len(tr.probes) >= perMinute {
 		return false
