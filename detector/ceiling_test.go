@@ -116,6 +116,7 @@ func logDropCount(t *testing.T, s string) int64 {
 	}
 	return sum
 }
+
 // TestCeilingKeepsBlockedAndInFlight: the oldest identities are blocked,
 // hold a reservation or have a request waiting: a flood of ten times the
 // ceiling of newer identities drops none of them, and the reserved
