@@ -227,3 +227,85 @@ func TestNthSmallest(t *testing.T) {
 		}
 	}
 }
+
+func TestStandingGathers(t *testing.T) {
+	lim := Thresholds{Count: 100, Long: 300, Ratio: 0.5, RatioMin: 30, Act: ModeEnforce}
+	tests := []struct {
+		name string
+		st   Standing
+		lim  Thresholds
+		warn int
+		want bool
+	}{
+		{"far from every limit", Standing{Count: 1, Long: 1, Invalid: 1}, lim, 75, false},
+		{"the count 21 short of the limit", Standing{Count: 80, Long: 80, Invalid: 1}, lim, 0, false},
+		{"the count 20 short", Standing{Count: 81, Long: 81, Invalid: 1}, lim, 0, true},
+		{"near the warning", Standing{Count: 56, Long: 56, Invalid: 1}, lim, 75, true},
+		{"the warning 21 away", Standing{Count: 54, Long: 54, Invalid: 1}, lim, 75, false},
+		{"near the long limit", Standing{Count: 5, Long: 290, Invalid: 1}, lim, 0, true},
+		{"near ratio_min", Standing{Count: 10, Long: 10, Invalid: 10}, lim, 0, true},
+		{"ratio off", Standing{Count: 10, Long: 10, Invalid: 10}, Thresholds{Count: 100}, 0, false},
+		{"crossed", Standing{Count: 1, Crossed: TriggerCount}, lim, 0, true},
+		{"unlimited identity", Standing{Count: 5000, Long: 5000, Invalid: 5000}, Thresholds{}, 0, false},
+		{"small per-identity limit", Standing{Count: 1, Long: 1, Invalid: 1}, Thresholds{Count: 5}, 4, true},
+	}
+	for _, tt := range tests {
+		if got := tt.st.Gathers(tt.lim, tt.warn); got != tt.want {
+			t.Errorf("%s: Gathers %v, want %v", tt.name, got, tt.want)
+		}
+	}
+}
+
+// TestReportEvidenceNearTheLimit: an identity far from its limits keeps
+// no evidence, and the reports of its warning and block still have the
+// MaxRecipients most recent recipients and their clients: for the count
+// trigger (warning at 75, block at 101) and the ratio (block at 30).
+func TestReportEvidenceNearTheLimit(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		cfg   Config
+		kinds []EventKind
+		count int
+		first int // the first request whose evidence is kept: 21 before the warning, or ratio_min
+	}{
+		{"count", Config{Limit: 100, WarnAt: 0.75, LongPeriod: 24 * time.Hour}, []EventKind{EventWarning, EventBlock}, 101, 55},
+		{"ratio", Config{Limit: 100, WarnAt: 0.75, Ratio: 0.5, RatioMin: 30, LongPeriod: 24 * time.Hour}, []EventKind{EventBlock}, 30, 10},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newHarness(t, tc.cfg)
+			id := "spammer@customer.example"
+			for i := range tc.count {
+				r := rcptRequest(id, "nobody"+strconv.Itoa(i)+"@elsewhere.example")
+				r.ClientAddress = "198.51.100." + strconv.Itoa(i+1)
+				h.ask(r)
+				if i == 0 {
+					if ev := h.d.Limiter().Evidence(id); len(ev.Recipients)+len(ev.Clients) != 0 {
+						t.Fatalf("evidence far from the limits: %+v", ev)
+					}
+				}
+			}
+			if !slices.Equal(h.n.kinds(), tc.kinds) {
+				t.Fatalf("events %v, want %v", h.n.kinds(), tc.kinds)
+			}
+			for _, ev := range h.n.events {
+				rs, cs := ev.Evidence.Recipients, ev.Evidence.Clients
+				if len(rs) != MaxRecipients || len(cs) != MaxRecipients {
+					t.Fatalf("%s report: %d recipients, %d clients, want %d", ev.Kind, len(rs), len(cs), MaxRecipients)
+				}
+				for j := range rs {
+					n := ev.Count - MaxRecipients + j // the recipient sent at this count
+					if want := "nobody" + strconv.Itoa(n) + "@elsewhere.example"; rs[j].Address != want {
+						t.Fatalf("%s report: recipient %d is %s, want %s", ev.Kind, j, rs[j].Address, want)
+					}
+				}
+				// The clients are the first MaxClients of the requests
+				// near a limit.
+				for j, c := range cs {
+					if n, _ := strconv.Atoi(strings.TrimPrefix(c.Address, "198.51.100.")); n != tc.first+j {
+						t.Fatalf("%s report at %d: client %s", ev.Kind, ev.Count, c.Address)
+					}
+				}
+			}
+		})
+	}
+}

@@ -687,10 +687,12 @@ func (d *Detector) record(ctx context.Context, req *Request, id string, res call
 	}
 	pc := d.cfg.load()
 	now := d.now()
-	d.limiter.Note(id, now, func(e *evidence) {
-		e.addClient(req.ClientAddress, req.ClientName)
-		e.addRecipient(res, now)
-	})
+	if st.Gathers(lim, int(math.Ceil(pc.warnAt*float64(lim.Count)))) {
+		d.limiter.Note(id, now, func(e *evidence) {
+			e.addClient(req.ClientAddress, req.ClientName)
+			e.addRecipient(res, now)
+		})
+	}
 	if st.Crossed != TriggerNone {
 		ev := Event{Kind: EventBlock, Identity: id, Time: now, Mode: pc.mode, Trigger: st.Crossed,
 			Count: st.Count, Limit: lim.Count, Period: pc.period}

@@ -775,6 +775,19 @@ func (l *Limiter) standing(tr *track, t int64, lim Thresholds) Standing {
 	return st
 }
 
+// Gathers reports whether the evidence of the invalid verdict that brought
+// an identity to st is worth keeping: whether it could be among the
+// MaxRecipients most recent when a report is made, a block at lim or a
+// warning at warn invalid recipients (0: none). Each recipient between st
+// and a limit is an invalid verdict of its own, so one more than
+// MaxRecipients away from every limit never shows. Keeping evidence only
+// near a limit spares most tracked identities its cost.
+func (st Standing) Gathers(lim Thresholds, warn int) bool {
+	near := func(n, limit int) bool { return limit > 0 && n+MaxRecipients > limit }
+	return st.Crossed != TriggerNone || near(st.Count, lim.Count) || near(st.Count+1, warn) ||
+		near(st.Long, lim.Long) || lim.Ratio > 0 && near(st.Invalid+1, lim.RatioMin)
+}
+
 // ratioCrossed reports whether invalid of invalid+valid judged passes the
 // ratio trigger.
 func ratioCrossed(lim Thresholds, invalid, valid int) bool {
