@@ -62,8 +62,8 @@ type limiterShard struct {
 
 // track is the state of one identity. Most of the tracked identities at
 // any time are honest users with a verdict or two: what only a few need
-// (a warning, a block, requests waiting) is in x, so that a track fits
-// in 128 bytes.
+// (a warning, a block, requests waiting; evidence) is apart, so that a
+// track fits in 80 bytes.
 type track struct {
 	hits    []hit   // distinct invalid recipients in the longer window, oldest first
 	probes  []int64 // times of the uncached probes of the last minute, oldest first
@@ -71,7 +71,7 @@ type track struct {
 	x       *trackExtra // nil: none of it
 	last    uint32      // time of the last activity, unix seconds (to 2106)
 	pending int32       // verifications reserved and not yet settled
-	ev      evidence
+	ev      *evidence   // nil: none kept
 }
 
 // trackExtra is the state few identities have.
@@ -290,7 +290,7 @@ func (l *Limiter) track(s *limiterShard, id string, t int64) *track {
 // flight (its verdict must find the count it was reserved against, so the
 // one at limit+1 acts), no request waiting for a change.
 func (tr *track) droppable() bool {
-	return tr.blocked() == "" && tr.ev.queueIDs == nil && tr.pending == 0 && tr.waiters() == 0
+	return tr.blocked() == "" && (tr.ev == nil || tr.ev.queueIDs == nil) && tr.pending == 0 && tr.waiters() == 0
 }
 
 // drop makes room in s when the limiter is at the ceiling: it drops the
@@ -539,7 +539,10 @@ func (l *Limiter) Note(id string, now time.Time, fn func(*evidence)) {
 	defer s.mu.Unlock()
 	tr := l.track(s, id, now.UnixNano())
 	tr.touch(now.UnixNano())
-	fn(&tr.ev)
+	if tr.ev == nil {
+		tr.ev = &evidence{}
+	}
+	fn(tr.ev)
 }
 
 // Evidence returns what is known about id, for a report.
@@ -551,7 +554,10 @@ func (l *Limiter) Evidence(id string) Evidence {
 	if tr == nil {
 		return Evidence{}
 	}
-	e := &tr.ev
+	e := tr.ev
+	if e == nil {
+		return Evidence{}
+	}
 	out := Evidence{Clients: slices.Clone(e.clients)}
 	if e.queueIDs != nil {
 		out.QueueIDs = slices.Clone(*e.queueIDs)

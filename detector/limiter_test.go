@@ -135,7 +135,8 @@ func TestLimiterConcurrent(t *testing.T) {
 }
 
 // TestLimiterMemory measures the heap per tracked identity holding one
-// invalid recipient, and fails when it is far over budget.
+// invalid recipient, and fails when it is far over budget. Measured: 123
+// bytes (203 before the track was cut to 80 bytes).
 func TestLimiterMemory(t *testing.T) {
 	if testing.Short() {
 		t.Skip("allocates a lot")
@@ -156,8 +157,8 @@ func TestLimiterMemory(t *testing.T) {
 	runtime.ReadMemStats(&after)
 	per := float64(after.HeapAlloc-before.HeapAlloc) / n
 	t.Logf("%.0f bytes per tracked identity (identity strings excluded: they are the caller's)", per)
-	if per > 300 {
-		t.Fatalf("%.0f bytes per identity, budget 300", per)
+	if per > 180 {
+		t.Fatalf("%.0f bytes per identity, budget 180", per)
 	}
 	runtime.KeepAlive(l)
 }
