@@ -309,3 +309,38 @@ func TestReportEvidenceNearTheLimit(t *testing.T) {
 		})
 	}
 }
+
+// TestDetectorMaxIdentities: Config.MaxIdentities reaches the limiter,
+// with the detector's logger and metrics, and a reload changes it.
+func TestDetectorMaxIdentities(t *testing.T) {
+	var logs bytes.Buffer
+	m := NewMetrics(prometheus.NewRegistry())
+	cfg := Config{Limit: 100, MaxIdentities: 640, Logger: slog.New(slog.NewTextHandler(&logs, nil)), Metrics: m}
+	h := newHarness(t, cfg)
+	for i := range 1280 {
+		h.ask(rcptRequest("user"+strconv.Itoa(i)+"@customer.example", "nobody@elsewhere.example"))
+	}
+	if got := h.d.Limiter().Len(); got > 640 || got < 600 {
+		t.Fatalf("%d tracked, ceiling 640", got)
+	}
+	if got := testutil.ToFloat64(m.identitiesDropped); got < 640 {
+		t.Fatalf("%v dropped", got)
+	}
+	if !strings.Contains(logs.String(), "detector.max_identities") {
+		t.Fatalf("no log line:\n%s", logs.String())
+	}
+	cfg.MaxIdentities = 2000
+	if err := h.d.Reload(cfg); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 1280 {
+		h.ask(rcptRequest("later"+strconv.Itoa(i)+"@customer.example", "nobody@elsewhere.example"))
+	}
+	if got := h.d.Limiter().Len(); got <= 1280 || got > 2000 {
+		t.Fatalf("%d tracked after raising the ceiling to 2000", got)
+	}
+	cfg.Verifier, cfg.Blocklist, cfg.MaxIdentities = h.v, h.bl, -1
+	if _, err := New(cfg); err == nil || !strings.Contains(err.Error(), "max identities") {
+		t.Fatalf("a negative ceiling: %v", err)
+	}
+}

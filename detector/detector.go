@@ -311,6 +311,7 @@ func (d *Detector) Reload(cfg Config) error {
 	d.cfg.mu.Lock()
 	d.cfg.c = pc
 	d.cfg.mu.Unlock()
+	d.limiter.setMax(cfg.MaxIdentities)
 	return nil
 }
 

@@ -35,7 +35,7 @@ type Limiter struct {
 	seed   maphash.Seed
 	shards [limiterShards]limiterShard
 
-	max      int64        // tracked identities past which idle ones are dropped
+	max      atomic.Int64 // tracked identities past which idle ones are dropped
 	n        atomic.Int64 // tracked identities
 	log      *slog.Logger
 	metrics  *Metrics
@@ -256,13 +256,19 @@ func newLimiter(period, long time.Duration) *Limiter {
 // of a shard are about the oldest of all. The total stays at or under n,
 // except for identities that cannot be dropped: blocked, or with a
 // verification in flight or a request waiting. Call it before the
-// Limiter is used.
+// Limiter is used; setMax changes the ceiling later.
 func (l *Limiter) SetMaxIdentities(n int, log *slog.Logger, m *Metrics) {
+	l.setMax(n)
+	l.log, l.metrics = log, m
+}
+
+// setMax sets the ceiling of tracked identities (n <= 0: the default).
+// A lower one drops the surplus as new identities come.
+func (l *Limiter) setMax(n int) {
 	if n <= 0 {
 		n = DefaultMaxIdentities
 	}
-	l.max = int64(n)
-	l.log, l.metrics = log, m
+	l.max.Store(int64(n))
 }
 
 func (l *Limiter) shard(id string) *limiterShard {
@@ -275,7 +281,7 @@ func (l *Limiter) shard(id string) *limiterShard {
 func (l *Limiter) track(s *limiterShard, id string, t int64) *track {
 	tr := s.m[id]
 	if tr == nil {
-		if l.n.Load() >= l.max && len(s.m) >= s.noScanBelow {
+		if l.n.Load() >= l.max.Load() && len(s.m) >= s.noScanBelow {
 			l.drop(s, t)
 		}
 		tr = &track{}
@@ -299,7 +305,7 @@ func (tr *track) droppable() bool {
 // once per batch of new identities: amortized, a few entries per new
 // identity. The caller holds s.mu.
 func (l *Limiter) drop(s *limiterShard, t int64) {
-	batch := max(int(l.max/limiterShards/32), 1)
+	batch := max(int(l.max.Load()/limiterShards/32), 1)
 	lasts := make([]int64, 0, len(s.m))
 	for _, tr := range s.m {
 		if tr.droppable() {
@@ -377,7 +383,7 @@ func (l *Limiter) logDropped(t int64) {
 		return
 	}
 	l.log.Warn("tracked identities at the ceiling (detector.max_identities): dropped the least recently active",
-		slog.Int64("dropped", n), slog.Int64("max_identities", l.max))
+		slog.Int64("dropped", n), slog.Int64("max_identities", l.max.Load()))
 }
 
 // Dropped returns how many identities the ceiling dropped and no log line
