@@ -344,3 +344,31 @@ func TestDetectorMaxIdentities(t *testing.T) {
 		t.Fatalf("a negative ceiling: %v", err)
 	}
 }
+
+// TestSweepForgetsIdleBlocked: an identity blocked in memory and idle for
+// a period with nothing left in its windows is forgotten by the sweep (the
+// blocklist keeps the block), and one with hits left keeps its block mark,
+// so its crossing is not acted on twice.
+func TestSweepForgetsIdleBlocked(t *testing.T) {
+	l := newLimiter(time.Hour, 24*time.Hour)
+	lim := Thresholds{Count: 1, Act: ModeEnforce}
+	for _, id := range []string{"idle@x", "hits@x"} {
+		l.Judge(id, invalidFor("a"), t0, lim)
+		if st := l.Judge(id, invalidFor("b"), t0, lim); !st.First {
+			t.Fatalf("%s: no crossing", id)
+		}
+	}
+	l.Warn("idle@x", t0)
+	later := t0.Add(23 * time.Hour)
+	l.Judge("hits@x", invalidFor("c"), later, lim) // keeps hits in the long window
+	l.Sweep(later.Add(2 * time.Hour))
+	if l.tracked("idle@x") {
+		t.Fatal("idle@x, blocked and idle for a day, still tracked")
+	}
+	if !l.tracked("hits@x") {
+		t.Fatal("hits@x dropped with hits in its long window")
+	}
+	if st := l.Judge("hits@x", invalidFor("d"), later.Add(2*time.Hour), lim); st.First {
+		t.Fatal("hits@x acted on its crossing twice after a sweep")
+	}
+}

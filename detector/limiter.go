@@ -589,13 +589,16 @@ func (l *Limiter) Sweep(now time.Time) int {
 		s.mu.Lock()
 		for id, tr := range s.m {
 			tr.expire(cutoff)
-			if x := tr.x; x != nil && x.change == nil && x.waiters == 0 && x.blocked == "" && x.warned <= t-l.period {
-				tr.x = nil
-			}
-			if tr.last <= unixSeconds(t-l.period) && len(tr.hits) == 0 && tr.x == nil && tr.pending == 0 {
+			// The rare state can go once nothing waits and the warning is
+			// a period old; the block mark only with the whole identity.
+			idle := tr.x == nil || tr.x.change == nil && tr.x.waiters == 0 && tr.x.warned <= t-l.period
+			if idle && tr.last <= unixSeconds(t-l.period) && len(tr.hits) == 0 && tr.pending == 0 {
 				delete(s.m, id)
 				l.n.Add(-1)
 				continue
+			}
+			if idle && tr.x != nil && tr.x.blocked == "" {
+				tr.x = nil
 			}
 			if len(tr.hits) == 0 && cap(tr.hits) > 4 {
 				tr.hits = nil
