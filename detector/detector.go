@@ -118,6 +118,9 @@ type Config struct {
 	// answer, in any sliding minute; past it the answer is DeferAction
 	// (the client retries later, nothing is accepted unjudged). 0: no cap.
 	ProbeRate int
+	// MaxIdentities is the ceiling of tracked identities past which the
+	// least recently active unblocked ones are dropped; 0: the default.
+	MaxIdentities int
 }
 
 // DeferAction is the answer for a recipient rcptguard could not judge in
@@ -211,6 +214,7 @@ func New(cfg Config) (*Detector, error) {
 		ctx:     ctx,
 		cancel:  cancel,
 	}
+	d.limiter.SetMaxIdentities(cfg.MaxIdentities, cfg.Logger, cfg.Metrics)
 	d.cached, _ = cfg.Verifier.(CachedVerifier)
 	d.cfg.c = pc
 	return d, nil
@@ -219,6 +223,9 @@ func New(cfg Config) (*Detector, error) {
 func newPolicyConfig(cfg Config) (*policyConfig, error) {
 	if cfg.Limit < 0 {
 		return nil, fmt.Errorf("detector: limit %d is negative", cfg.Limit)
+	}
+	if cfg.MaxIdentities < 0 {
+		return nil, fmt.Errorf("detector: max identities %d is negative", cfg.MaxIdentities)
 	}
 	if cfg.WarnAt < 0 || cfg.WarnAt > 1 {
 		return nil, fmt.Errorf("detector: warn_at %v is not between 0 and 1", cfg.WarnAt)
@@ -304,6 +311,7 @@ func (d *Detector) Reload(cfg Config) error {
 	d.cfg.mu.Lock()
 	d.cfg.c = pc
 	d.cfg.mu.Unlock()
+	d.limiter.setMax(cfg.MaxIdentities)
 	return nil
 }
 
@@ -680,10 +688,12 @@ func (d *Detector) record(ctx context.Context, req *Request, id string, res call
 	}
 	pc := d.cfg.load()
 	now := d.now()
-	d.limiter.Note(id, now, func(e *evidence) {
-		e.addClient(req.ClientAddress, req.ClientName)
-		e.addRecipient(res, now)
-	})
+	if st.Gathers(lim, int(math.Ceil(pc.warnAt*float64(lim.Count)))) {
+		d.limiter.Note(id, now, func(e *evidence) {
+			e.addClient(req.ClientAddress, req.ClientName)
+			e.addRecipient(res, now)
+		})
+	}
 	if st.Crossed != TriggerNone {
 		ev := Event{Kind: EventBlock, Identity: id, Time: now, Mode: pc.mode, Trigger: st.Crossed,
 			Count: st.Count, Limit: lim.Count, Period: pc.period}

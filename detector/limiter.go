@@ -2,9 +2,13 @@ package detector
 
 import (
 	"hash/maphash"
+	"log/slog"
 	"slices"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"github.com/rcptguard/rcptguard/callout"
 )
@@ -17,6 +21,11 @@ import (
 // sharded map behind mutexes: a cache with an admission policy could
 // silently drop a counter, and a dropped counter is an abuser let through.
 //
+// Its size is bounded all the same: past a ceiling of tracked identities
+// (SetMaxIdentities) the least recently active identities are dropped,
+// never one that is blocked or has a verification in flight or a request
+// waiting, and each drop is counted and logged.
+//
 // Time is always passed in, so tests control it. The zero Limiter is not
 // usable; call NewLimiter.
 type Limiter struct {
@@ -25,27 +34,84 @@ type Limiter struct {
 	keep   int64 // max(period, long): how long a hit is kept
 	seed   maphash.Seed
 	shards [limiterShards]limiterShard
+
+	max      atomic.Int64 // tracked identities past which idle ones are dropped
+	n        atomic.Int64 // tracked identities
+	log      *slog.Logger
+	metrics  *Metrics
+	dropped  atomic.Int64 // identities dropped at the ceiling, not yet logged
+	loggedAt atomic.Int64 // unix ns of the last drop log line
 }
 
 const limiterShards = 64
 
+// DefaultMaxIdentities is the default ceiling of tracked identities.
+const DefaultMaxIdentities = 1_000_000
+
+// dropLogEvery is the least time between two log lines about identities
+// dropped at the ceiling.
+const dropLogEvery = int64(time.Minute)
+
 type limiterShard struct {
 	mu sync.Mutex
 	m  map[string]*track
+	// noScanBelow: a scan for identities to drop found too few; the next
+	// one waits until the shard holds this many.
+	noScanBelow int
 }
 
-// track is the state of one identity.
+// track is the state of one identity. Most of the tracked identities at
+// any time are honest users with a verdict or two: what only a few need
+// (a warning, a block, requests waiting; evidence) is apart, so that a
+// track fits in 80 bytes.
 type track struct {
-	hits    []hit // distinct invalid recipients in the longer window, oldest first
-	valid   *validRing
+	hits    []hit   // distinct invalid recipients in the longer window, oldest first
 	probes  []int64 // times of the uncached probes of the last minute, oldest first
-	pending int32   // verifications reserved and not yet settled
-	waiters int32   // requests waiting for a change
+	valid   *validRing
+	x       *trackExtra // nil: none of it
+	last    uint32      // time of the last activity, unix seconds (to 2106)
+	pending int32       // verifications reserved and not yet settled
+	ev      *evidence   // nil: none kept
+}
+
+// trackExtra is the state few identities have.
+type trackExtra struct {
 	change  chan struct{}
-	last    int64 // time of the last activity, unix ns
 	warned  int64 // time of the last warning, unix ns; 0 none
+	waiters int32 // requests waiting for a change
 	blocked Mode  // the mode a block was acted on in ("" none)
-	ev      evidence
+}
+
+// extra returns tr.x, created when missing.
+func (tr *track) extra() *trackExtra {
+	if tr.x == nil {
+		tr.x = &trackExtra{}
+	}
+	return tr.x
+}
+
+func (tr *track) waiters() int32 {
+	if tr.x == nil {
+		return 0
+	}
+	return tr.x.waiters
+}
+
+func (tr *track) blocked() Mode {
+	if tr.x == nil {
+		return ""
+	}
+	return tr.x.blocked
+}
+
+// touch records activity at t (unix ns).
+func (tr *track) touch(t int64) {
+	tr.last = max(tr.last, unixSeconds(t))
+}
+
+// unixSeconds returns t (unix ns) in unix seconds, as a track keeps them.
+func unixSeconds(t int64) uint32 {
+	return uint32(min(max(t/int64(time.Second), 0), 1<<32-1))
 }
 
 // hit is one distinct invalid recipient: a hash of the address, when it
@@ -139,6 +205,37 @@ const (
 	MaxQueueIDs   = 100
 )
 
+// Evidence bounds in bytes, so that what a sender or a recipient's MX
+// chooses to say costs at most this much per tracked identity (strings
+// only; the entries themselves are bounded by the counts above):
+//   - maxEvidenceString: one recipient address, MX host or reply text is
+//     cut to this many bytes (a copy, so the cut does not pin the rest);
+//   - maxClientBytes: the client addresses and names of an identity; past
+//     it a new client's name is not kept, then no new client;
+//   - maxRecipientBytes: its invalid recipients' addresses, MX hosts and
+//     reply texts; past it the oldest recipients are dropped (the newest
+//     is always kept).
+const (
+	maxEvidenceString = 256
+	maxClientBytes    = 1024
+	maxRecipientBytes = 2048
+)
+
+// evidenceString returns s cut to maxEvidenceString bytes, at the start
+// of a UTF-8 sequence, as a copy when it was cut.
+func evidenceString(s string) string {
+	if len(s) <= maxEvidenceString {
+		return s
+	}
+	n := maxEvidenceString
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return strings.Clone(s[:n])
+}
+
+func (r *evRecipient) size() int { return len(r.addr) + len(r.mx) + len(r.text) }
+
 // NewLimiter returns a limiter with the given window length.
 func NewLimiter(period time.Duration) *Limiter { return newLimiter(period, 0) }
 
@@ -148,23 +245,150 @@ func newLimiter(period, long time.Duration) *Limiter {
 	for i := range l.shards {
 		l.shards[i].m = make(map[string]*track)
 	}
+	l.SetMaxIdentities(DefaultMaxIdentities, nil, nil)
 	return l
+}
+
+// SetMaxIdentities sets the ceiling of tracked identities (n <= 0: the
+// default) and where drops at the ceiling are logged and counted (nil:
+// nowhere). A new identity that finds n tracked makes room in its own
+// shard: the identities are spread evenly over the shards, so the oldest
+// of a shard are about the oldest of all. The total stays at or under n,
+// except for identities that cannot be dropped: blocked, or with a
+// verification in flight or a request waiting. Call it before the
+// Limiter is used; setMax changes the ceiling later.
+func (l *Limiter) SetMaxIdentities(n int, log *slog.Logger, m *Metrics) {
+	l.setMax(n)
+	l.log, l.metrics = log, m
+}
+
+// setMax sets the ceiling of tracked identities (n <= 0: the default).
+// A lower one drops the surplus as new identities come.
+func (l *Limiter) setMax(n int) {
+	if n <= 0 {
+		n = DefaultMaxIdentities
+	}
+	l.max.Store(int64(n))
 }
 
 func (l *Limiter) shard(id string) *limiterShard {
 	return &l.shards[maphash.String(l.seed, id)%limiterShards]
 }
 
-// track returns the state of id, created when missing; the caller holds
-// s.mu.
-func (s *limiterShard) track(id string) *track {
+// track returns the state of id, created when missing, at t; the caller
+// holds s.mu. Creating one in a shard at its ceiling first drops the
+// least recently active identities that may be dropped.
+func (l *Limiter) track(s *limiterShard, id string, t int64) *track {
 	tr := s.m[id]
 	if tr == nil {
+		if l.n.Load() >= l.max.Load() && len(s.m) >= s.noScanBelow {
+			l.drop(s, t)
+		}
 		tr = &track{}
 		s.m[id] = tr
+		l.n.Add(1)
 	}
 	return tr
 }
+
+// droppable reports whether the ceiling may drop tr: not blocked (nor
+// holding the queue IDs of a blocked identity's mail), no verification in
+// flight (its verdict must find the count it was reserved against, so the
+// one at limit+1 acts), no request waiting for a change.
+func (tr *track) droppable() bool {
+	return tr.blocked() == "" && (tr.ev == nil || tr.ev.queueIDs == nil) && tr.pending == 0 && tr.waiters() == 0
+}
+
+// drop makes room in s when the limiter is at the ceiling: it drops the
+// least recently active droppable identities of s, a batch of a 32nd of
+// a shard's share at once, so that the scan it takes (O(shard)) is paid
+// once per batch of new identities: amortized, a few entries per new
+// identity. The caller holds s.mu.
+func (l *Limiter) drop(s *limiterShard, t int64) {
+	batch := max(int(l.max.Load()/limiterShards/32), 1)
+	lasts := make([]int64, 0, len(s.m))
+	for _, tr := range s.m {
+		if tr.droppable() {
+			lasts = append(lasts, int64(tr.last))
+		}
+	}
+	n := 0
+	if len(lasts) > 0 {
+		cutoff := nthSmallest(lasts, min(batch, len(lasts))-1)
+		for id, tr := range s.m {
+			if n < batch && int64(tr.last) <= cutoff && tr.droppable() {
+				delete(s.m, id)
+				n++
+			}
+		}
+		l.n.Add(-int64(n))
+	}
+	if n < batch {
+		// Too few to drop: do not scan again for each new identity.
+		s.noScanBelow = len(s.m) + batch
+	} else {
+		s.noScanBelow = 0
+	}
+	if n == 0 {
+		return
+	}
+	if l.metrics != nil {
+		l.metrics.identitiesDropped.Add(float64(n))
+	}
+	l.dropped.Add(int64(n))
+	l.logDropped(t)
+}
+
+// nthSmallest returns the k-th smallest of a (k from 0), reordering a;
+// quickselect: O(len(a)) on average.
+func nthSmallest(a []int64, k int) int64 {
+	lo, hi := 0, len(a)-1
+	for lo < hi {
+		p := a[lo+(hi-lo)/2]
+		i, j := lo, hi
+		for i <= j {
+			for a[i] < p {
+				i++
+			}
+			for a[j] > p {
+				j--
+			}
+			if i <= j {
+				a[i], a[j] = a[j], a[i]
+				i++
+				j--
+			}
+		}
+		switch {
+		case k <= j:
+			hi = j
+		case k >= i:
+			lo = i
+		default:
+			return a[k]
+		}
+	}
+	return a[k]
+}
+
+// logDropped logs the identities dropped at the ceiling since the last
+// line, at most once per dropLogEvery.
+func (l *Limiter) logDropped(t int64) {
+	last := l.loggedAt.Load()
+	if t-last < dropLogEvery || !l.loggedAt.CompareAndSwap(last, t) {
+		return
+	}
+	n := l.dropped.Swap(0)
+	if n == 0 || l.log == nil {
+		return
+	}
+	l.log.Warn("tracked identities at the ceiling (detector.max_identities): dropped the least recently active",
+		slog.Int64("dropped", n), slog.Int64("max_identities", l.max.Load()))
+}
+
+// Dropped returns how many identities the ceiling dropped and no log line
+// has told yet.
+func (l *Limiter) Dropped() int64 { return l.dropped.Load() }
 
 // Add records that rcpt, a recipient of id, does not exist, and returns the
 // number of distinct invalid recipients of id in the window ending at now.
@@ -175,8 +399,8 @@ func (l *Limiter) Add(id, rcpt string, now time.Time) int {
 	s := l.shard(id)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	tr := s.track(id)
-	tr.last = max(tr.last, t)
+	tr := l.track(s, id, t)
+	tr.touch(t)
 	l.addHit(tr, maphash.String(l.seed, rcpt), 0, t)
 	return tr.countSince(t - l.period)
 }
@@ -292,12 +516,13 @@ func (l *Limiter) Warn(id string, now time.Time) bool {
 	s := l.shard(id)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	tr := s.track(id)
-	tr.last = max(tr.last, t)
-	if tr.warned != 0 && t-tr.warned < l.period {
+	tr := l.track(s, id, t)
+	tr.touch(t)
+	x := tr.extra()
+	if x.warned != 0 && t-x.warned < l.period {
 		return false
 	}
-	tr.warned = t
+	x.warned = t
 	return true
 }
 
@@ -318,9 +543,12 @@ func (l *Limiter) Note(id string, now time.Time, fn func(*evidence)) {
 	s := l.shard(id)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	tr := s.track(id)
-	tr.last = max(tr.last, now.UnixNano())
-	fn(&tr.ev)
+	tr := l.track(s, id, now.UnixNano())
+	tr.touch(now.UnixNano())
+	if tr.ev == nil {
+		tr.ev = &evidence{}
+	}
+	fn(tr.ev)
 }
 
 // Evidence returns what is known about id, for a report.
@@ -332,7 +560,10 @@ func (l *Limiter) Evidence(id string) Evidence {
 	if tr == nil {
 		return Evidence{}
 	}
-	e := &tr.ev
+	e := tr.ev
+	if e == nil {
+		return Evidence{}
+	}
 	out := Evidence{Clients: slices.Clone(e.clients)}
 	if e.queueIDs != nil {
 		out.QueueIDs = slices.Clone(*e.queueIDs)
@@ -346,8 +577,9 @@ func (l *Limiter) Evidence(id string) Evidence {
 }
 
 // Sweep forgets identities with no activity for a whole period and no
-// invalid recipient left in the long window, and returns how many
-// identities are still tracked.
+// invalid recipient left in the long window, logs the identities the
+// ceiling dropped that no line has told yet (at most once a minute), and
+// returns how many identities are still tracked.
 func (l *Limiter) Sweep(now time.Time) int {
 	t := now.UnixNano()
 	cutoff := t - l.keep
@@ -357,9 +589,16 @@ func (l *Limiter) Sweep(now time.Time) int {
 		s.mu.Lock()
 		for id, tr := range s.m {
 			tr.expire(cutoff)
-			if tr.last <= t-l.period && len(tr.hits) == 0 && tr.warned <= t-l.period && tr.pending == 0 && tr.waiters == 0 {
+			// The rare state can go once nothing waits and the warning is
+			// a period old; the block mark only with the whole identity.
+			idle := tr.x == nil || tr.x.change == nil && tr.x.waiters == 0 && tr.x.warned <= t-l.period
+			if idle && tr.last <= unixSeconds(t-l.period) && len(tr.hits) == 0 && tr.pending == 0 {
 				delete(s.m, id)
+				l.n.Add(-1)
 				continue
+			}
+			if idle && tr.x != nil && tr.x.blocked == "" {
+				tr.x = nil
 			}
 			if len(tr.hits) == 0 && cap(tr.hits) > 4 {
 				tr.hits = nil
@@ -372,6 +611,7 @@ func (l *Limiter) Sweep(now time.Time) int {
 		n += len(s.m)
 		s.mu.Unlock()
 	}
+	l.logDropped(t)
 	return n
 }
 
@@ -380,11 +620,16 @@ func (l *Limiter) Sweep(now time.Time) int {
 func (l *Limiter) Forget(id string) {
 	s := l.shard(id)
 	s.mu.Lock()
-	if tr := s.m[id]; tr != nil && (tr.pending > 0 || tr.waiters > 0) {
+	if tr := s.m[id]; tr != nil && (tr.pending > 0 || tr.waiters() > 0) {
 		// Keep the gate; drop the counts and the evidence.
-		*tr = track{pending: tr.pending, waiters: tr.waiters, change: tr.change, last: tr.last}
-	} else {
+		var x *trackExtra
+		if tr.x != nil {
+			x = &trackExtra{change: tr.x.change, waiters: tr.x.waiters}
+		}
+		*tr = track{pending: tr.pending, x: x, last: tr.last}
+	} else if tr != nil {
 		delete(s.m, id)
+		l.n.Add(-1)
 	}
 	s.mu.Unlock()
 }
@@ -408,11 +653,21 @@ func (e *evidence) addRecipient(res callout.Result, now time.Time) {
 	if len(e.rcpts) >= MaxRecipients {
 		e.rcpts = slices.Delete(e.rcpts, 0, len(e.rcpts)-MaxRecipients+1)
 	}
-	r := evRecipient{addr: res.Address, t: uint32(max(now.Unix(), 0)), reason: reasonIndex(res.Reason), mx: res.Host,
-		code: uint16(min(max(res.Reply.Code, 0), 999)), text: res.Reply.Text}
+	r := evRecipient{addr: evidenceString(res.Address), t: uint32(max(now.Unix(), 0)), reason: reasonIndex(res.Reason),
+		mx: evidenceString(res.Host), code: uint16(min(max(res.Reply.Code, 0), 999)), text: evidenceString(res.Reply.Text)}
 	for i, v := range res.Reply.Enhanced {
 		r.enh[i] = uint16(min(max(v, 0), 999))
 	}
+	size := r.size()
+	for _, x := range e.rcpts {
+		size += x.size()
+	}
+	drop := 0
+	for drop < len(e.rcpts) && size > maxRecipientBytes {
+		size -= e.rcpts[drop].size()
+		drop++
+	}
+	e.rcpts = slices.Delete(e.rcpts, 0, drop)
 	if e.rcpts == nil {
 		// Most identities never get a second one: no spare capacity.
 		e.rcpts = make([]evRecipient, 0, 1)
@@ -425,18 +680,32 @@ func (e *evidence) addClient(addr, name string) {
 	for i := range e.clients {
 		if e.clients[i].Address == addr {
 			e.clients[i].Count++
-			if name != "" {
+			if name != "" && name != e.clients[i].Name && e.clientBytes()-len(e.clients[i].Name)+len(name) <= maxClientBytes {
 				e.clients[i].Name = name
 			}
 			return
 		}
 	}
-	if len(e.clients) < MaxClients {
+	size := e.clientBytes() + len(addr) + len(name)
+	if size > maxClientBytes {
+		size -= len(name)
+		name = ""
+	}
+	if len(e.clients) < MaxClients && size <= maxClientBytes {
 		if e.clients == nil {
 			e.clients = make([]ClientSeen, 0, 1)
 		}
 		e.clients = append(e.clients, ClientSeen{Address: addr, Name: name, Count: 1})
 	}
+}
+
+// clientBytes returns the bytes of the client addresses and names kept.
+func (e *evidence) clientBytes() int {
+	n := 0
+	for _, c := range e.clients {
+		n += len(c.Address) + len(c.Name)
+	}
+	return n
 }
 
 // addQueueID remembers a queue ID that was answered with the block action.
@@ -521,6 +790,19 @@ func (l *Limiter) standing(tr *track, t int64, lim Thresholds) Standing {
 	return st
 }
 
+// Gathers reports whether the evidence of the invalid verdict that brought
+// an identity to st is worth keeping: whether it could be among the
+// MaxRecipients most recent when a report is made, a block at lim or a
+// warning at warn invalid recipients (0: none). Each recipient between st
+// and a limit is an invalid verdict of its own, so one more than
+// MaxRecipients away from every limit never shows. Keeping evidence only
+// near a limit spares most tracked identities its cost.
+func (st Standing) Gathers(lim Thresholds, warn int) bool {
+	near := func(n, limit int) bool { return limit > 0 && n+MaxRecipients > limit }
+	return st.Crossed != TriggerNone || near(st.Count, lim.Count) || near(st.Count+1, warn) ||
+		near(st.Long, lim.Long) || lim.Ratio > 0 && near(st.Invalid+1, lim.RatioMin)
+}
+
 // ratioCrossed reports whether invalid of invalid+valid judged passes the
 // ratio trigger.
 func ratioCrossed(lim Thresholds, invalid, valid int) bool {
@@ -535,8 +817,8 @@ func (l *Limiter) Reserve(id string, now time.Time, lim Thresholds) Standing {
 	s := l.shard(id)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	tr := s.track(id)
-	tr.last = max(tr.last, t)
+	tr := l.track(s, id, t)
+	tr.touch(t)
 	tr.pending++
 	return l.standing(tr, t, lim)
 }
@@ -550,8 +832,8 @@ func (l *Limiter) Settle(id string, res *callout.Result, now time.Time, lim Thre
 	s := l.shard(id)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	tr := s.track(id)
-	tr.last = max(tr.last, t)
+	tr := l.track(s, id, t)
+	tr.touch(t)
 	if tr.pending > 0 {
 		tr.pending--
 	}
@@ -564,10 +846,10 @@ func (l *Limiter) Settle(id string, res *callout.Result, now time.Time, lim Thre
 // one verdict, the one at limit+1, acts on a crossing.
 func (l *Limiter) act(tr *track, st Standing, res *callout.Result, lim Thresholds) Standing {
 	if st.Crossed == TriggerNone || res == nil || res.Status != callout.StatusInvalid || lim.Act == "" ||
-		tr.blocked == ModeEnforce || tr.blocked == lim.Act {
+		tr.blocked() == ModeEnforce || tr.blocked() == lim.Act {
 		return st
 	}
-	tr.blocked = lim.Act
+	tr.extra().blocked = lim.Act
 	st.First = true
 	return st
 }
@@ -579,8 +861,8 @@ func (l *Limiter) Judge(id string, res *callout.Result, now time.Time, lim Thres
 	s := l.shard(id)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	tr := s.track(id)
-	tr.last = max(tr.last, t)
+	tr := l.track(s, id, t)
+	tr.touch(t)
 	l.count(tr, res, t)
 	return l.act(tr, l.standing(tr, t, lim), res, lim)
 }
@@ -623,12 +905,13 @@ func (l *Limiter) Changed(id string) <-chan struct{} {
 	s := l.shard(id)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	tr := s.track(id)
-	tr.waiters++
-	if tr.change == nil {
-		tr.change = make(chan struct{})
+	tr := l.track(s, id, 0) // 0: no log line from here
+	x := tr.extra()
+	x.waiters++
+	if x.change == nil {
+		x.change = make(chan struct{})
 	}
-	return tr.change
+	return x.change
 }
 
 // Unwait ends one Changed.
@@ -636,8 +919,8 @@ func (l *Limiter) Unwait(id string) {
 	s := l.shard(id)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if tr := s.m[id]; tr != nil && tr.waiters > 0 {
-		tr.waiters--
+	if tr := s.m[id]; tr != nil && tr.waiters() > 0 {
+		tr.x.waiters--
 	}
 }
 
@@ -647,16 +930,16 @@ func (l *Limiter) Waiting(id string) int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if tr := s.m[id]; tr != nil {
-		return int(tr.waiters)
+		return int(tr.waiters())
 	}
 	return 0
 }
 
 // wake closes the change channel for those waiting on it.
 func (tr *track) wake() {
-	if tr.change != nil {
-		close(tr.change)
-		tr.change = nil
+	if tr.x != nil && tr.x.change != nil {
+		close(tr.x.change)
+		tr.x.change = nil
 	}
 }
 
@@ -674,8 +957,8 @@ func (l *Limiter) TakeProbe(id string, now time.Time, perMinute int) bool {
 	s := l.shard(id)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	tr := s.track(id)
-	tr.last = max(tr.last, t)
+	tr := l.track(s, id, t)
+	tr.touch(t)
 	tr.expireProbes(t)
 	if len(tr.probes) >= perMinute {
 		return false

@@ -19,6 +19,7 @@ type Metrics struct {
 	probe                 prometheus.Observer
 	blocks, blocklistErrs prometheus.Counter
 	Tracked, Blocked      prometheus.Gauge
+	identitiesDropped     prometheus.Counter
 
 	// Policy connections refused and evicted, by reason.
 	connRefusals, connEvictions map[string]prometheus.Counter
@@ -66,6 +67,9 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "rcptguard_tracked_identities", Help: "Identities with state in the sliding window."}),
 		Blocked: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "rcptguard_blocked_identities", Help: "Entries in the blocklist."}),
+		identitiesDropped: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "rcptguard_tracked_identities_dropped_total",
+			Help: "Least recently active identities forgotten at the ceiling of tracked identities (detector.max_identities)."}),
 	}
 	refused := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "rcptguard_policy_connections_refused_total",
@@ -88,7 +92,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			m.verdicts[verdictKey{st, src}] = verdicts.WithLabelValues(string(st), src)
 		}
 	}
-	reg.MustRegister(requests, verdicts, probe, m.blocks, m.blocklistErrs, m.Tracked, m.Blocked, refused, evicted)
+	reg.MustRegister(requests, verdicts, probe, m.blocks, m.blocklistErrs, m.Tracked, m.Blocked, m.identitiesDropped, refused, evicted)
 	return m
 }
 

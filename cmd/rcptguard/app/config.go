@@ -72,6 +72,7 @@ type DetectorConfig struct {
 	HoldMaxBytes  int64    `toml:"hold_max_bytes"`
 	HoldMaxAction string   `toml:"hold_max_action"`
 	UnblockAfter  Duration `toml:"unblock_after"`
+	MaxIdentities int      `toml:"max_identities"`
 }
 
 // CalloutConfig is the [callout] section: recipient verification.
@@ -169,6 +170,7 @@ func defaultConfig() Config {
 			HoldMax:       1000,
 			HoldMaxBytes:  1 << 30,
 			HoldMaxAction: "REJECT 5.7.1 account suspended, contact support",
+			MaxIdentities: 1_000_000, // detector.DefaultMaxIdentities
 		},
 		Callout: CalloutConfig{
 			Port:             25,
@@ -389,6 +391,9 @@ func (c *Config) Validate() []error {
 	}
 	if d.LongLimit < 0 {
 		bad("detector.long_limit", "must be 0 (three times the limit) or more, got %d", d.LongLimit)
+	}
+	if d.MaxIdentities < 1000 || d.MaxIdentities > 100_000_000 {
+		bad("detector.max_identities", "must be between 1000 and 100000000, got %d", d.MaxIdentities)
 	}
 	for i, n := range d.RelayNetworks {
 		if _, err := parseNetwork(n); err != nil {

@@ -125,6 +125,7 @@ func TestBadConfigs(t *testing.T) {
 		{"[detector]\nratio_min = 0\n", []string{"detector.ratio_min"}},
 		{"[detector]\nlong_period = \"30m\"\n", []string{"detector.long_period"}},
 		{"[detector]\nlong_limit = -1\n", []string{"detector.long_limit"}},
+		{"[detector]\nmax_identities = 10\n", []string{"detector.max_identities", "1000"}},
 		{"[detector]\nrelay_networks = [\"10.0.0.0/33\"]\n", []string{"detector.relay_networks[0]"}},
 		{"[detector]\nlocal_domains = [\"bad domain\"]\n", []string{"detector.local_domains[0]"}},
 		{"[detector]\nexempt = [\"ok@x\", \"a b@x\"]\n", []string{"detector.exempt[1]", "white space"}},

@@ -323,6 +323,7 @@ func detectorConfig(cfg *Config, limits map[string]int) detector.Config {
 		Exempt:        dc.Exempt,
 		Limits:        limits,
 		ProbeRate:     cfg.Callout.PerIdentityRate,
+		MaxIdentities: dc.MaxIdentities,
 	}
 }
 
