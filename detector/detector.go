@@ -118,6 +118,8 @@ type Config struct {
 	// answer, in any sliding minute; past it the answer is DeferAction
 	// (the client retries later, nothing is accepted unjudged). 0: no cap.
 	ProbeRate int
+	// Shared counts with the other servers of a fleet; nil: alone.
+	Shared SharedCounter
 }
 
 // DeferAction is the answer for a recipient rcptguard could not judge in
@@ -138,6 +140,7 @@ type Detector struct {
 	metrics *Metrics
 	now     func() time.Time
 	limiter *Limiter
+	shared  SharedCounter
 	busy    atomic.Int64 // verifications running in the background
 
 	// sleep waits d or until ctx ends (false); tests replace it.
@@ -207,6 +210,7 @@ func New(cfg Config) (*Detector, error) {
 		metrics: cfg.Metrics,
 		now:     cfg.Now,
 		limiter: newLimiter(cfg.Period, cfg.LongPeriod),
+		shared:  cfg.Shared,
 		sleep:   sleepCtx,
 		ctx:     ctx,
 		cancel:  cancel,
@@ -399,7 +403,7 @@ func (d *Detector) Decide(ctx context.Context, req *Request) Action {
 	// sure that the verifications still in flight will not: then it waits.
 	if res, ok := d.cachedVerdict(rcpt); ok && res.Reason != callout.ReasonRateLimited {
 		d.metrics.verified(res, 0)
-		st := d.limiter.Judge(id, &res, d.now(), lim)
+		st := d.shareVerdict(ctx, id, &res, d.limiter.Judge(id, &res, d.now(), lim), lim)
 		a, count := d.record(ctx, req, id, res, st, lim)
 		d.limiter.Wake(id)
 		if a != ActionDunno || res.Status != callout.StatusInvalid || st.Safe || pc.mode == ModeMonitor {
@@ -418,7 +422,7 @@ func (d *Detector) Decide(ctx context.Context, req *Request) Action {
 		}
 		return d.answer(req, id, &res, "probe-rate", DeferAction, 0)
 	}
-	st := d.limiter.Reserve(id, d.now(), lim)
+	st := d.shareStanding(ctx, id, d.limiter.Reserve(id, d.now(), lim), lim)
 	p := &probe{done: make(chan struct{})}
 	d.busy.Add(1)
 	d.wg.Add(1)
@@ -533,7 +537,7 @@ func (d *Detector) run(req Request, id, rcpt string, p *probe, lim Thresholds) {
 			return
 		}
 		d.metrics.verified(res, time.Since(start))
-		st := d.limiter.Settle(id, &res, d.now(), lim)
+		st := d.shareVerdict(d.ctx, id, &res, d.limiter.Settle(id, &res, d.now(), lim), lim)
 		a, count := d.record(d.ctx, &req, id, res, st, lim)
 		if p.finish(res) {
 			d.logDecision(&req, id, &res, "late", a, count)
@@ -603,7 +607,7 @@ func (d *Detector) settled(req *Request, id string, own *callout.Result, p *prob
 			return d.answer(req, id, own, "", ActionDunno, 0), true
 		}
 	}
-	st := d.limiter.Standing(id, d.now(), lim)
+	st := d.shareStanding(d.ctx, id, d.limiter.Standing(id, d.now(), lim), lim)
 	if st.Safe && own != nil {
 		return d.answer(req, id, own, "waited", ActionDunno, st.Count), true
 	}
@@ -698,6 +702,14 @@ func (d *Detector) record(ctx context.Context, req *Request, id string, res call
 			// entry is written (the blocklist waits for that, bounded).
 			if a, ok := d.block.Blocked(id); ok && pc.mode == ModeEnforce {
 				return Action(a), ev.Count
+			}
+			if d.shared != nil && pc.mode == ModeEnforce {
+				// Another server crossed first: block here too, at once,
+				// without a report (it sends the one report).
+				bctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
+				_ = d.block.Block(bctx, id, action)
+				cancel()
+				return Action(action), ev.Count
 			}
 			return ActionDunno, ev.Count
 		}

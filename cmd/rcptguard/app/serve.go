@@ -139,6 +139,14 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 	dcfg.Notifier = reports
 	dcfg.Logger = log
 	dcfg.Metrics = metrics
+	cl, err := openCluster(cfg, log, reg)
+	if err != nil {
+		return err
+	}
+	if cl != nil {
+		defer func() { _ = cl.Close() }()
+		dcfg.Shared = cl
+	}
 	d, err := detector.New(dcfg)
 	if err != nil {
 		return err

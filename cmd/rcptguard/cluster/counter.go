@@ -1,0 +1,157 @@
+package cluster
+
+import (
+	"context"
+	"crypto/sha256"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/rcptguard/rcptguard/callout"
+	"github.com/rcptguard/rcptguard/detector"
+)
+
+// countScript counts one verdict of an identity and returns its standing,
+// atomically: Redis runs one script at a time, so the verdict that takes
+// a count past its limit is exactly one, fleet-wide, and it alone gets
+// first = 1.
+//
+// KEYS[1] sorted set of distinct invalid recipients (member: 8 bytes of
+// SHA-256 of the address, plus 4 of the domain's when the whole domain
+// takes no mail; score: last seen, unix ms), KEYS[2] hash of valid
+// verdicts per bucket of period/12, KEYS[3] the crossing mark (the mode
+// the crossing was acted on in).
+// ARGV: now ms, period ms, long period ms (0 none), op ("i" invalid, "v"
+// valid, "" look only), member, the member's other form (to drop),
+// limit, long limit, ratio, ratio_min, act ("" none, enforce, monitor).
+// Returns {count, long count, ratio's invalid, valid, crossed, first}.
+var countScript = redis.NewScript(`
+local now = tonumber(ARGV[1])
+local period = tonumber(ARGV[2])
+local long = tonumber(ARGV[3])
+local keep = math.max(period, long)
+local op = ARGV[4]
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - keep)
+local width = math.max(math.floor(period / 12), 1)
+local b = math.floor(now / width)
+if op == 'i' then
+  if ARGV[6] ~= '' then redis.call('ZREM', KEYS[1], ARGV[6]) end
+  redis.call('ZADD', KEYS[1], 'GT', now, ARGV[5])
+  redis.call('PEXPIRE', KEYS[1], keep)
+elseif op == 'v' then
+  redis.call('HINCRBY', KEYS[2], tostring(b), 1)
+  redis.call('PEXPIRE', KEYS[2], period + width)
+end
+local count = redis.call('ZCOUNT', KEYS[1], '(' .. (now - period), '+inf')
+local longc = 0
+if long > 0 then longc = redis.call('ZCOUNT', KEYS[1], '(' .. (now - long), '+inf') end
+local inv, valid = 0, 0
+local ratio = tonumber(ARGV[9])
+if ratio > 0 then
+  local dead, nd = {}, 0
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. (now - period), '+inf')) do
+    if #m > 8 then
+      local d = string.sub(m, 9)
+      if not dead[d] then dead[d] = true; nd = nd + 1 end
+    else
+      inv = inv + 1
+    end
+  end
+  inv = inv + nd
+  local vs = redis.call('HGETALL', KEYS[2])
+  for i = 1, #vs, 2 do
+    if tonumber(vs[i]) > b - 12 then valid = valid + tonumber(vs[i + 1]) else redis.call('HDEL', KEYS[2], vs[i]) end
+  end
+end
+local lim, llim, rmin = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[10])
+local crossed = ''
+if lim > 0 and count > lim then crossed = 'count'
+elseif llim > 0 and long > 0 and longc > llim then crossed = 'long'
+elseif ratio > 0 and rmin > 0 and inv >= rmin and inv >= ratio * (inv + valid) then crossed = 'ratio' end
+local first = 0
+local act = ARGV[11]
+if crossed ~= '' and op == 'i' and act ~= '' then
+  local m = redis.call('GET', KEYS[3])
+  if m ~= 'enforce' and m ~= act then
+    redis.call('SET', KEYS[3], act, 'PX', keep)
+    first = 1
+  end
+end
+return {count, longc, inv, valid, crossed, first}
+`)
+
+// Record counts a verdict of id in Redis and returns the fleet's standing
+// with it (detector.SharedCounter). Only invalid verdicts, and valid ones
+// when the ratio trigger is on, are written.
+func (c *Cluster) Record(ctx context.Context, id string, res *callout.Result, now time.Time, lim detector.Thresholds) (detector.Standing, error) {
+	op, member, alt := "", "", ""
+	switch {
+	case res == nil:
+	case res.Status == callout.StatusInvalid:
+		op = "i"
+		member, alt = members(res)
+	case res.Status == callout.StatusValid && lim.Ratio > 0:
+		op = "v"
+	}
+	return c.run(ctx, id, op, member, alt, now, lim)
+}
+
+// Standing returns the fleet's standing of id without counting anything.
+func (c *Cluster) Standing(ctx context.Context, id string, now time.Time, lim detector.Thresholds) (detector.Standing, error) {
+	return c.run(ctx, id, "", "", "", now, lim)
+}
+
+func (c *Cluster) run(ctx context.Context, id, op, member, alt string, now time.Time, lim detector.Thresholds) (detector.Standing, error) {
+	var st detector.Standing
+	long := c.long
+	if lim.Long == 0 {
+		long = 0
+	}
+	keys := []string{c.key("c", id), c.key("v", id), c.key("x", id)}
+	var out []any
+	err := c.call(ctx, func(ctx context.Context) error {
+		var err error
+		out, err = countScript.Run(ctx, c.rdb, keys, now.UnixMilli(), c.period.Milliseconds(), long.Milliseconds(), op, member, alt,
+			lim.Count, lim.Long, strconv.FormatFloat(lim.Ratio, 'g', -1, 64), lim.RatioMin, string(lim.Act)).Slice()
+		return err
+	})
+	if err != nil {
+		return st, fmt.Errorf("cluster: counting %s: %w", id, err)
+	}
+	if len(out) != 6 {
+		return st, fmt.Errorf("cluster: counting %s: script returned %d values", id, len(out))
+	}
+	n := func(i int) int { v, _ := out[i].(int64); return int(v) }
+	st.Count, st.Long, st.Invalid, st.Valid = n(0), n(1), n(2), n(3)
+	s, _ := out[4].(string)
+	st.Crossed = detector.Trigger(s)
+	st.First = n(5) == 1
+	return st, nil
+}
+
+// members returns the set member of an invalid recipient and its other
+// form: with the domain's hash when the whole domain takes no mail.
+func members(res *callout.Result) (member, alt string) {
+	h := sha256.Sum256([]byte(res.Address))
+	base := string(h[:8])
+	dom := ""
+	if at := strings.LastIndexByte(res.Address, '@'); at >= 0 {
+		d := sha256.Sum256([]byte(strings.ToLower(strings.TrimSuffix(res.Address[at+1:], "."))))
+		dom = string(d[:4])
+	}
+	switch res.Reason {
+	case callout.ReasonNXDomain, callout.ReasonNullMX, callout.ReasonNoMailHost:
+		return base + dom, base
+	}
+	return base, base + dom
+}
+
+// ResetCounts forgets the shared counts of id, as after an unblock.
+func (c *Cluster) ResetCounts(ctx context.Context, id string) error {
+	return c.call(ctx, func(ctx context.Context) error {
+		return c.rdb.Del(ctx, c.key("c", id), c.key("v", id), c.key("x", id)).Err()
+	})
+}

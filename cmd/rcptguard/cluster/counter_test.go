@@ -1,0 +1,188 @@
+package cluster_test
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/rcptguard/rcptguard/callout"
+	"github.com/rcptguard/rcptguard/cmd/rcptguard/cluster"
+	"github.com/rcptguard/rcptguard/detector"
+	"github.com/rcptguard/rcptguard/test"
+)
+
+func newCluster(t *testing.T, url string, now func() time.Time) *cluster.Cluster {
+	t.Helper()
+	c, err := cluster.New(cluster.Config{URL: url, KeyPrefix: "rg-test:", Period: time.Hour, LongPeriod: 24 * time.Hour, Now: now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	return c
+}
+
+func invalid(addr string) *callout.Result {
+	return &callout.Result{Address: addr, Status: callout.StatusInvalid, Reason: callout.ReasonNoMailbox}
+}
+
+// Three servers count 40 distinct invalid recipients of one identity at
+// once, some seen twice: the count is the distinct ones, exactly one
+// verdict is First, and it is the one that made limit+1.
+func TestSharedCountCrossesOnceAtLimitPlusOne(t *testing.T) {
+	r := test.StartRedis(t)
+	now := time.Unix(1_800_000_000, 0)
+	clock := func() time.Time { return now }
+	servers := []*cluster.Cluster{newCluster(t, r.URL(), clock), newCluster(t, r.URL(), clock), newCluster(t, r.URL(), clock)}
+	lim := detector.Thresholds{Count: 10, Act: detector.ModeEnforce}
+	var firsts, maxCount atomic.Int64
+	var firstCount atomic.Int64
+	var wg sync.WaitGroup
+	for i := range 60 {
+		wg.Go(func() {
+			c := servers[i%3]
+			st, err := c.Record(context.Background(), "spam@isp.test", invalid(fmt.Sprintf("u%d@dest.test", i%40)), now, lim)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			if st.First {
+				firsts.Add(1)
+				firstCount.Store(int64(st.Count))
+			}
+			for {
+				m := maxCount.Load()
+				if int64(st.Count) <= m || maxCount.CompareAndSwap(m, int64(st.Count)) {
+					break
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if firsts.Load() != 1 || firstCount.Load() != 11 {
+		t.Fatalf("first verdicts %d at count %d, want one at 11", firsts.Load(), firstCount.Load())
+	}
+	if maxCount.Load() != 40 {
+		t.Fatalf("count %d, want 40 distinct", maxCount.Load())
+	}
+	st, err := servers[1].Standing(context.Background(), "spam@isp.test", now, lim)
+	if err != nil || st.Count != 40 || st.Crossed != detector.TriggerCount || st.First {
+		t.Fatalf("standing %+v %v", st, err)
+	}
+	// The window slides: an hour later the short count is empty, the
+	// long one is not.
+	lim.Long = 100
+	st, err = servers[2].Standing(context.Background(), "spam@isp.test", now.Add(time.Hour), lim)
+	if err != nil || st.Count != 0 || st.Long != 40 {
+		t.Fatalf("an hour later: %+v %v", st, err)
+	}
+	// An unblock resets the counts; the next crossing is First again.
+	if err := servers[0].ResetCounts(context.Background(), "spam@isp.test"); err != nil {
+		t.Fatal(err)
+	}
+	lim.Long = 0
+	for i := range 11 {
+		st, err = servers[i%3].Record(context.Background(), "spam@isp.test", invalid(fmt.Sprintf("v%d@dest.test", i)), now, lim)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.First != (i == 10) {
+			t.Fatalf("after reset, verdict %d: %+v", i+1, st)
+		}
+	}
+	keys, _ := r.Do("KEYS", "*")
+	if n, _ := r.Do("DBSIZE"); n == ":0" {
+		t.Fatalf("no keys written: %s", keys)
+	}
+}
+
+// The ratio trigger counts a dead domain once and the valid verdicts of
+// the window.
+func TestSharedRatio(t *testing.T) {
+	r := test.StartRedis(t)
+	now := time.Unix(1_800_000_000, 0)
+	c := newCluster(t, r.URL(), func() time.Time { return now })
+	lim := detector.Thresholds{Ratio: 0.5, RatioMin: 3, Act: detector.ModeEnforce}
+	ctx := context.Background()
+	for i := range 4 {
+		if _, err := c.Record(ctx, "u@isp.test", &callout.Result{Address: fmt.Sprintf("ok%d@good.test", i), Status: callout.StatusValid}, now, lim); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := range 5 {
+		st, err := c.Record(ctx, "u@isp.test", &callout.Result{Address: fmt.Sprintf("x%d@dead.test", i), Status: callout.StatusInvalid, Reason: callout.ReasonNXDomain}, now, lim)
+		if err != nil || st.Invalid != 1 || st.Valid != 4 || st.Count != i+1 || st.Crossed != "" {
+			t.Fatalf("dead domain %d: %+v %v", i, st, err)
+		}
+	}
+	var st detector.Standing
+	for i := range 4 {
+		var err error
+		st, err = c.Record(ctx, "u@isp.test", invalid(fmt.Sprintf("n%d@good.test", i)), now, lim)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := i == 2; st.First != want { // 4 of 8 judged
+			t.Fatalf("invalid %d: %+v", i, st)
+		}
+	}
+	if st.Invalid != 5 || st.Crossed != detector.TriggerRatio {
+		t.Fatalf("ratio standing %+v", st)
+	}
+}
+
+// Redis gone: calls fail within the deadline, and for a second after a
+// failure fail at once; every key has the prefix.
+func TestRedisDownFailsFast(t *testing.T) {
+	r := test.StartRedis(t)
+	c := newCluster(t, r.URL(), time.Now)
+	ctx := context.Background()
+	lim := detector.Thresholds{Count: 3, Act: detector.ModeEnforce}
+	if _, err := c.Record(ctx, "a@isp.test", invalid("x@dest.test"), time.Now(), lim); err != nil {
+		t.Fatal(err)
+	}
+	keys, err := r.Do("KEYS", "*")
+	if err != nil || !strings.HasPrefix(keys, "*") {
+		t.Fatalf("KEYS: %q %v", keys, err)
+	}
+	r.Stop()
+	start := time.Now()
+	if _, err := c.Record(ctx, "a@isp.test", invalid("y@dest.test"), time.Now(), lim); err == nil {
+		t.Fatal("no error with redis down")
+	}
+	if _, err := c.Standing(ctx, "a@isp.test", time.Now(), lim); err == nil {
+		t.Fatal("no error with redis down")
+	}
+	if d := time.Since(start); d > 500*time.Millisecond {
+		t.Fatalf("two calls took %s with redis down", d)
+	}
+	if c.Up() {
+		t.Fatal("Up with redis down")
+	}
+}
+
+func TestCheckURL(t *testing.T) {
+	for _, tc := range []struct {
+		url string
+		ok  bool
+	}{
+		{"redis://127.0.0.1:6379/0", true},
+		{"rediss://user:pw@redis.example:6380/2", true},
+		{"unix:/run/redis/redis.sock", true},
+		{"unix:///run/redis/redis.sock?db=3", true},
+		{"redis://a:6379/0?addr=b:6379&addr=c:6379", true},
+		{"redis://s1:26379/0?master_name=mymaster", true},
+		{"unix:run/redis.sock", false},
+		{"http://127.0.0.1:6379", false},
+		{"127.0.0.1:6379", false},
+		{"redis://127.0.0.1:6379/x", false},
+		{"unix:/run/redis.sock?foo=1", false},
+	} {
+		if err := cluster.CheckURL(tc.url); (err == nil) != tc.ok {
+			t.Errorf("CheckURL(%q) = %v, want ok %v", tc.url, err, tc.ok)
+		}
+	}
+}
