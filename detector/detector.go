@@ -141,7 +141,9 @@ type Detector struct {
 	now     func() time.Time
 	limiter *Limiter
 	shared  SharedCounter
-	busy    atomic.Int64 // verifications running in the background
+	keys    atomic.Uint64 // numbers the reservations with shared
+	keyBase string        // this detector's prefix of reservation keys
+	busy    atomic.Int64  // verifications running in the background
 
 	// sleep waits d or until ctx ends (false); tests replace it.
 	sleep func(ctx context.Context, d time.Duration) bool
@@ -211,6 +213,7 @@ func New(cfg Config) (*Detector, error) {
 		now:     cfg.Now,
 		limiter: newLimiter(cfg.Period, cfg.LongPeriod),
 		shared:  cfg.Shared,
+		keyBase: reservationBase(),
 		sleep:   sleepCtx,
 		ctx:     ctx,
 		cancel:  cancel,
@@ -403,7 +406,7 @@ func (d *Detector) Decide(ctx context.Context, req *Request) Action {
 	// sure that the verifications still in flight will not: then it waits.
 	if res, ok := d.cachedVerdict(rcpt); ok && res.Reason != callout.ReasonRateLimited {
 		d.metrics.verified(res, 0)
-		st := d.shareVerdict(ctx, id, &res, d.limiter.Judge(id, &res, d.now(), lim), lim)
+		st := d.shareVerdict(ctx, id, "", &res, d.limiter.Judge(id, &res, d.now(), lim), lim)
 		a, count := d.record(ctx, req, id, res, st, lim)
 		d.limiter.Wake(id)
 		if a != ActionDunno || res.Status != callout.StatusInvalid || st.Safe || pc.mode == ModeMonitor {
@@ -422,8 +425,8 @@ func (d *Detector) Decide(ctx context.Context, req *Request) Action {
 		}
 		return d.answer(req, id, &res, "probe-rate", DeferAction, 0)
 	}
-	st := d.shareStanding(ctx, id, d.limiter.Reserve(id, d.now(), lim), lim)
 	p := &probe{done: make(chan struct{})}
+	st := d.shareReserve(ctx, id, p, d.limiter.Reserve(id, d.now(), lim), lim)
 	d.busy.Add(1)
 	d.wg.Add(1)
 	go d.run(*req, id, rcpt, p, lim) // *req: the server reuses it for the next request
@@ -444,6 +447,7 @@ type probe struct {
 	answered bool // the request was answered otherwise (defer, block)
 	done     chan struct{}
 	res      callout.Result // set before done is closed
+	key      string         // its reservation with the fleet's shared counter, "" none
 }
 
 // accept marks the request answered DUNNO before its verdict; false when
@@ -509,7 +513,7 @@ func (d *Detector) run(req Request, id, rcpt string, p *probe, lim Thresholds) {
 	for {
 		res := d.verify.Verify(d.ctx, rcpt)
 		if res.Reason == callout.ReasonCanceled || res.Reason == callout.ReasonShutdown {
-			d.limiter.Settle(id, nil, d.now(), lim)
+			d.settleNone(id, p, lim)
 			p.finish(res)
 			d.limiter.Wake(id)
 			return // shutting down
@@ -517,7 +521,7 @@ func (d *Detector) run(req Request, id, rcpt string, p *probe, lim Thresholds) {
 		if unjudged(res.Reason) {
 			if !p.owed(res) {
 				// Not accepted: the waiting request defers.
-				d.limiter.Settle(id, nil, d.now(), lim)
+				d.settleNone(id, p, lim)
 				d.limiter.Wake(id)
 				return
 			}
@@ -527,7 +531,7 @@ func (d *Detector) run(req Request, id, rcpt string, p *probe, lim Thresholds) {
 				backoff *= 2
 				continue
 			}
-			d.limiter.Settle(id, nil, d.now(), lim)
+			d.settleNone(id, p, lim)
 			p.finish(res)
 			if d.ctx.Err() == nil {
 				d.log.Warn("recipient accepted and never verified: the verifier's caps held for a whole period",
@@ -537,7 +541,7 @@ func (d *Detector) run(req Request, id, rcpt string, p *probe, lim Thresholds) {
 			return
 		}
 		d.metrics.verified(res, time.Since(start))
-		st := d.shareVerdict(d.ctx, id, &res, d.limiter.Settle(id, &res, d.now(), lim), lim)
+		st := d.shareVerdict(d.ctx, id, p.key, &res, d.limiter.Settle(id, &res, d.now(), lim), lim)
 		a, count := d.record(d.ctx, &req, id, res, st, lim)
 		if p.finish(res) {
 			d.logDecision(&req, id, &res, "late", a, count)
@@ -564,6 +568,8 @@ func (d *Detector) await(ctx context.Context, req *Request, id string, own *call
 	}
 	t := time.NewTimer(pc.wait)
 	defer t.Stop()
+	poll := d.sharedPoll()
+	defer poll.Stop()
 	for {
 		ch := d.limiter.Changed(id)
 		a, done := d.settled(req, id, own, p, lim)
@@ -574,6 +580,8 @@ func (d *Detector) await(ctx context.Context, req *Request, id string, own *call
 		select {
 		case <-ch:
 			d.limiter.Unwait(id)
+		case <-poll.C:
+			d.limiter.Unwait(id) // the other servers' verdicts wake nobody here: look again
 		case <-t.C:
 			d.limiter.Unwait(id)
 			return d.timedOut(req, id, own, p, lim, "wait-exceeded")
@@ -607,7 +615,7 @@ func (d *Detector) settled(req *Request, id string, own *callout.Result, p *prob
 			return d.answer(req, id, own, "", ActionDunno, 0), true
 		}
 	}
-	st := d.shareStanding(d.ctx, id, d.limiter.Standing(id, d.now(), lim), lim)
+	st := d.shareReserve(d.ctx, id, nil, d.limiter.Standing(id, d.now(), lim), lim)
 	if st.Safe && own != nil {
 		return d.answer(req, id, own, "waited", ActionDunno, st.Count), true
 	}

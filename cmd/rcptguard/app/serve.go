@@ -24,6 +24,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/rcptguard/rcptguard/blocklist"
+	"github.com/rcptguard/rcptguard/cmd/rcptguard/cluster"
 	"github.com/rcptguard/rcptguard/cmd/rcptguard/queue"
 	"github.com/rcptguard/rcptguard/detector"
 )
@@ -83,6 +84,7 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 	// needs it: an unblocked identity starts afresh.
 	var det *detector.Detector
 	var detMu sync.Mutex
+	var fleet atomic.Pointer[cluster.Sync] // [cluster]: the blocklist's syncer
 	bl, problems, err := blocklist.Open(blocklist.Config{
 		Path:   cfg.Blocklist.Path,
 		Create: true, // Postfix's check_sasl_access fails on a missing table
@@ -99,6 +101,9 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 				if d != nil {
 					d.Limiter().Forget(id)
 				}
+			}
+			if s := fleet.Load(); s != nil {
+				s.LocalChange(added, removed)
 			}
 		},
 	})
@@ -146,6 +151,14 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 	if cl != nil {
 		defer func() { _ = cl.Close() }()
 		dcfg.Shared = cl
+		fleet.Store(cl.NewSync(bl, func(id string) {
+			detMu.Lock()
+			defer detMu.Unlock()
+			if det != nil {
+				det.Limiter().Forget(id)
+			}
+		}, 0))
+		dcfg.Blocklist = fleet.Load().Blocklist(dcfg.Blocklist)
 	}
 	d, err := detector.New(dcfg)
 	if err != nil {
@@ -253,6 +266,9 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 	}
 	wg.Go(func() { logBuf.run(ctx) })
 	wg.Go(func() { _ = bl.Watch(ctx, time.Second) })
+	if s := fleet.Load(); s != nil {
+		wg.Go(func() { s.Run(ctx) })
+	}
 	// The mailer outlives the policy listeners and the background
 	// verifications: reports of the last blocks are spooled and tried
 	// before it stops; whatever is left stays in the spool for the next
@@ -275,7 +291,11 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 		wg.Go(func() { watchHoldResults(ctx, queue.ResultsDir(cfg.Queue.Requests), 2*time.Second, reports) })
 	}
 	if cfg.Detector.UnblockAfter > 0 {
-		wg.Go(func() { autoUnblock(ctx, bl, 30*time.Second, time.Now, d.Limiter().Forget, log) })
+		forget := d.Limiter().Forget
+		if s := fleet.Load(); s != nil {
+			forget = func(id string) { d.Limiter().Forget(id); s.Unblocked(id, time.Now()) }
+		}
+		wg.Go(func() { autoUnblock(ctx, bl, 30*time.Second, time.Now, forget, log) })
 	}
 	wg.Go(func() { reloadOnHUP(ctx, hup, cfg, d, srv, log) })
 

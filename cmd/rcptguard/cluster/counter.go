@@ -23,11 +23,14 @@ import (
 // SHA-256 of the address, plus 4 of the domain's when the whole domain
 // takes no mail; score: last seen, unix ms), KEYS[2] hash of valid
 // verdicts per bucket of period/12, KEYS[3] the crossing mark (the mode
-// the crossing was acted on in).
+// the crossing was acted on in), KEYS[4] sorted set of the verifications
+// in flight (member: reservation key; score: when it expires, unix ms).
 // ARGV: now ms, period ms, long period ms (0 none), op ("i" invalid, "v"
-// valid, "" look only), member, the member's other form (to drop),
-// limit, long limit, ratio, ratio_min, act ("" none, enforce, monitor).
-// Returns {count, long count, ratio's invalid, valid, crossed, first}.
+// valid, "r" reserve, "" look or end a reservation), member, the
+// member's other form (to drop), limit, long limit, ratio, ratio_min, act
+// ("" none, enforce, monitor), reservation key ("" none), its expiry ms.
+// Returns {count, long count, ratio's invalid, valid, crossed, first,
+// pending}.
 var countScript = redis.NewScript(`
 local now = tonumber(ARGV[1])
 local period = tonumber(ARGV[2])
@@ -35,6 +38,16 @@ local long = tonumber(ARGV[3])
 local keep = math.max(period, long)
 local op = ARGV[4]
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - keep)
+if ARGV[12] ~= '' then
+  if op == 'r' then
+    redis.call('ZADD', KEYS[4], ARGV[13], ARGV[12])
+    redis.call('PEXPIRE', KEYS[4], tonumber(ARGV[13]) - now)
+  else
+    redis.call('ZREM', KEYS[4], ARGV[12])
+  end
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+local pending = redis.call('ZCARD', KEYS[4])
 local width = math.max(math.floor(period / 12), 1)
 local b = math.floor(now / width)
 if op == 'i' then
@@ -80,13 +93,18 @@ if crossed ~= '' and op == 'i' and act ~= '' then
     first = 1
   end
 end
-return {count, longc, inv, valid, crossed, first}
+return {count, longc, inv, valid, crossed, first, pending}
 `)
 
-// Record counts a verdict of id in Redis and returns the fleet's standing
-// with it (detector.SharedCounter). Only invalid verdicts, and valid ones
-// when the ratio trigger is on, are written.
-func (c *Cluster) Record(ctx context.Context, id string, res *callout.Result, now time.Time, lim detector.Thresholds) (detector.Standing, error) {
+// reservationTTL is how long a verification in flight counts for the
+// fleet at most, should its server never end it (a crash).
+const reservationTTL = time.Minute
+
+// Record ends the reservation key ("" none) and counts a verdict of id in
+// Redis, and returns the fleet's standing with it
+// (detector.SharedCounter). Only invalid verdicts, and valid ones when
+// the ratio trigger is on, are written.
+func (c *Cluster) Record(ctx context.Context, id, key string, res *callout.Result, now time.Time, lim detector.Thresholds) (detector.Standing, error) {
 	op, member, alt := "", "", ""
 	switch {
 	case res == nil:
@@ -96,32 +114,33 @@ func (c *Cluster) Record(ctx context.Context, id string, res *callout.Result, no
 	case res.Status == callout.StatusValid && lim.Ratio > 0:
 		op = "v"
 	}
-	return c.run(ctx, id, op, member, alt, now, lim)
+	return c.run(ctx, id, op, member, alt, key, now, lim)
 }
 
-// Standing returns the fleet's standing of id without counting anything.
-func (c *Cluster) Standing(ctx context.Context, id string, now time.Time, lim detector.Thresholds) (detector.Standing, error) {
-	return c.run(ctx, id, "", "", "", now, lim)
+// Reserve records a verification of id in flight under key and returns
+// the fleet's standing with it; key "" only looks.
+func (c *Cluster) Reserve(ctx context.Context, id, key string, now time.Time, lim detector.Thresholds) (detector.Standing, error) {
+	return c.run(ctx, id, "r", "", "", key, now, lim)
 }
 
-func (c *Cluster) run(ctx context.Context, id, op, member, alt string, now time.Time, lim detector.Thresholds) (detector.Standing, error) {
+func (c *Cluster) run(ctx context.Context, id, op, member, alt, key string, now time.Time, lim detector.Thresholds) (detector.Standing, error) {
 	var st detector.Standing
 	long := c.long
 	if lim.Long == 0 {
 		long = 0
 	}
-	keys := []string{c.key("c", id), c.key("v", id), c.key("x", id)}
+	keys := []string{c.key("c", id), c.key("v", id), c.key("x", id), c.key("p", id)}
 	var out []any
 	err := c.call(ctx, func(ctx context.Context) error {
 		var err error
 		out, err = countScript.Run(ctx, c.rdb, keys, now.UnixMilli(), c.period.Milliseconds(), long.Milliseconds(), op, member, alt,
-			lim.Count, lim.Long, strconv.FormatFloat(lim.Ratio, 'g', -1, 64), lim.RatioMin, string(lim.Act)).Slice()
+			lim.Count, lim.Long, strconv.FormatFloat(lim.Ratio, 'g', -1, 64), lim.RatioMin, string(lim.Act), key, now.Add(reservationTTL).UnixMilli()).Slice()
 		return err
 	})
 	if err != nil {
 		return st, fmt.Errorf("cluster: counting %s: %w", id, err)
 	}
-	if len(out) != 6 {
+	if len(out) != 7 {
 		return st, fmt.Errorf("cluster: counting %s: script returned %d values", id, len(out))
 	}
 	n := func(i int) int { v, _ := out[i].(int64); return int(v) }
@@ -129,6 +148,7 @@ func (c *Cluster) run(ctx context.Context, id, op, member, alt string, now time.
 	s, _ := out[4].(string)
 	st.Crossed = detector.Trigger(s)
 	st.First = n(5) == 1
+	st.Pending = n(6)
 	return st, nil
 }
 
@@ -152,6 +172,6 @@ func members(res *callout.Result) (member, alt string) {
 // ResetCounts forgets the shared counts of id, as after an unblock.
 func (c *Cluster) ResetCounts(ctx context.Context, id string) error {
 	return c.call(ctx, func(ctx context.Context) error {
-		return c.rdb.Del(ctx, c.key("c", id), c.key("v", id), c.key("x", id)).Err()
+		return c.rdb.Del(ctx, c.key("c", id), c.key("v", id), c.key("x", id)).Err() // not the verifications in flight
 	})
 }

@@ -44,7 +44,7 @@ func TestSharedCountCrossesOnceAtLimitPlusOne(t *testing.T) {
 	for i := range 60 {
 		wg.Go(func() {
 			c := servers[i%3]
-			st, err := c.Record(context.Background(), "spam@isp.test", invalid(fmt.Sprintf("u%d@dest.test", i%40)), now, lim)
+			st, err := c.Record(context.Background(), "spam@isp.test", "", invalid(fmt.Sprintf("u%d@dest.test", i%40)), now, lim)
 			if err != nil {
 				t.Error(err)
 				return
@@ -68,14 +68,14 @@ func TestSharedCountCrossesOnceAtLimitPlusOne(t *testing.T) {
 	if maxCount.Load() != 40 {
 		t.Fatalf("count %d, want 40 distinct", maxCount.Load())
 	}
-	st, err := servers[1].Standing(context.Background(), "spam@isp.test", now, lim)
+	st, err := servers[1].Reserve(context.Background(), "spam@isp.test", "", now, lim)
 	if err != nil || st.Count != 40 || st.Crossed != detector.TriggerCount || st.First {
 		t.Fatalf("standing %+v %v", st, err)
 	}
 	// The window slides: an hour later the short count is empty, the
 	// long one is not.
 	lim.Long = 100
-	st, err = servers[2].Standing(context.Background(), "spam@isp.test", now.Add(time.Hour), lim)
+	st, err = servers[2].Reserve(context.Background(), "spam@isp.test", "", now.Add(time.Hour), lim)
 	if err != nil || st.Count != 0 || st.Long != 40 {
 		t.Fatalf("an hour later: %+v %v", st, err)
 	}
@@ -85,7 +85,7 @@ func TestSharedCountCrossesOnceAtLimitPlusOne(t *testing.T) {
 	}
 	lim.Long = 0
 	for i := range 11 {
-		st, err = servers[i%3].Record(context.Background(), "spam@isp.test", invalid(fmt.Sprintf("v%d@dest.test", i)), now, lim)
+		st, err = servers[i%3].Record(context.Background(), "spam@isp.test", "", invalid(fmt.Sprintf("v%d@dest.test", i)), now, lim)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -108,12 +108,12 @@ func TestSharedRatio(t *testing.T) {
 	lim := detector.Thresholds{Ratio: 0.5, RatioMin: 3, Act: detector.ModeEnforce}
 	ctx := context.Background()
 	for i := range 4 {
-		if _, err := c.Record(ctx, "u@isp.test", &callout.Result{Address: fmt.Sprintf("ok%d@good.test", i), Status: callout.StatusValid}, now, lim); err != nil {
+		if _, err := c.Record(ctx, "u@isp.test", "", &callout.Result{Address: fmt.Sprintf("ok%d@good.test", i), Status: callout.StatusValid}, now, lim); err != nil {
 			t.Fatal(err)
 		}
 	}
 	for i := range 5 {
-		st, err := c.Record(ctx, "u@isp.test", &callout.Result{Address: fmt.Sprintf("x%d@dead.test", i), Status: callout.StatusInvalid, Reason: callout.ReasonNXDomain}, now, lim)
+		st, err := c.Record(ctx, "u@isp.test", "", &callout.Result{Address: fmt.Sprintf("x%d@dead.test", i), Status: callout.StatusInvalid, Reason: callout.ReasonNXDomain}, now, lim)
 		if err != nil || st.Invalid != 1 || st.Valid != 4 || st.Count != i+1 || st.Crossed != "" {
 			t.Fatalf("dead domain %d: %+v %v", i, st, err)
 		}
@@ -121,7 +121,7 @@ func TestSharedRatio(t *testing.T) {
 	var st detector.Standing
 	for i := range 4 {
 		var err error
-		st, err = c.Record(ctx, "u@isp.test", invalid(fmt.Sprintf("n%d@good.test", i)), now, lim)
+		st, err = c.Record(ctx, "u@isp.test", "", invalid(fmt.Sprintf("n%d@good.test", i)), now, lim)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -141,7 +141,7 @@ func TestRedisDownFailsFast(t *testing.T) {
 	c := newCluster(t, r.URL(), time.Now)
 	ctx := context.Background()
 	lim := detector.Thresholds{Count: 3, Act: detector.ModeEnforce}
-	if _, err := c.Record(ctx, "a@isp.test", invalid("x@dest.test"), time.Now(), lim); err != nil {
+	if _, err := c.Record(ctx, "a@isp.test", "", invalid("x@dest.test"), time.Now(), lim); err != nil {
 		t.Fatal(err)
 	}
 	keys, err := r.Do("KEYS", "*")
@@ -150,10 +150,10 @@ func TestRedisDownFailsFast(t *testing.T) {
 	}
 	r.Stop()
 	start := time.Now()
-	if _, err := c.Record(ctx, "a@isp.test", invalid("y@dest.test"), time.Now(), lim); err == nil {
+	if _, err := c.Record(ctx, "a@isp.test", "", invalid("y@dest.test"), time.Now(), lim); err == nil {
 		t.Fatal("no error with redis down")
 	}
-	if _, err := c.Standing(ctx, "a@isp.test", time.Now(), lim); err == nil {
+	if _, err := c.Reserve(ctx, "a@isp.test", "", time.Now(), lim); err == nil {
 		t.Fatal("no error with redis down")
 	}
 	if d := time.Since(start); d > 500*time.Millisecond {
