@@ -268,6 +268,7 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 	wg.Go(func() { _ = bl.Watch(ctx, time.Second) })
 	if s := fleet.Load(); s != nil {
 		wg.Go(func() { s.Run(ctx) })
+		wg.Go(func() { cl.Run(ctx) })
 	}
 	// The mailer outlives the policy listeners and the background
 	// verifications: reports of the last blocks are spooled and tried

@@ -53,6 +53,10 @@ type Cluster struct {
 
 	errs prometheus.Counter
 	up   prometheus.Gauge
+
+	vmu      sync.Mutex
+	valid    map[validKey]int // valid verdicts not written yet
+	flushNow chan struct{}
 }
 
 // CheckURL reports whether u is a Redis address rcptguard understands.
@@ -146,7 +150,7 @@ func New(cfg Config) (*Cluster, error) {
 	o.ContextTimeoutEnabled = true
 	o.DisableIdentity = true
 	c := &Cluster{rdb: redis.NewUniversalClient(o), prefix: cfg.KeyPrefix, period: cfg.Period, long: cfg.LongPeriod,
-		timeout: cfg.Timeout, log: cfg.Logger, now: cfg.Now,
+		timeout: cfg.Timeout, log: cfg.Logger, now: cfg.Now, valid: map[validKey]int{}, flushNow: make(chan struct{}, 1),
 		errs: prometheus.NewCounter(prometheus.CounterOpts{Name: "rcptguard_cluster_errors_total",
 			Help: "Redis calls that failed or timed out; the server judged locally."}),
 		up: prometheus.NewGauge(prometheus.GaugeOpts{Name: "rcptguard_cluster_up",

@@ -61,9 +61,13 @@ end
 local count = redis.call('ZCOUNT', KEYS[1], '(' .. (now - period), '+inf')
 local longc = 0
 if long > 0 then longc = redis.call('ZCOUNT', KEYS[1], '(' .. (now - long), '+inf') end
-local inv, valid = 0, 0
+local inv, valid = count, 0
 local ratio = tonumber(ARGV[9])
-if ratio > 0 then
+-- Below ratio_min even with every verification in flight invalid, the
+-- ratio cannot pass: count stands for its invalid (an upper bound) and
+-- the valid verdicts are not read.
+if ratio > 0 and count + pending >= tonumber(ARGV[10]) then
+  inv = 0
   local dead, nd = {}, 0
   for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. (now - period), '+inf')) do
     if #m > 8 then
@@ -112,6 +116,12 @@ func (c *Cluster) Record(ctx context.Context, id, key string, res *callout.Resul
 		op = "i"
 		member, alt = members(res)
 	case res.Status == callout.StatusValid && lim.Ratio > 0:
+		if key == "" {
+			// A valid verdict never makes a crossing: counted in the
+			// next batch, off the answer's path.
+			c.queueValid(id, now)
+			return detector.Standing{}, nil
+		}
 		op = "v"
 	}
 	return c.run(ctx, id, op, member, alt, key, now, lim)
@@ -167,6 +177,73 @@ func members(res *callout.Result) (member, alt string) {
 		return base + dom, base
 	}
 	return base, base + dom
+}
+
+// queueValid counts a valid verdict of id at now in the next batch.
+func (c *Cluster) queueValid(id string, now time.Time) {
+	b := now.UnixMilli() / max(c.period.Milliseconds()/12, 1)
+	c.vmu.Lock()
+	c.valid[validKey{id, b}]++
+	n := len(c.valid)
+	c.vmu.Unlock()
+	if n >= maxBatch {
+		select {
+		case c.flushNow <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// maxBatch is the batch size that makes Run write at once.
+const maxBatch = 4096
+
+// flushEvery is how often Run writes the valid verdicts counted since.
+const flushEvery = 100 * time.Millisecond
+
+type validKey struct {
+	id string
+	b  int64 // bucket: unix ms / (period/12)
+}
+
+// Run writes the batched valid verdicts every 100 ms until ctx ends. The
+// fleet's valid counts (the ratio trigger's) are that much late; each
+// server adds its own, so only other servers' newest valid verdicts can
+// be missing, which never delays a block.
+func (c *Cluster) Run(ctx context.Context) {
+	t := time.NewTicker(flushEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		case <-c.flushNow:
+		}
+		c.Flush(ctx)
+	}
+}
+
+// Flush writes the batched valid verdicts; when Redis cannot take them
+// they are dropped (counts err on the side of a block, and Redis is down).
+func (c *Cluster) Flush(ctx context.Context) {
+	c.vmu.Lock()
+	batch := c.valid
+	c.valid = map[validKey]int{}
+	c.vmu.Unlock()
+	if len(batch) == 0 {
+		return
+	}
+	ttl := c.period + c.period/12
+	_ = c.call(ctx, func(ctx context.Context) error {
+		p := c.rdb.Pipeline()
+		for k, n := range batch {
+			h := c.key("v", k.id)
+			p.HIncrBy(ctx, h, strconv.FormatInt(k.b, 10), int64(n))
+			p.PExpire(ctx, h, ttl)
+		}
+		_, err := p.Exec(ctx)
+		return err
+	})
 }
 
 // ResetCounts forgets the shared counts of id, as after an unblock.

@@ -112,8 +112,20 @@ func TestSharedRatio(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// Valid verdicts are written in batches.
+	if st, err := c.Reserve(ctx, "u@isp.test", "", now, lim); err != nil || st.Valid != 0 {
+		t.Fatalf("before the batch: %+v %v", st, err)
+	}
+	c.Flush(ctx)
 	for i := range 5 {
 		st, err := c.Record(ctx, "u@isp.test", "", &callout.Result{Address: fmt.Sprintf("x%d@dead.test", i), Status: callout.StatusInvalid, Reason: callout.ReasonNXDomain}, now, lim)
+		if i < 2 {
+			// Below ratio_min: the count stands for the invalid ones.
+			if err != nil || st.Invalid != i+1 || st.Count != i+1 || st.Crossed != "" {
+				t.Fatalf("dead domain %d: %+v %v", i, st, err)
+			}
+			continue
+		}
 		if err != nil || st.Invalid != 1 || st.Valid != 4 || st.Count != i+1 || st.Crossed != "" {
 			t.Fatalf("dead domain %d: %+v %v", i, st, err)
 		}
@@ -184,5 +196,35 @@ func TestCheckURL(t *testing.T) {
 		if err := cluster.CheckURL(tc.url); (err == nil) != tc.ok {
 			t.Errorf("CheckURL(%q) = %v, want ok %v", tc.url, err, tc.ok)
 		}
+	}
+}
+
+// A verification in flight on one server counts for every server until
+// its verdict, and expires by itself should its server die.
+func TestSharedReservations(t *testing.T) {
+	r := test.StartRedis(t)
+	now := time.Unix(1_800_000_000, 0)
+	clock := func() time.Time { return now }
+	a, b := newCluster(t, r.URL(), clock), newCluster(t, r.URL(), clock)
+	ctx := context.Background()
+	lim := detector.Thresholds{Count: 5, Act: detector.ModeEnforce}
+	if st, err := a.Reserve(ctx, "u@isp.test", "a:1", now, lim); err != nil || st.Pending != 1 {
+		t.Fatalf("reserve: %+v %v", st, err)
+	}
+	if st, err := b.Reserve(ctx, "u@isp.test", "b:1", now, lim); err != nil || st.Pending != 2 {
+		t.Fatalf("second reserve: %+v %v", st, err)
+	}
+	st, err := a.Record(ctx, "u@isp.test", "a:1", invalid("x@dest.test"), now, lim)
+	if err != nil || st.Pending != 1 || st.Count != 1 {
+		t.Fatalf("verdict: %+v %v", st, err)
+	}
+	if st, err := a.Record(ctx, "u@isp.test", "b:1", nil, now, lim); err != nil || st.Pending != 0 || st.Count != 1 {
+		t.Fatalf("ended without a verdict: %+v %v", st, err)
+	}
+	if _, err := b.Reserve(ctx, "u@isp.test", "b:2", now, lim); err != nil {
+		t.Fatal(err)
+	}
+	if st, err := a.Reserve(ctx, "u@isp.test", "", now.Add(2*time.Minute), lim); err != nil || st.Pending != 0 {
+		t.Fatalf("a reservation of a dead server after two minutes: %+v %v", st, err)
 	}
 }
