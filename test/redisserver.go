@@ -114,3 +114,37 @@ func (r *RedisServer) Do(args ...string) (string, error) {
 
 // Dir is the server's working directory.
 func (r *RedisServer) Dir() string { return filepath.Clean(r.dir) }
+
+// Info returns the integer fields of INFO section.
+func (r *RedisServer) Info(section string) (map[string]int64, error) {
+	c, err := net.DialTimeout("tcp", "127.0.0.1:"+strconv.Itoa(r.Port), time.Second)
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(2 * time.Second))
+	if _, err := c.Write([]byte("*2\r\n$4\r\nINFO\r\n$" + strconv.Itoa(len(section)) + "\r\n" + section + "\r\n")); err != nil {
+		return nil, err
+	}
+	br := bufio.NewReader(c)
+	line, err := br.ReadString('\n')
+	if err != nil {
+		return nil, err
+	}
+	n, err := strconv.Atoi(strings.TrimSpace(strings.TrimPrefix(line, "$")))
+	if err != nil {
+		return nil, err
+	}
+	buf := make([]byte, n+2)
+	if _, err := io.ReadFull(br, buf); err != nil {
+		return nil, err
+	}
+	out := map[string]int64{}
+	for _, l := range strings.Split(string(buf[:n]), "\r\n") {
+		k, v, ok := strings.Cut(l, ":")
+		if x, err := strconv.ParseInt(v, 10, 64); ok && err == nil {
+			out[k] = x
+		}
+	}
+	return out, nil
+}

@@ -228,3 +228,42 @@ func TestSharedReservations(t *testing.T) {
 		t.Fatalf("a reservation of a dead server after two minutes: %+v %v", st, err)
 	}
 }
+
+// BenchmarkRecordInvalid counts invalid verdicts of new identities (the
+// ratio and long window on, as by default): one recipient each, or ten,
+// and reports Redis's memory per tracked identity (INFO memory,
+// used_memory) and per verdict.
+func BenchmarkRecordInvalid(b *testing.B) {
+	for _, per := range []int{1, 10} {
+		b.Run(fmt.Sprintf("recipients=%d", per), func(b *testing.B) { benchRecord(b, per) })
+	}
+}
+
+func benchRecord(b *testing.B, per int) {
+	r := test.StartRedis(b)
+	c, err := cluster.New(cluster.Config{URL: r.URL(), KeyPrefix: "rcptguard:", Period: time.Hour, LongPeriod: 24 * time.Hour})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.Close()
+	used := func() int64 {
+		out, err := r.Info("memory")
+		if err != nil {
+			b.Fatal(err)
+		}
+		return out["used_memory"]
+	}
+	ctx := context.Background()
+	lim := detector.Thresholds{Count: 100, Long: 300, Ratio: 0.5, RatioMin: 30, Act: detector.ModeEnforce}
+	before := used()
+	now := time.Now()
+	b.ResetTimer()
+	for i := range b.N {
+		id := fmt.Sprintf("user%d@customer.test", i/per)
+		if _, err := c.Record(ctx, id, "", invalid(fmt.Sprintf("harvested%d@dest.test", i)), now, lim); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.StopTimer()
+	b.ReportMetric(float64(used()-before)/float64((b.N+per-1)/per), "redis-B/identity")
+}
