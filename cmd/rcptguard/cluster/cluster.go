@@ -120,6 +120,22 @@ func options(raw string) (*redis.UniversalOptions, error) {
 	return uo, nil
 }
 
+// clientLog sends go-redis's own messages (a failed dial, a reconnect
+// of the subscription) to the debug log of the last Cluster made: the
+// state changes that matter are logged by the Cluster, once each.
+type clientLog struct{ log atomic.Pointer[slog.Logger] }
+
+func (l *clientLog) Printf(ctx context.Context, format string, v ...any) {
+	if lg := l.log.Load(); lg != nil {
+		lg.DebugContext(ctx, "redis client", slog.String("message", fmt.Sprintf(format, v...)))
+	}
+}
+
+var (
+	redisLog     clientLog
+	redisLogOnce sync.Once
+)
+
 // New connects (lazily) to Redis. It does not wait for Redis to answer:
 // a server starts, and counts locally, while Redis is down.
 func New(cfg Config) (*Cluster, error) {
@@ -145,6 +161,8 @@ func New(cfg Config) (*Cluster, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
+	redisLog.log.Store(cfg.Logger)
+	redisLogOnce.Do(func() { redis.SetLogger(&redisLog) })
 	o.DialTimeout, o.ReadTimeout, o.WriteTimeout, o.PoolTimeout = cfg.Timeout, cfg.Timeout, cfg.Timeout, cfg.Timeout
 	o.MaxRetries = -1 // one try within the deadline; the caller falls back
 	o.ContextTimeoutEnabled = true
