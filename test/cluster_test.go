@@ -2,6 +2,7 @@ package test_test
 
 import (
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -208,4 +209,38 @@ func TestClusterRedisOutage(t *testing.T) {
 		return n == ":2"
 	})
 	t.Logf("%s both blocks in redis again", at())
+}
+
+// A recipient verified by one server is not probed again by another: the
+// verdict cache has a second level in Redis.
+func TestClusterSharedVerdicts(t *testing.T) {
+	mx := test.StartMXAt(t, "127.0.0.2:0", test.MXConfig{Mailboxes: []string{"alice@good.test"}})
+	_, port, _ := net.SplitHostPort(mx.Addr)
+	w := &world{dns: test.StartDNS(t, "good.test. 300 IN MX 10 mx.good.test.\nmx.good.test. 300 IN A 127.0.0.2\n"), port: port, dir: t.TempDir()}
+	r := test.StartRedis(t)
+	d1 := startDaemon(t, w.clusterConfig(t, "a", r.URL(), ""))
+	d2 := startDaemon(t, w.clusterConfig(t, "b", r.URL(), ""))
+	c1, c2 := test.DialPolicy(t, d1.addr), test.DialPolicy(t, d2.addr)
+	for _, to := range []string{"alice@good.test", "nobody@good.test"} {
+		c1.Must(rcpt("user@customer.test", to))
+		within(t, 5*time.Second, "verdict on "+to+" in redis", func() bool {
+			n, _ := r.Do("EXISTS", "fleet-test:verdict:"+to)
+			return n == ":1"
+		})
+	}
+	// Server 1 probed each once (and a random name: the catch-all test).
+	probed := len(mx.Rcpts())
+	for _, to := range []string{"alice@good.test", "nobody@good.test"} {
+		if n := strings.Count(strings.Join(mx.Rcpts(), " "), to); n != 1 {
+			t.Fatalf("server 1 probed %s %d times: %v", to, n, mx.Rcpts())
+		}
+	}
+	c2.Must(rcpt("user@customer.test", "alice@good.test"))
+	c2.Must(rcpt("user@customer.test", "nobody@good.test"))
+	if got := mx.Rcpts(); len(got) != probed {
+		t.Fatalf("server 2 probed again: %v", got)
+	}
+	if !strings.Contains(d2.logs.String(), "recipient=nobody@good.test") || !strings.Contains(d2.logs.String(), "verdict=invalid") {
+		t.Fatalf("server 2 did not judge nobody@good.test invalid:\n%s", d2.logs)
+	}
 }

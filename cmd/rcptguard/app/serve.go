@@ -24,6 +24,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/rcptguard/rcptguard/blocklist"
+	"github.com/rcptguard/rcptguard/callout"
 	"github.com/rcptguard/rcptguard/cmd/rcptguard/cluster"
 	"github.com/rcptguard/rcptguard/cmd/rcptguard/queue"
 	"github.com/rcptguard/rcptguard/detector"
@@ -118,7 +119,16 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 	if err != nil {
 		return fmt.Errorf("detector.limits_file: %w", err)
 	}
-	verifier, err := newVerifier(cfg, log.With("component", "callout"), nil)
+	cl, err := openCluster(cfg, log, nil)
+	if err != nil {
+		return err
+	}
+	var shared callout.SharedCache
+	if cl != nil {
+		defer func() { _ = cl.Close() }()
+		shared = cl
+	}
+	verifier, err := newVerifier(cfg, log.With("component", "callout"), nil, shared)
 	if err != nil {
 		return err
 	}
@@ -144,12 +154,10 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 	dcfg.Notifier = reports
 	dcfg.Logger = log
 	dcfg.Metrics = metrics
-	cl, err := openCluster(cfg, log, reg)
-	if err != nil {
-		return err
-	}
 	if cl != nil {
-		defer func() { _ = cl.Close() }()
+		if err := cl.Register(reg); err != nil {
+			return err
+		}
 		dcfg.Shared = cl
 		fleet.Store(cl.NewSync(bl, func(id string) {
 			detMu.Lock()

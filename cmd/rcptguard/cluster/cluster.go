@@ -176,10 +176,7 @@ func New(cfg Config) (*Cluster, error) {
 	}
 	c.up.Set(1)
 	if cfg.Registerer != nil {
-		if err := cfg.Registerer.Register(c.errs); err != nil {
-			return nil, err
-		}
-		if err := cfg.Registerer.Register(c.up); err != nil {
+		if err := c.Register(cfg.Registerer); err != nil {
 			return nil, err
 		}
 	}
