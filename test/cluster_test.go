@@ -143,6 +143,38 @@ func TestClusterOneJudgement(t *testing.T) {
 	if keys, _ := r.Do("KEYS", "*"); !strings.HasPrefix(keys, "*") {
 		t.Fatalf("KEYS: %q", keys)
 	}
+
+	// A block by hand on server 1 reaches the others; a line removed by
+	// hand from server 2's file unblocks everywhere.
+	runCLI(t, "block", "-config", cfgs[0], "-reason", "ticket 4711", "other@customer.test")
+	start = time.Now()
+	for i, c := range cs {
+		within(t, 2*time.Second-time.Since(start), fmt.Sprintf("server %d has the block by hand", i+1), func() bool {
+			return c.Must(rcpt("other@customer.test", "alice@good.test")) == "HOLD ticket 4711"
+		})
+	}
+	path := filepath.Join(filepath.Dir(cfgs[1]), "blocklist")
+	within(t, 2*time.Second, "server 2's file has the block", func() bool { return fileHas(path, "other@customer.test") })
+	b, _ := os.ReadFile(path)
+	var kept []string
+	for _, line := range strings.Split(string(b), "\n") {
+		if !strings.HasPrefix(line, "other@customer.test\t") {
+			kept = append(kept, line)
+		}
+	}
+	if err := os.WriteFile(path+".new", []byte(strings.Join(kept, "\n")), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(path+".new", path); err != nil {
+		t.Fatal(err)
+	}
+	start = time.Now()
+	for i, c := range cs {
+		within(t, 4*time.Second-time.Since(start), fmt.Sprintf("server %d free after the hand edit", i+1), func() bool {
+			return c.Must(rcpt("other@customer.test", "alice@good.test")) == "DUNNO"
+		})
+	}
+	t.Logf("a line removed by hand on server 2: free everywhere within %s", time.Since(start).Round(time.Millisecond))
 }
 
 // Redis dies mid-run: every request is answered within 1 s, counting is

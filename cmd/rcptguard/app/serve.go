@@ -159,7 +159,7 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 			return err
 		}
 		dcfg.Shared = cl
-		fleet.Store(cl.NewSync(bl, func(id string) {
+		fleet.Store(cl.NewSync(bl, cfg.Blocklist.Path, func(id string) {
 			detMu.Lock()
 			defer detMu.Unlock()
 			if det != nil {

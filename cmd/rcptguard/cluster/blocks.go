@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -144,6 +145,8 @@ func (c *Cluster) Blocks(ctx context.Context) ([]blocklist.Entry, error) {
 type Sync struct {
 	c        *Cluster
 	f        *blocklist.File
+	path     string      // f's path, "" to reload it every round
+	seen     os.FileInfo // f's file when last reloaded
 	forget   func(id string)
 	interval time.Duration
 	log      *slog.Logger
@@ -164,14 +167,14 @@ type op struct {
 // the fleet's in full.
 const DefaultSyncInterval = 2 * time.Second
 
-// NewSync returns the syncer of f. forget is called for each identity an
-// unblock elsewhere lifted here (its local counts are dropped);
-// interval 0 means DefaultSyncInterval.
-func (c *Cluster) NewSync(f *blocklist.File, forget func(id string), interval time.Duration) *Sync {
+// NewSync returns the syncer of f, the blocklist file at path. forget is
+// called for each identity an unblock elsewhere lifted here (its local
+// counts are dropped); interval 0 means DefaultSyncInterval.
+func (c *Cluster) NewSync(f *blocklist.File, path string, forget func(id string), interval time.Duration) *Sync {
 	if interval <= 0 {
 		interval = DefaultSyncInterval
 	}
-	return &Sync{c: c, f: f, forget: forget, interval: interval, log: c.log,
+	return &Sync{c: c, f: f, path: path, forget: forget, interval: interval, log: c.log,
 		pending: map[string]op{}, since: map[string]int64{}, kick: make(chan struct{}, 1)}
 }
 
@@ -225,7 +228,13 @@ func (s *Sync) Run(ctx context.Context) {
 func (s *Sync) Once(ctx context.Context) {
 	// Outside edits (rcptguard block/unblock, by hand) first: an entry
 	// just removed by hand must be pushed as an unblock, not pulled back.
-	_, _ = s.f.Reload()
+	// The file is read again only when it changed.
+	if fi, err := os.Stat(s.path); s.path == "" || err != nil || s.seen == nil ||
+		fi.Size() != s.seen.Size() || !fi.ModTime().Equal(s.seen.ModTime()) || !os.SameFile(fi, s.seen) ||
+		time.Since(fi.ModTime()) < 2*time.Second {
+		_, _ = s.f.Reload()
+		s.seen = fi
+	}
 	s.mu.Lock()
 	ops := make([]op, 0, len(s.pending))
 	for _, o := range s.pending {
