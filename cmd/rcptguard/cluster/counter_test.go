@@ -15,9 +15,11 @@ import (
 	"github.com/rcptguard/rcptguard/test"
 )
 
+// newCluster connects to url with a deadline long enough for a loaded
+// test machine: these tests are about counting, not about timeouts.
 func newCluster(t *testing.T, url string, now func() time.Time) *cluster.Cluster {
 	t.Helper()
-	c, err := cluster.New(cluster.Config{URL: url, KeyPrefix: "rg-test:", Period: time.Hour, LongPeriod: 24 * time.Hour, Now: now})
+	c, err := cluster.New(cluster.Config{URL: url, KeyPrefix: "rg-test:", Period: time.Hour, LongPeriod: 24 * time.Hour, Now: now, Timeout: 5 * time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -150,7 +152,11 @@ func TestSharedRatio(t *testing.T) {
 // failure fail at once; every key has the prefix.
 func TestRedisDownFailsFast(t *testing.T) {
 	r := test.StartRedis(t)
-	c := newCluster(t, r.URL(), time.Now)
+	c, err := cluster.New(cluster.Config{URL: r.URL(), KeyPrefix: "rg-test:", Period: time.Hour}) // the default deadline
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
 	ctx := context.Background()
 	lim := detector.Thresholds{Count: 3, Act: detector.ModeEnforce}
 	if _, err := c.Record(ctx, "a@isp.test", "", invalid("x@dest.test"), time.Now(), lim); err != nil {
