@@ -25,6 +25,12 @@ func (v *Verifier) lookup(key string) (Result, bool) {
 // store caches res under key for ttl. Ristretto may decline to keep it
 // (admission): that costs one more probe of the address, nothing else.
 func (v *Verifier) store(key string, res Result, ttl time.Duration) {
+	v.storeLocal(key, res, ttl)
+	v.sharedStore(key, res, ttl)
+}
+
+// storeLocal caches res under key for ttl in this process only.
+func (v *Verifier) storeLocal(key string, res Result, ttl time.Duration) {
 	if ttl <= 0 {
 		return
 	}

@@ -115,6 +115,9 @@ type Config struct {
 	Now func() time.Time
 	// Transcript, when set, receives the SMTP dialogue of every probe.
 	Transcript io.Writer
+	// Shared is a verdict cache shared with other servers, asked after
+	// the in-process one; nil: none.
+	Shared SharedCache
 }
 
 // Provider rules built in; a configuration that sets the key replaces them.
@@ -303,6 +306,9 @@ func (v *Verifier) Verify(ctx context.Context, address string) Result {
 		}
 	}
 	if res, ok := v.shortcut(a, key); ok {
+		return res
+	}
+	if res, ok := v.sharedLookup(ctx, key); ok {
 		return res
 	}
 	c := v.join(a, key)

@@ -121,6 +121,8 @@ type Config struct {
 	// MaxIdentities is the ceiling of tracked identities past which the
 	// least recently active unblocked ones are dropped; 0: the default.
 	MaxIdentities int
+	// Shared counts with the other servers of a fleet; nil: alone.
+	Shared SharedCounter
 }
 
 // DeferAction is the answer for a recipient rcptguard could not judge in
@@ -141,7 +143,10 @@ type Detector struct {
 	metrics *Metrics
 	now     func() time.Time
 	limiter *Limiter
-	busy    atomic.Int64 // verifications running in the background
+	shared  SharedCounter
+	keys    atomic.Uint64 // numbers the reservations with shared
+	keyBase string        // this detector's prefix of reservation keys
+	busy    atomic.Int64  // verifications running in the background
 
 	// sleep waits d or until ctx ends (false); tests replace it.
 	sleep func(ctx context.Context, d time.Duration) bool
@@ -210,6 +215,8 @@ func New(cfg Config) (*Detector, error) {
 		metrics: cfg.Metrics,
 		now:     cfg.Now,
 		limiter: newLimiter(cfg.Period, cfg.LongPeriod),
+		shared:  cfg.Shared,
+		keyBase: reservationBase(),
 		sleep:   sleepCtx,
 		ctx:     ctx,
 		cancel:  cancel,
@@ -407,7 +414,7 @@ func (d *Detector) Decide(ctx context.Context, req *Request) Action {
 	// sure that the verifications still in flight will not: then it waits.
 	if res, ok := d.cachedVerdict(rcpt); ok && res.Reason != callout.ReasonRateLimited {
 		d.metrics.verified(res, 0)
-		st := d.limiter.Judge(id, &res, d.now(), lim)
+		st := d.shareVerdict(ctx, id, "", &res, d.limiter.Judge(id, &res, d.now(), lim), lim)
 		a, count := d.record(ctx, req, id, res, st, lim)
 		d.limiter.Wake(id)
 		if a != ActionDunno || res.Status != callout.StatusInvalid || st.Safe || pc.mode == ModeMonitor {
@@ -426,8 +433,8 @@ func (d *Detector) Decide(ctx context.Context, req *Request) Action {
 		}
 		return d.answer(req, id, &res, "probe-rate", DeferAction, 0)
 	}
-	st := d.limiter.Reserve(id, d.now(), lim)
 	p := &probe{done: make(chan struct{})}
+	st := d.shareReserve(ctx, id, p, d.limiter.Reserve(id, d.now(), lim), lim)
 	// Far from every limit even if everything in flight turns out invalid:
 	// the request is accepted before the probe starts, so whatever comes
 	// back — even a cap's instant "rate-limited" — is owed and judged late
@@ -452,6 +459,7 @@ type probe struct {
 	answered bool // the request was answered otherwise (defer, block)
 	done     chan struct{}
 	res      callout.Result // set before done is closed
+	key      string         // its reservation with the fleet's shared counter, "" none
 }
 
 // accept marks the request answered DUNNO before its verdict; false when
@@ -517,7 +525,7 @@ func (d *Detector) run(req Request, id, rcpt string, p *probe, lim Thresholds) {
 	for {
 		res := d.verify.Verify(d.ctx, rcpt)
 		if res.Reason == callout.ReasonCanceled || res.Reason == callout.ReasonShutdown {
-			d.limiter.Settle(id, nil, d.now(), lim)
+			d.settleNone(id, p, lim)
 			p.finish(res)
 			d.limiter.Wake(id)
 			return // shutting down
@@ -525,7 +533,7 @@ func (d *Detector) run(req Request, id, rcpt string, p *probe, lim Thresholds) {
 		if unjudged(res.Reason) {
 			if !p.owed(res) {
 				// Not accepted: the waiting request defers.
-				d.limiter.Settle(id, nil, d.now(), lim)
+				d.settleNone(id, p, lim)
 				d.limiter.Wake(id)
 				return
 			}
@@ -535,7 +543,7 @@ func (d *Detector) run(req Request, id, rcpt string, p *probe, lim Thresholds) {
 				backoff *= 2
 				continue
 			}
-			d.limiter.Settle(id, nil, d.now(), lim)
+			d.settleNone(id, p, lim)
 			p.finish(res)
 			if d.ctx.Err() == nil {
 				d.log.Warn("recipient accepted and never verified: the verifier's caps held for a whole period",
@@ -545,7 +553,7 @@ func (d *Detector) run(req Request, id, rcpt string, p *probe, lim Thresholds) {
 			return
 		}
 		d.metrics.verified(res, time.Since(start))
-		st := d.limiter.Settle(id, &res, d.now(), lim)
+		st := d.shareVerdict(d.ctx, id, p.key, &res, d.limiter.Settle(id, &res, d.now(), lim), lim)
 		a, count := d.record(d.ctx, &req, id, res, st, lim)
 		if p.finish(res) {
 			d.logDecision(&req, id, &res, "late", a, count)
@@ -572,6 +580,8 @@ func (d *Detector) await(ctx context.Context, req *Request, id string, own *call
 	}
 	t := time.NewTimer(pc.wait)
 	defer t.Stop()
+	poll := d.sharedPoll()
+	defer poll.Stop()
 	for {
 		ch := d.limiter.Changed(id)
 		a, done := d.settled(req, id, own, p, lim)
@@ -582,6 +592,8 @@ func (d *Detector) await(ctx context.Context, req *Request, id string, own *call
 		select {
 		case <-ch:
 			d.limiter.Unwait(id)
+		case <-poll.C:
+			d.limiter.Unwait(id) // the other servers' verdicts wake nobody here: look again
 		case <-t.C:
 			d.limiter.Unwait(id)
 			return d.timedOut(req, id, own, p, lim, "wait-exceeded")
@@ -615,7 +627,7 @@ func (d *Detector) settled(req *Request, id string, own *callout.Result, p *prob
 			return d.answer(req, id, own, "", ActionDunno, 0), true
 		}
 	}
-	st := d.limiter.Standing(id, d.now(), lim)
+	st := d.shareReserve(d.ctx, id, nil, d.limiter.Standing(id, d.now(), lim), lim)
 	if st.Safe && own != nil {
 		return d.answer(req, id, own, "waited", ActionDunno, st.Count), true
 	}
@@ -712,6 +724,14 @@ func (d *Detector) record(ctx context.Context, req *Request, id string, res call
 			// entry is written (the blocklist waits for that, bounded).
 			if a, ok := d.block.Blocked(id); ok && pc.mode == ModeEnforce {
 				return Action(a), ev.Count
+			}
+			if d.shared != nil && pc.mode == ModeEnforce {
+				// Another server crossed first: block here too, at once,
+				// without a report (it sends the one report).
+				bctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
+				_ = d.block.Block(bctx, id, action)
+				cancel()
+				return Action(action), ev.Count
 			}
 			return ActionDunno, ev.Count
 		}

@@ -229,6 +229,7 @@ func cmdWorld(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.StringVar(&cfg.LogLevel, "log-level", "warn", "rcptguard's log.level: warn logs no decisions, info one line per decision")
 	logFile := fs.String("log", "", "file for rcptguard's log (default: standard error)")
 	fs.IntVar(&cfg.Limit, "limit", 1_000_000, "detector.limit: distinct invalid recipients per identity before it is blocked")
+	fs.StringVar(&cfg.Redis, "redis", "", "rcptguard's cluster.redis, e.g. \"redis://127.0.0.1:6379/0\" (default: a single host)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}

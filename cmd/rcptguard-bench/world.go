@@ -34,6 +34,7 @@ type worldConfig struct {
 	LogLevel  string    // rcptguard's log level
 	Limit     int       // detector.limit
 	LogOut    io.Writer // rcptguard's log
+	Redis     string    // cluster.redis, "" for a single host
 }
 
 func (c *worldConfig) check() error {
@@ -150,6 +151,9 @@ func runWorld(ctx context.Context, cfg worldConfig, out io.Writer, ready func(po
 	if cfg.Metrics != "" {
 		metrics = fmt.Sprintf("\n[metrics]\nlisten = %q\n", cfg.Metrics)
 	}
+	if cfg.Redis != "" {
+		metrics += fmt.Sprintf("\n[cluster]\nredis = %q\nkey_prefix = \"rcptguard-bench:\"\n", cfg.Redis)
+	}
 	configPath := filepath.Join(dir, "rcptguard.toml")
 	config := fmt.Sprintf(`# written by rcptguard-bench world
 [policy]
@@ -163,6 +167,13 @@ warn_at = 0
 resolver = %q
 port = %s
 allow_private = true
+# The world's one MX takes any load: the politeness caps would turn most
+# primed verdicts into "unknown rate-limited", which is never cached.
+per_domain_rcpt_rate = 10000000
+per_host_rcpt_rate = 10000000
+per_domain_rate = 1000000
+per_host_rate = 1000000
+session_rate = 1000000
 
 [blocklist]
 path = %q

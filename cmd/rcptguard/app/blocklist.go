@@ -13,6 +13,7 @@ import (
 
 	"github.com/rcptguard/rcptguard/blocklist"
 	"github.com/rcptguard/rcptguard/blocklist/identity"
+	"github.com/rcptguard/rcptguard/cmd/rcptguard/cluster"
 )
 
 // cmdList prints the blocklist: one entry a line, as in the file.
@@ -37,9 +38,21 @@ func cmdList(_ context.Context, args []string, stdout, stderr io.Writer) error {
 	for _, p := range problems {
 		fmt.Fprintf(stderr, "%s: %s (skipped)\n", cfg.Blocklist.Path, p)
 	}
+	seen := map[string]bool{}
 	for _, e := range f.Entries() {
+		seen[e.Identity] = true
 		fmt.Fprintln(stdout, e.String())
 	}
+	// [cluster]: the blocks of the other servers too.
+	_, _ = withFleet(context.Background(), cfg, stderr, func(ctx context.Context, c *cluster.Cluster) error {
+		es, err := c.Blocks(ctx)
+		for _, e := range es {
+			if !seen[e.Identity] {
+				fmt.Fprintln(stdout, e.String())
+			}
+		}
+		return err
+	})
 	return nil
 }
 
@@ -68,9 +81,14 @@ func cmdBlock(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	ctx, cancel := context.WithTimeout(ctx, cliLockWait)
 	defer cancel()
-	if err := f.Add(ctx, blocklist.Entry{Identity: id, Action: strings.ToUpper(action), Text: text}); err != nil {
+	e := blocklist.Entry{Identity: id, Action: strings.ToUpper(action), Text: text}
+	if err := f.Add(ctx, e); err != nil {
 		return fmt.Errorf("block %s: %w", id, notWritten("not blocked", err))
 	}
+	_, _ = withFleet(ctx, cfg, stderr, func(ctx context.Context, c *cluster.Cluster) error {
+		_, err := c.PushBlock(ctx, e, time.Now())
+		return err
+	})
 	fmt.Fprintf(stdout, "blocked %s\n", id)
 	return nil
 }
@@ -91,13 +109,17 @@ func cmdUnblock(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	if err != nil {
 		return err
 	}
+	// [cluster]: the fleet first, so no server pulls the block back here.
+	fleet, ferr := withFleet(ctx, cfg, stderr, func(ctx context.Context, c *cluster.Cluster) error {
+		return c.PushUnblock(ctx, id, time.Now())
+	})
 	ctx, cancel := context.WithTimeout(ctx, cliLockWait)
 	defer cancel()
 	removed, err := f.Remove(ctx, id)
 	if err != nil {
 		return fmt.Errorf("unblock %s: %w", id, notWritten("still blocked", err))
 	}
-	if !removed {
+	if !removed && !(fleet && ferr == nil) {
 		fmt.Fprintf(stdout, "%s was not blocked\n", id)
 		return nil
 	}

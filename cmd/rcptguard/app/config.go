@@ -16,6 +16,7 @@ import (
 
 	"github.com/rcptguard/rcptguard/blocklist/identity"
 	"github.com/rcptguard/rcptguard/callout"
+	"github.com/rcptguard/rcptguard/cmd/rcptguard/cluster"
 )
 
 // defaultConfigPath is read when no -config flag and no RCPTGUARD_CONFIG
@@ -33,6 +34,7 @@ type Config struct {
 	Notify    NotifyConfig    `toml:"notify"`
 	Metrics   MetricsConfig   `toml:"metrics"`
 	Log       LogConfig       `toml:"log"`
+	Cluster   ClusterConfig   `toml:"cluster"`
 
 	// Path is the file the configuration was read from, "" for defaults.
 	Path string `toml:"-"`
@@ -134,6 +136,14 @@ type MetricsConfig struct {
 	Listen string `toml:"listen"`
 }
 
+// ClusterConfig is the [cluster] section: several servers sharing one
+// judgement through Redis. Redis "" (the default): single host.
+type ClusterConfig struct {
+	Redis        string `toml:"redis"`
+	KeyPrefix    string `toml:"key_prefix"`
+	PasswordFile string `toml:"password_file"`
+}
+
 // LogConfig is the [log] section.
 type LogConfig struct {
 	Level  string `toml:"level"`
@@ -204,7 +214,8 @@ func defaultConfig() Config {
 			Spool:    "/var/lib/rcptguard/spool",
 			MaxAge:   Duration(5 * 24 * time.Hour),
 		},
-		Log: LogConfig{Level: "info", Format: "text"},
+		Log:     LogConfig{Level: "info", Format: "text"},
+		Cluster: ClusterConfig{KeyPrefix: "rcptguard:"},
 	}
 }
 
@@ -539,6 +550,7 @@ func (c *Config) Validate() []error {
 			bad("metrics.listen", "%v", err)
 		}
 	}
+	errs = append(errs, checkCluster(&c.Cluster)...)
 	switch c.Log.Level {
 	case "debug", "info", "warn", "error":
 	default:
@@ -611,4 +623,25 @@ func checkAction(a string) error {
 		return nil
 	}
 	return fmt.Errorf("%q: must start with a Postfix action such as HOLD, REJECT, DEFER or an SMTP code", a)
+}
+
+// checkCluster validates the [cluster] section.
+func checkCluster(c *ClusterConfig) []error {
+	var errs []error
+	if c.Redis == "" {
+		if c.PasswordFile != "" {
+			errs = append(errs, errors.New("cluster.password_file: is set but cluster.redis is empty"))
+		}
+		return errs
+	}
+	if err := cluster.CheckURL(c.Redis); err != nil {
+		errs = append(errs, fmt.Errorf("cluster.redis: %w", err))
+	}
+	if c.KeyPrefix == "" || len(c.KeyPrefix) > 64 || strings.ContainsAny(c.KeyPrefix, "{} \t\r\n") {
+		errs = append(errs, fmt.Errorf("cluster.key_prefix: %q must be 1 to 64 characters without spaces or braces", c.KeyPrefix))
+	}
+	if c.PasswordFile != "" && !strings.HasPrefix(c.PasswordFile, "/") {
+		errs = append(errs, fmt.Errorf("cluster.password_file: must be an absolute path, got %q", c.PasswordFile))
+	}
+	return errs
 }

@@ -159,6 +159,11 @@ func TestBadConfigs(t *testing.T) {
 		{"[notify]\nwarn_user = true\n", []string{"notify.warn_user", "detector.local_domains"}},
 		{"[metrics]\nlisten = \"9410\"\n", []string{"metrics.listen"}},
 		{"[log]\nlevel = \"loud\"\n", []string{"log.level"}},
+		{"[cluster]\nredis = \"127.0.0.1:6379\"\n", []string{"cluster.redis"}},
+		{"[cluster]\nredis = \"unix:run/redis.sock\"\n", []string{"cluster.redis"}},
+		{"[cluster]\nredis = \"redis://127.0.0.1\"\nkey_prefix = \"a{b}\"\n", []string{"cluster.key_prefix"}},
+		{"[cluster]\npassword_file = \"/etc/pw\"\n", []string{"cluster.password_file", "cluster.redis"}},
+		{"[cluster]\nredis = \"redis://127.0.0.1\"\npassword_file = \"pw\"\n", []string{"cluster.password_file"}},
 		{"[detector\n", []string{":2:"}},
 		// Several errors are reported at once.
 		{"[detector]\nlimit = -1\nmode = \"x\"\n", []string{"detector.limit", "detector.mode"}},

@@ -24,6 +24,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/rcptguard/rcptguard/blocklist"
+	"github.com/rcptguard/rcptguard/callout"
+	"github.com/rcptguard/rcptguard/cmd/rcptguard/cluster"
 	"github.com/rcptguard/rcptguard/cmd/rcptguard/queue"
 	"github.com/rcptguard/rcptguard/detector"
 )
@@ -83,6 +85,7 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 	// needs it: an unblocked identity starts afresh.
 	var det *detector.Detector
 	var detMu sync.Mutex
+	var fleet atomic.Pointer[cluster.Sync] // [cluster]: the blocklist's syncer
 	bl, problems, err := blocklist.Open(blocklist.Config{
 		Path:   cfg.Blocklist.Path,
 		Create: true, // Postfix's check_sasl_access fails on a missing table
@@ -100,6 +103,9 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 					d.Limiter().Forget(id)
 				}
 			}
+			if s := fleet.Load(); s != nil {
+				s.LocalChange(added, removed)
+			}
 		},
 	})
 	if err != nil {
@@ -113,7 +119,16 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 	if err != nil {
 		return fmt.Errorf("detector.limits_file: %w", err)
 	}
-	verifier, err := newVerifier(cfg, log.With("component", "callout"), nil)
+	cl, err := openCluster(cfg, log, nil)
+	if err != nil {
+		return err
+	}
+	var shared callout.SharedCache
+	if cl != nil {
+		defer func() { _ = cl.Close() }()
+		shared = cl
+	}
+	verifier, err := newVerifier(cfg, log.With("component", "callout"), nil, shared)
 	if err != nil {
 		return err
 	}
@@ -139,6 +154,20 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 	dcfg.Notifier = reports
 	dcfg.Logger = log
 	dcfg.Metrics = metrics
+	if cl != nil {
+		if err := cl.Register(reg); err != nil {
+			return err
+		}
+		dcfg.Shared = cl
+		fleet.Store(cl.NewSync(bl, cfg.Blocklist.Path, func(id string) {
+			detMu.Lock()
+			defer detMu.Unlock()
+			if det != nil {
+				det.Limiter().Forget(id)
+			}
+		}, 0))
+		dcfg.Blocklist = fleet.Load().Blocklist(dcfg.Blocklist)
+	}
 	d, err := detector.New(dcfg)
 	if err != nil {
 		return err
@@ -245,6 +274,10 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 	}
 	wg.Go(func() { logBuf.run(ctx) })
 	wg.Go(func() { _ = bl.Watch(ctx, time.Second) })
+	if s := fleet.Load(); s != nil {
+		wg.Go(func() { s.Run(ctx) })
+		wg.Go(func() { cl.Run(ctx) })
+	}
 	// The mailer outlives the policy listeners and the background
 	// verifications: reports of the last blocks are spooled and tried
 	// before it stops; whatever is left stays in the spool for the next
@@ -267,7 +300,11 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 		wg.Go(func() { watchHoldResults(ctx, queue.ResultsDir(cfg.Queue.Requests), 2*time.Second, reports) })
 	}
 	if cfg.Detector.UnblockAfter > 0 {
-		wg.Go(func() { autoUnblock(ctx, bl, 30*time.Second, time.Now, d.Limiter().Forget, log) })
+		forget := d.Limiter().Forget
+		if s := fleet.Load(); s != nil {
+			forget = func(id string) { d.Limiter().Forget(id); s.Unblocked(id, time.Now()) }
+		}
+		wg.Go(func() { autoUnblock(ctx, bl, 30*time.Second, time.Now, forget, log) })
 	}
 	wg.Go(func() { reloadOnHUP(ctx, hup, cfg, d, srv, log) })
 

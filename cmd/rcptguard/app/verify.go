@@ -39,7 +39,7 @@ func cmdVerify(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		// The dialogue only: debug log lines would be a second format.
 		transcript = stderr
 	}
-	v, err := newVerifier(cfg, logger, transcript)
+	v, err := newVerifier(cfg, logger, transcript, nil)
 	if err != nil {
 		return err
 	}
@@ -53,7 +53,7 @@ func cmdVerify(ctx context.Context, args []string, stdout, stderr io.Writer) err
 }
 
 // newVerifier builds the callout verifier the configuration describes.
-func newVerifier(cfg *Config, logger *slog.Logger, transcript io.Writer) (*callout.Verifier, error) {
+func newVerifier(cfg *Config, logger *slog.Logger, transcript io.Writer, shared callout.SharedCache) (*callout.Verifier, error) {
 	co := cfg.Callout
 	var servers []string
 	if co.Resolver != "" {
@@ -90,6 +90,7 @@ func newVerifier(cfg *Config, logger *slog.Logger, transcript io.Writer) (*callo
 		SessionRate:       co.SessionRate,
 		Logger:            logger,
 		Transcript:        transcript,
+		Shared:            shared, // [cluster]: the fleet's verdicts
 	})
 }
 
