@@ -15,7 +15,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -131,7 +130,7 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 
 	dcfg := detectorConfig(cfg, limits)
 	dcfg.Verifier = verifier
-	if dcfg.Blocklist, err = withBlockHooks(cfg, newBlocklistAdapter(bl), log); err != nil {
+	if dcfg.Blocklist, err = withBlockHooks(cfg, bl, log); err != nil {
 		return err
 	}
 	space := &queueSpaceNow{}
@@ -391,50 +390,4 @@ func configFileError(path string, err error) error {
 		errs = append(errs, errors.New(line))
 	}
 	return joinConfigErrors(path, errs)
-}
-
-// blocklistAdapter gives the detector the blocklist file as it wants it.
-type blocklistAdapter struct {
-	f        *blocklist.File
-	failedAt *atomic.Int64 // unix ns of the last failed wait for a write
-}
-
-func newBlocklistAdapter(f *blocklist.File) blocklistAdapter {
-	return blocklistAdapter{f: f, failedAt: new(atomic.Int64)}
-}
-
-// writeRetryPause is how long after a failed write the adapter answers
-// from memory without waiting again (the blocklist's watcher retries
-// every second meanwhile).
-const writeRetryPause = 5 * time.Second
-
-func (a blocklistAdapter) Blocked(id string) (string, bool) {
-	e, ok := a.f.Lookup(id)
-	if !ok {
-		return "", false
-	}
-	if e.Line == 0 && time.Since(time.Unix(0, a.failedAt.Load())) > writeRetryPause {
-		// Not on disk yet: a write is in progress, or the disk refuses.
-		// Wait for it a little, so that a block Postfix is told about
-		// survives a crash; past that, the block holds from memory, and
-		// while the disk keeps refusing nobody waits for it again.
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		if err := a.f.Flush(ctx); err != nil {
-			a.failedAt.Store(time.Now().UnixNano())
-		}
-		cancel()
-	}
-	if e.Text == "" {
-		return e.Action, true
-	}
-	return e.Action + " " + e.Text, true
-}
-
-func (a blocklistAdapter) Block(ctx context.Context, id, action string) error {
-	word, text, _ := strings.Cut(action, " ")
-	err := a.f.Add(ctx, blocklist.Entry{Identity: id, Action: word, Text: text})
-	if err != nil {
-		a.failedAt.Store(time.Now().UnixNano())
-	}
-	return err
 }
