@@ -78,6 +78,16 @@ func newMailer(t *testing.T, cfg notify.Config) (*notify.Mailer, *logBuffer) {
 	return m, logs
 }
 
+// flush waits until every report Enqueue took is in the spool.
+func flush(t *testing.T, m *notify.Mailer) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), waitLong)
+	defer cancel()
+	if err := m.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // run starts m.Run and stops it at cleanup, failing if it does not return.
 func run(t *testing.T, m *notify.Mailer) {
 	t.Helper()
@@ -441,6 +451,7 @@ func TestMailerRestartDeliversSpool(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	flush(t, first)
 	partial := filepath.Join(cfg.Spool, ".tmp-123456")
 	if err := os.WriteFile(partial, []byte(`{"version":1,"fr`), 0o600); err != nil {
 		t.Fatal(err)
@@ -507,6 +518,7 @@ func TestMailerCorruptSpoolFiles(t *testing.T) {
 	if err := m.Enqueue(context.Background(), abuseReport("alice@example.com")); err != nil {
 		t.Fatal(err)
 	}
+	flush(t, m)
 	names, _ := filepath.Glob(filepath.Join(cfg.Spool, "*.msg"))
 	good, err := os.ReadFile(names[0])
 	if err != nil {
@@ -673,6 +685,7 @@ func TestMailerSpoolFiles(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	flush(t, m)
 	entries, err := os.ReadDir(cfg.Spool)
 	if err != nil || len(entries) != 3 {
 		t.Fatalf("spool holds %v, %v; want 3 files", entries, err)

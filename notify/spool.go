@@ -61,6 +61,10 @@ type spool struct {
 	// mu keeps the sweep of leftover temporary files from taking a file
 	// that is being written right now.
 	mu sync.Mutex
+	// fault, when set (by tests), is asked before each file is written
+	// and its error, if any, is the write's: a full or read-only disk
+	// without a mount.
+	fault func(op, name string) error
 }
 
 // openSpool creates dir (0700) when it is missing, and checks it: a real
@@ -95,23 +99,25 @@ func openSpool(dir string) (*spool, error) {
 	return &spool{dir: dir}, nil
 }
 
-// add writes a new spool file for msg and returns its name. The file is
-// complete and synced, and so is the directory, before add returns.
-func (s *spool) add(hdr spoolHeader, msg []byte, now time.Time) (string, error) {
+// newName returns a new spool file name for a message made at now.
+func newName(now time.Time) string {
 	var rnd [8]byte
-	if _, err := rand.Read(rnd[:]); err != nil {
-		return "", fmt.Errorf("notify: spool: %w", err)
-	}
-	name := fmt.Sprintf("%019d-%s%s", now.UnixNano(), hex.EncodeToString(rnd[:]), spoolSuffix)
-	if err := s.write(name, hdr, msg); err != nil {
-		return "", err
-	}
-	return name, nil
+	_, _ = rand.Read(rnd[:]) // crypto/rand.Read does not fail
+	return fmt.Sprintf("%019d-%s%s", now.UnixNano(), hex.EncodeToString(rnd[:]), spoolSuffix)
 }
 
 // write replaces (or creates) the spool file name atomically: a temporary
 // file in the spool directory, fsync, rename, fsync of the directory.
-func (s *spool) write(name string, hdr spoolHeader, msg []byte) (err error) {
+func (s *spool) write(name string, hdr spoolHeader, msg []byte) error {
+	if err := s.place(name, hdr, msg); err != nil {
+		return err
+	}
+	return s.syncDir()
+}
+
+// place writes the spool file name as write does, but leaves the sync of
+// the directory to the caller, who may place several files first.
+func (s *spool) place(name string, hdr spoolHeader, msg []byte) (err error) {
 	hdr.Version = spoolVersion
 	hdr.Size = len(msg)
 	sum := sha256.Sum256(msg)
@@ -123,6 +129,11 @@ func (s *spool) write(name string, hdr spoolHeader, msg []byte) (err error) {
 
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.fault != nil {
+		if err := s.fault("write", name); err != nil {
+			return fmt.Errorf("notify: spool: %w", err)
+		}
+	}
 	tmp, err := os.CreateTemp(s.dir, spoolTemp+"*")
 	if err != nil {
 		return fmt.Errorf("notify: spool: %w", err)
@@ -145,7 +156,7 @@ func (s *spool) write(name string, hdr spoolHeader, msg []byte) (err error) {
 	if err = os.Rename(tmp.Name(), filepath.Join(s.dir, name)); err != nil {
 		return fmt.Errorf("notify: spool: %w", err)
 	}
-	return s.syncDir()
+	return nil
 }
 
 // syncDir makes renames and removals in the spool directory durable.
@@ -210,6 +221,11 @@ func (s *spool) load(name string) (spoolEntry, error) {
 
 // remove deletes a delivered message.
 func (s *spool) remove(name string) error {
+	if s.fault != nil {
+		if err := s.fault("remove", name); err != nil {
+			return fmt.Errorf("notify: spool: %w", err)
+		}
+	}
 	if err := os.Remove(filepath.Join(s.dir, name)); err != nil {
 		return fmt.Errorf("notify: spool: %w", err)
 	}
