@@ -176,6 +176,9 @@ func TestBlockReportSaysQueueDiskAndFollowUp(t *testing.T) {
 	if err := n.Notify(context.Background(), ev); err != nil {
 		t.Fatal(err)
 	}
+	if err := m.Flush(context.Background()); err != nil {
+		t.Fatal(err)
+	}
 	msgs := spooled(t, spool)
 	if len(msgs) != 1 {
 		t.Fatalf("%d reports", len(msgs))

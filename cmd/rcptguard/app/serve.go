@@ -25,6 +25,7 @@ import (
 	"github.com/rcptguard/rcptguard/blocklist"
 	"github.com/rcptguard/rcptguard/cmd/rcptguard/queue"
 	"github.com/rcptguard/rcptguard/detector"
+	"github.com/rcptguard/rcptguard/notify"
 )
 
 // Hooks let an embedding program (the end-to-end tests) observe a running
@@ -81,6 +82,7 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 	// The detector is made after the blocklist, whose change callback
 	// needs it: an unblocked identity starts afresh.
 	var det *detector.Detector
+	var reportsTo *notify.Mailer // nil until made, and without mail
 	var detMu sync.Mutex
 	bl, problems, err := blocklist.Open(blocklist.Config{
 		Path:   cfg.Blocklist.Path,
@@ -88,13 +90,20 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 		Logger: log.With("component", "blocklist"),
 		OnChange: func(added, removed []string) {
 			detMu.Lock()
-			d := det
+			d, m := det, reportsTo
 			detMu.Unlock()
 			for _, id := range added {
 				log.Info("blocklist entry added outside the daemon", slog.String("identity", id))
 			}
+			if m != nil && len(added) > 0 {
+				// Not the daemon's blocks: no start-up reports them.
+				if err := m.NoteReported(added...); err != nil {
+					log.Warn("spool ledger not updated", slog.Any("error", err))
+				}
+			}
 			for _, id := range removed {
 				log.Info("rcptguard unblocked", slog.String("identity", id))
+				forgetBlock(m, id, log)
 				if d != nil {
 					d.Limiter().Forget(id)
 				}
@@ -122,11 +131,19 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 	if err != nil {
 		return err
 	}
+	if mailer != nil && len(cfg.Notify.To) > 0 {
+		reconcileReports(ctx, bl, mailer, log)
+	}
+	detMu.Lock()
+	reportsTo = mailer
+	detMu.Unlock()
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	metrics := detector.NewMetrics(reg)
 	registerCalloutMetrics(reg, verifier)
+	health := durability{bl: bl, mailer: mailer}
+	health.register(reg)
 
 	dcfg := detectorConfig(cfg, limits)
 	dcfg.Verifier = verifier
@@ -208,7 +225,7 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 		metricsAddr = ln.Addr().String()
 		mux := http.NewServeMux()
 		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
-		mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = io.WriteString(w, "ok\n") })
+		mux.Handle("/healthz", health)
 		metricsSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 		go func() { _ = metricsSrv.Serve(ln) }()
 	}
@@ -266,7 +283,9 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 		wg.Go(func() { watchHoldResults(ctx, queue.ResultsDir(cfg.Queue.Requests), 2*time.Second, reports) })
 	}
 	if cfg.Detector.UnblockAfter > 0 {
-		wg.Go(func() { autoUnblock(ctx, bl, 30*time.Second, time.Now, d.Limiter().Forget, log) })
+		wg.Go(func() {
+			autoUnblock(ctx, bl, 30*time.Second, time.Now, func(id string) { forgetBlock(mailer, id, log); d.Limiter().Forget(id) }, log)
+		})
 	}
 	wg.Go(func() { reloadOnHUP(ctx, hup, cfg, d, srv, log) })
 
