@@ -13,6 +13,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -64,7 +65,18 @@ type spool struct {
 	// fault, when set (by tests), is asked before each file is written
 	// and its error, if any, is the write's: a full or read-only disk
 	// without a mount.
-	fault func(op, name string) error
+	fault atomic.Pointer[func(op, name string) error]
+}
+
+// injected returns the error a test injected for op ("write", "remove")
+// on the spool file name, if any.
+func (s *spool) injected(op, name string) error {
+	if f := s.fault.Load(); f != nil {
+		if err := (*f)(op, name); err != nil {
+			return fmt.Errorf("notify: spool: %w", err)
+		}
+	}
+	return nil
 }
 
 // openSpool creates dir (0700) when it is missing, and checks it: a real
@@ -129,10 +141,8 @@ func (s *spool) place(name string, hdr spoolHeader, msg []byte) (err error) {
 
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.fault != nil {
-		if err := s.fault("write", name); err != nil {
-			return fmt.Errorf("notify: spool: %w", err)
-		}
+	if err := s.injected("write", name); err != nil {
+		return err
 	}
 	tmp, err := os.CreateTemp(s.dir, spoolTemp+"*")
 	if err != nil {
@@ -221,10 +231,8 @@ func (s *spool) load(name string) (spoolEntry, error) {
 
 // remove deletes a delivered message.
 func (s *spool) remove(name string) error {
-	if s.fault != nil {
-		if err := s.fault("remove", name); err != nil {
-			return fmt.Errorf("notify: spool: %w", err)
-		}
+	if err := s.injected("remove", name); err != nil {
+		return err
 	}
 	if err := os.Remove(filepath.Join(s.dir, name)); err != nil {
 		return fmt.Errorf("notify: spool: %w", err)
