@@ -704,7 +704,7 @@ func (m *Mailer) SendNow(ctx context.Context, r Report) error {
 	if err != nil {
 		return err
 	}
-	_, failures := m.deliver(ctx, m.from, m.to, msg)
+	_, failures := m.deliver(ctx, m.from, m.to, msg, nil)
 	var errs []error
 	for _, f := range failures {
 		errs = append(errs, f.err)
@@ -904,12 +904,24 @@ func (m *Mailer) forgetExcept(names []string) {
 func (m *Mailer) attempt(ctx context.Context, e spoolEntry) (time.Time, bool) {
 	log := m.log.With(slog.String("identity", e.hdr.Identity), slog.String("kind", e.hdr.Kind),
 		slog.String("message_id", e.hdr.MessageID), slog.String("spool_file", e.name))
-	delivered, failures := m.deliver(ctx, e.hdr.From, e.hdr.To, e.msg)
+	// The file goes the moment the relay took the message for every
+	// recipient, before QUIT: the shorter the time between the relay's
+	// answer and the removal, the smaller the chance that a crash in
+	// between makes the next start send it again (with the same
+	// Message-ID, by which a ticket system can tell).
+	var removeErr error
+	removed := false
+	delivered, failures := m.deliver(ctx, e.hdr.From, e.hdr.To, e.msg, func() {
+		removeErr, removed = m.spool.remove(e.name), true
+	})
 	if len(delivered) > 0 {
 		log.Info("report delivered", slog.Any("to", delivered), slog.String("relay", m.cfg.Relay))
 	}
 	if len(failures) == 0 {
-		if err := m.spool.remove(e.name); err != nil {
+		if !removed {
+			removeErr = m.spool.remove(e.name)
+		}
+		if err := removeErr; err != nil {
 			log.Error("delivered report cannot be removed from the spool; it is not sent again by this process, which removes it when it can",
 				slog.Any("error", err))
 			m.mu.Lock()
@@ -965,8 +977,10 @@ func (f failure) permanent() bool {
 
 // deliver makes one attempt to hand msg to the relay for each recipient
 // in to. It returns the recipients the relay accepted the message for
-// (250 after DATA) and, for the others, why not.
-func (m *Mailer) deliver(ctx context.Context, from string, to []string, msg []byte) (delivered []string, failures []failure) {
+// (250 after DATA) and, for the others, why not. allTaken, if not nil, is
+// called as soon as the relay took the message for every recipient,
+// before QUIT.
+func (m *Mailer) deliver(ctx context.Context, from string, to []string, msg []byte, allTaken func()) (delivered []string, failures []failure) {
 	ctx, cancel := context.WithTimeout(ctx, attemptTimeout)
 	defer cancel()
 	all := func(err error) ([]string, []failure) {
@@ -1009,6 +1023,9 @@ func (m *Mailer) deliver(ctx context.Context, from string, to []string, msg []by
 	}
 	if err := w.Close(); err != nil {
 		return dataFailed("end of DATA", err)
+	}
+	if len(failures) == 0 && allTaken != nil {
+		allTaken()
 	}
 	_ = s.c.Quit()
 	return accepted, failures
