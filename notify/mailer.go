@@ -487,6 +487,18 @@ func (m *Mailer) writeMem() {
 			if serr := m.spool.syncDir(); serr != nil && err == nil {
 				err = serr
 			}
+			// On record at once, so that a spool that turns read-only
+			// later does not hold them back (the sender records a block
+			// report before its first attempt otherwise).
+			var blocks []string
+			for _, mm := range batch[:placed] {
+				if mm.block != "" {
+					blocks = append(blocks, mm.block)
+				}
+			}
+			if lerr := m.note(true, blocks...); lerr != nil {
+				m.log.Warn("spool ledger not updated; the sender records the reports before it sends them", slog.Any("error", lerr))
+			}
 		}
 		m.memMu.Lock()
 		// Only writeMem takes from mem, and only queue adds to its end:
