@@ -288,3 +288,42 @@ func fillDisk(t *testing.T, dir string) string {
 		}
 	}
 }
+
+// TestSpoolMarkedAtCrash: a message a crash left marked as being sent
+// (its end of DATA was on its way) is not sent again by the next start;
+// the others are, and a mark without its message is cleaned up.
+func TestSpoolMarkedAtCrash(t *testing.T) {
+	relay := test.StartRelay(t, test.RelayConfig{})
+	cfg := relayConfig(relay)
+	cfg.Spool = filepath.Join(t.TempDir(), "spool")
+	first, _ := newMailer(t, cfg)
+	for _, id := range []string{"sending@example.com", "waiting@example.com"} {
+		if err := first.Enqueue(context.Background(), abuseReport(id)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	flush(t, first)
+	names, _ := filepath.Glob(filepath.Join(cfg.Spool, "*.msg"))
+	if len(names) != 2 {
+		t.Fatalf("%d spool files", len(names))
+	}
+	for _, mark := range []string{names[0] + ".sending", filepath.Join(cfg.Spool, "0000000000000000001-gone.msg.sending")} {
+		if err := os.WriteFile(mark, nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	second, logs := newMailer(t, cfg)
+	run(t, second)
+	msgs := relay.WaitMessages(t, 1, waitLong)
+	eventually(t, "an empty spool", func() bool { return second.Pending() == 0 })
+	time.Sleep(50 * time.Millisecond)
+	if n := len(relay.Messages()); n != 1 || !strings.Contains(string(msgs[0].Data), "waiting@example.com") {
+		t.Errorf("%d messages, want only the one not being sent", n)
+	}
+	if left, _ := filepath.Glob(filepath.Join(cfg.Spool, "*.sending")); len(left) != 0 {
+		t.Errorf("marks left: %v", left)
+	}
+	if !strings.Contains(logs.String(), "not sent again") {
+		t.Errorf("no log of the message not sent again:\n%s", logs)
+	}
+}

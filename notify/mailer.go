@@ -716,7 +716,7 @@ func (m *Mailer) SendNow(ctx context.Context, r Report) error {
 	if err != nil {
 		return err
 	}
-	_, failures := m.deliver(ctx, m.from, m.to, msg, nil)
+	_, failures := m.deliver(ctx, m.from, m.to, msg, nil, nil)
 	var errs []error
 	for _, f := range failures {
 		errs = append(errs, f.err)
@@ -755,6 +755,26 @@ func (m *Mailer) Run(ctx context.Context) error {
 	}
 	if n := m.spool.count(); n > 0 {
 		m.log.Info("replaying report spool", slog.Int("pending", n), slog.String("spool", m.spool.dir))
+	}
+	// A message marked as being sent when the last process died may be
+	// with the relay already: it is not sent again. The mark is made
+	// just before the end of DATA, so this gives up a message only when
+	// the crash came in the instant between the mark and the relay
+	// reading the end of DATA.
+	if marked, err := m.spool.marked(); err != nil {
+		m.log.Error("spool: cannot look for messages being sent at a crash", slog.Any("error", err))
+	} else {
+		for name := range marked {
+			err := m.spool.remove(name)
+			if err == nil {
+				err = m.spool.unmark(name)
+			}
+			m.log.Warn("report was being sent when rcptguard stopped; the relay has it, so it is not sent again",
+				slog.String("spool_file", name), slog.Any("error", err))
+		}
+		if len(marked) > 0 {
+			_ = m.spool.syncDir()
+		}
 	}
 
 	// The first pass tries every spooled message at once, whenever it was
@@ -922,10 +942,26 @@ func (m *Mailer) attempt(ctx context.Context, e spoolEntry) (time.Time, bool) {
 	// between makes the next start send it again (with the same
 	// Message-ID, by which a ticket system can tell).
 	var removeErr error
-	removed := false
+	removed, marked := false, false
 	delivered, failures := m.deliver(ctx, e.hdr.From, e.hdr.To, e.msg, func() {
+		// A crash from now on must not make the next start send it
+		// again: the relay may have it. Without the mark (a read-only
+		// spool) it goes on: only a crash could then send it twice.
+		marked = m.spool.mark(e.name) == nil
+	}, func() {
 		removeErr, removed = m.spool.remove(e.name), true
 	})
+	if marked {
+		if err := m.spool.unmark(e.name); err != nil {
+			log.Warn("spool: mark of a report being sent not removed", slog.Any("error", err))
+		}
+		if len(failures) > 0 {
+			// Not with the relay: the next start must send it.
+			if err := m.spool.syncDir(); err != nil {
+				log.Warn("spool: mark of a report being sent not removed", slog.Any("error", err))
+			}
+		}
+	}
 	if len(delivered) > 0 {
 		log.Info("report delivered", slog.Any("to", delivered), slog.String("relay", m.cfg.Relay))
 	}
@@ -989,10 +1025,10 @@ func (f failure) permanent() bool {
 
 // deliver makes one attempt to hand msg to the relay for each recipient
 // in to. It returns the recipients the relay accepted the message for
-// (250 after DATA) and, for the others, why not. allTaken, if not nil, is
-// called as soon as the relay took the message for every recipient,
-// before QUIT.
-func (m *Mailer) deliver(ctx context.Context, from string, to []string, msg []byte, allTaken func()) (delivered []string, failures []failure) {
+// (250 after DATA) and, for the others, why not. beforeDot, if not nil,
+// is called just before the end of DATA is sent; allTaken, if not nil, as
+// soon as the relay took the message for every recipient, before QUIT.
+func (m *Mailer) deliver(ctx context.Context, from string, to []string, msg []byte, beforeDot, allTaken func()) (delivered []string, failures []failure) {
 	ctx, cancel := context.WithTimeout(ctx, attemptTimeout)
 	defer cancel()
 	all := func(err error) ([]string, []failure) {
@@ -1032,6 +1068,9 @@ func (m *Mailer) deliver(ctx context.Context, from string, to []string, msg []by
 	}
 	if _, err := w.Write(msg); err != nil {
 		return dataFailed("DATA", err)
+	}
+	if beforeDot != nil {
+		beforeDot()
 	}
 	if err := w.Close(); err != nil {
 		return dataFailed("end of DATA", err)

@@ -22,7 +22,11 @@ import (
 // read back are moved to corrupt/, messages given up after MaxAge to
 // failed/.
 const (
-	spoolSuffix  = ".msg"
+	spoolSuffix = ".msg"
+	// spoolSending marks a message whose end of DATA is being sent: a
+	// file NAME.msg.sending that a crash leaves behind means the relay
+	// may have the message, and the next start does not send it again.
+	spoolSending = ".sending"
 	spoolTemp    = ".tmp-"
 	spoolCorrupt = "corrupt"
 	spoolFailed  = "failed"
@@ -180,6 +184,54 @@ func (s *spool) syncDir() error {
 		return fmt.Errorf("notify: spool: sync %s: %w", s.dir, err)
 	}
 	return nil
+}
+
+// mark records, durably, that the end of DATA of the message name is
+// about to be sent.
+func (s *spool) mark(name string) error {
+	if err := s.injected("write", name+spoolSending); err != nil {
+		return err
+	}
+	fd, err := os.OpenFile(filepath.Join(s.dir, name+spoolSending), os.O_WRONLY|os.O_CREATE|oNoFollow, 0o600)
+	if err != nil {
+		return fmt.Errorf("notify: spool: %w", err)
+	}
+	fd.Close()
+	return s.syncDir()
+}
+
+// unmark removes the mark of name; the caller syncs the directory.
+func (s *spool) unmark(name string) error {
+	err := os.Remove(filepath.Join(s.dir, name+spoolSending))
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("notify: spool: %w", err)
+	}
+	return nil
+}
+
+// marked returns the names of the messages a crash left marked as being
+// sent, and removes marks whose message is gone.
+func (s *spool) marked() (map[string]bool, error) {
+	des, err := os.ReadDir(s.dir)
+	if err != nil {
+		return nil, fmt.Errorf("notify: spool: %w", err)
+	}
+	have := map[string]bool{}
+	for _, de := range des {
+		have[de.Name()] = true
+	}
+	out := map[string]bool{}
+	for name := range have {
+		msg, ok := strings.CutSuffix(name, spoolSending)
+		switch {
+		case !ok:
+		case have[msg]:
+			out[msg] = true
+		default:
+			_ = os.Remove(filepath.Join(s.dir, name))
+		}
+	}
+	return out, nil
 }
 
 // list returns the names of the spooled messages, oldest first.
