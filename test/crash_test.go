@@ -421,8 +421,19 @@ func TestKill9BlocksAndReports(t *testing.T) {
 	// The last start: it reports what the last kill left without a report.
 	d := startChild(t, cfg, addr, logPath)
 	entries, _ := checkBlocklistIntact(t, w.blocklistPath(), nil)
-	relay.WaitMessages(t, len(entries), 60*time.Second)
+	for deadline := time.Now().Add(60 * time.Second); len(relay.Messages()) < len(entries) && time.Now().Before(deadline); {
+		time.Sleep(50 * time.Millisecond)
+	}
 	time.Sleep(time.Second) // a duplicate would come now
+	defer func() {
+		if t.Failed() {
+			for _, line := range strings.Split(d.output(), "\n") {
+				if strings.Contains(line, "not sent again") || strings.Contains(line, "will retry") || strings.Contains(line, "level=ERROR") {
+					t.Log(line)
+				}
+			}
+		}
+	}()
 	reports := map[string]int{}
 	dups := 0
 	for _, m := range relay.Messages() {
