@@ -186,8 +186,11 @@ func (s *spool) syncDir() error {
 	return nil
 }
 
-// mark records, durably, that the end of DATA of the message name is
-// about to be sent.
+// mark records that the end of DATA of the message name is about to be
+// sent. The directory is not synced: a sync would widen the instant in
+// which a kill leaves a mark for a message the relay never got. A mark
+// survives a kill (it is in the kernel's cache); one lost with the power
+// makes the next start send the message again, which is the lesser harm.
 func (s *spool) mark(name string) error {
 	if err := s.injected("write", name+spoolSending); err != nil {
 		return err
@@ -196,8 +199,7 @@ func (s *spool) mark(name string) error {
 	if err != nil {
 		return fmt.Errorf("notify: spool: %w", err)
 	}
-	fd.Close()
-	return s.syncDir()
+	return fd.Close()
 }
 
 // unmark removes the mark of name; the caller syncs the directory.
