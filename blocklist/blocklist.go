@@ -48,7 +48,16 @@ type Config struct {
 	// without locks held, from the goroutine that noticed the change, so
 	// it may call the File's methods.
 	OnChange func(added, removed []string)
+	// WriteWait bounds how long [File.Block] and [File.Blocked] wait for
+	// an entry to reach the disk; default [DefaultWriteWait]. Past it the
+	// entry holds from memory and Watch keeps writing it.
+	WriteWait time.Duration
 }
+
+// DefaultWriteWait is the default [Config.WriteWait]: long enough for a
+// write and its fsyncs on a healthy disk, short next to Postfix's policy
+// timeout.
+const DefaultWriteWait = time.Second
 
 // File is a blocklist table file and its in-memory copy. Its methods are
 // safe for concurrent use. Several File values, in one process or several,
@@ -59,6 +68,12 @@ type File struct {
 	log      *slog.Logger
 	onChange func(added, removed []string)
 	seed     maphash.Seed
+	wait     time.Duration // Config.WriteWait
+
+	// refusing is set while the disk refuses our writes (the last write
+	// failed or did not end within the wait): Blocked then answers from
+	// memory without waiting. A successful write clears it.
+	refusing atomic.Bool
 
 	// snap is what Lookup reads: the disk state with pending changes
 	// applied. The map is never changed after it is stored.
@@ -79,6 +94,7 @@ type File struct {
 	pending map[string]op    // changes not written yet, by identity
 	seq     uint64           // of the last op
 	durable uint64           // every op with seq <= durable is on disk
+	lastErr error            // of the last failed write; nil after a good one
 }
 
 type snapshot struct {
@@ -120,12 +136,16 @@ func Open(cfg Config) (*File, []Problem, error) {
 		log:      cfg.Logger,
 		onChange: cfg.OnChange,
 		seed:     maphash.MakeSeed(),
+		wait:     cfg.WriteWait,
 		writeMu:  make(chan struct{}, 1),
 		disk:     map[string]Entry{},
 		pending:  map[string]op{},
 	}
 	if f.log == nil {
 		f.log = slog.New(slog.DiscardHandler)
+	}
+	if f.wait <= 0 {
+		f.wait = DefaultWriteWait
 	}
 	f.snap.Store(&snapshot{m: f.disk})
 	if cfg.Create {
@@ -315,6 +335,7 @@ func (f *File) record(o op) uint64 {
 	defer f.mu.Unlock()
 	f.seq++
 	o.seq = f.seq
+	o.at = time.Now()
 	f.pending[o.entry.Identity] = o
 	f.publishLocked()
 	return o.seq
@@ -363,12 +384,12 @@ func (f *File) flushLocked(ctx context.Context) error {
 
 	unlock, err := lockFile(ctx, f.lockPath)
 	if err != nil {
-		return &WriteError{Path: f.path, Pending: len(ops), Err: err}
+		return f.failed(&WriteError{Path: f.path, Pending: len(ops), Err: err})
 	}
 	defer unlock()
 	data, st, err := f.read()
 	if err != nil {
-		return &WriteError{Path: f.path, Pending: len(ops), Err: err}
+		return f.failed(&WriteError{Path: f.path, Pending: len(ops), Err: err})
 	}
 	d := parseDocument(data)
 	if st.hash != f.stamp.hash || st.exists != f.stamp.exists {
@@ -384,7 +405,7 @@ func (f *File) flushLocked(ctx context.Context) error {
 	if out != data && (st.exists || !onlyRemovals) {
 		st, err = writeAtomic(f.path, out)
 		if err != nil {
-			return &WriteError{Path: f.path, Pending: len(ops), Err: fmt.Errorf("write: %w", err)}
+			return f.failed(&WriteError{Path: f.path, Pending: len(ops), Err: fmt.Errorf("write: %w", err)})
 		}
 		st.hash = maphash.String(f.seed, out)
 		d = parseDocument(out)
@@ -396,9 +417,20 @@ func (f *File) flushLocked(ctx context.Context) error {
 			delete(f.pending, id)
 		}
 	}
+	f.lastErr = nil
 	f.mu.Unlock()
+	f.refusing.Store(false)
 	f.install(d, st, loadOwn)
 	return nil
+}
+
+// failed notes a failed write of pending changes and returns err.
+func (f *File) failed(err error) error {
+	f.mu.Lock()
+	f.lastErr = err
+	f.mu.Unlock()
+	f.refusing.Store(true)
+	return err
 }
 
 // Reload reads the file again, as after an outside change, and returns the

@@ -6,6 +6,7 @@ import (
 	"io"
 	"strconv"
 	"strings"
+	"time"
 	"unicode"
 	"unicode/utf8"
 
@@ -310,7 +311,8 @@ type op struct {
 	entry  Entry // the entry to add; only Identity is used by a removal
 	remove bool
 	seq    uint64
-	found  *bool // for a removal: set when a line was removed from disk
+	at     time.Time // when it was made
+	found  *bool     // for a removal: set when a line was removed from disk
 }
 
 // render applies ops (sorted by seq) to d and returns the new file text.

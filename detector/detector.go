@@ -37,9 +37,11 @@ type Blocklist interface {
 	// write in progress: an identity answered blocked must still be
 	// blocked after a crash.
 	Blocked(identity string) (action string, ok bool)
-	// Block adds identity with the action to answer. An error means the
-	// entry could not be written yet; the block still holds in memory.
-	Block(ctx context.Context, identity, action string) error
+	// Block adds identity with the Postfix action word and its text. The
+	// blocklist bounds its own wait for the disk; an error means the
+	// entry is not written yet: the block holds in memory, and the
+	// blocklist writes it as soon as the disk takes it.
+	Block(ctx context.Context, identity, action, text string) error
 }
 
 // Notifier tells people about blocks and warnings. It must not block for
@@ -124,6 +126,10 @@ type Config struct {
 	// Shared counts with the other servers of a fleet; nil: alone.
 	Shared SharedCounter
 }
+
+// FleetMark ends the blocklist text of a block a server made because
+// another server of the fleet crossed the limit first: that one reports it.
+const FleetMark = "[blocked by another server]"
 
 // DeferAction is the answer for a recipient rcptguard could not judge in
 // time for an identity that could be crossing a limit with it, or past
@@ -718,7 +724,9 @@ func (d *Detector) record(ctx context.Context, req *Request, id string, res call
 			ev.Count, ev.Limit, ev.Judged = st.Invalid, lim.RatioMin, st.Invalid+st.Valid
 			what = fmt.Sprintf("%d of %d verified recipients within %s do not exist", st.Invalid, st.Invalid+st.Valid, pc.periodTx)
 		}
-		action := pc.action + " rcptguard: " + id + " blocked: " + what
+		word, own, _ := strings.Cut(pc.action, " ")
+		text := strings.TrimSpace(own + " rcptguard: " + id + " blocked: " + what)
+		action := word + " " + text
 		if !st.First {
 			// Another verdict crossed first: answer like it, once its
 			// entry is written (the blocklist waits for that, bounded).
@@ -728,9 +736,12 @@ func (d *Detector) record(ctx context.Context, req *Request, id string, res call
 			if d.shared != nil && pc.mode == ModeEnforce {
 				// Another server crossed first: block here too, at once,
 				// without a report (it sends the one report).
-				bctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
-				_ = d.block.Block(bctx, id, action)
-				cancel()
+				// The text says so, so that no start-up takes it for a
+				// block of its own whose report a crash lost.
+				if err := d.block.Block(context.WithoutCancel(ctx), id, word, text+" "+FleetMark); err != nil {
+					d.log.Error("blocklist write failed; the block holds in memory and is written when possible",
+						slog.String("identity", id), slog.Any("error", err))
+				}
 				return Action(action), ev.Count
 			}
 			return ActionDunno, ev.Count
@@ -743,13 +754,9 @@ func (d *Detector) record(ctx context.Context, req *Request, id string, res call
 			return ActionDunno, ev.Count
 		}
 		ev.Action = action
-		// The file lock may be held by a stuck `rcptguard block`, the disk
-		// may hang: the answer to Postfix must not wait for long. The block
-		// holds in memory meanwhile and is written as soon as possible.
-		bctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
-		err := d.block.Block(bctx, id, action)
-		cancel()
-		if err != nil {
+		// The blocklist bounds the wait for the disk; past it the block
+		// holds in memory and is written as soon as possible.
+		if err := d.block.Block(context.WithoutCancel(ctx), id, word, text); err != nil {
 			d.log.Error("blocklist write failed; the block holds in memory and is written when possible",
 				slog.String("identity", id), slog.Any("error", err))
 			d.metrics.blocklistError()

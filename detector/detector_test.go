@@ -61,10 +61,10 @@ func (f *fakeBlocklist) Blocked(id string) (string, bool) {
 	return a, ok
 }
 
-func (f *fakeBlocklist) Block(_ context.Context, id, action string) error {
+func (f *fakeBlocklist) Block(_ context.Context, id, action, text string) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	f.entries[id] = action
+	f.entries[id] = action + " " + text
 	f.adds++
 	return nil
 }

@@ -42,6 +42,7 @@ type jsonReport struct {
 	// RetroactiveHold: a follow-up report of kind "held" lists the
 	// mail already queued at the block that was held.
 	RetroactiveHold bool                `json:"retroactive_hold"`
+	Recovered       bool                `json:"recovered,omitempty"`
 	BlockedAt       string              `json:"blocked_at"`
 	Held            []jsonHeld          `json:"held"`
 	HeldCount       int                 `json:"held_count"`
@@ -299,6 +300,9 @@ func subject(r Report) string {
 	id := clean(r.Identity, maxSubjectID)
 	switch r.Kind {
 	case KindBlock:
+		if r.Recovered {
+			return fmt.Sprintf("[rcptguard] blocked %s (report recovered at start-up)", id)
+		}
 		return fmt.Sprintf("[rcptguard] blocked %s: %d invalid recipients in %s", id, r.Count, formatPeriod(r.Period))
 	case KindWouldBlock:
 		return fmt.Sprintf("[rcptguard] would block %s: %d invalid recipients in %s", id, r.Count, formatPeriod(r.Period))
@@ -328,6 +332,7 @@ func reportJSON(r Report) ([]byte, error) {
 		QueueIDs:      []string{},
 
 		RetroactiveHold: r.RetroactiveHold,
+		Recovered:       r.Recovered,
 		Held:            []jsonHeld{},
 		HeldCount:       heldCount(r),
 		Commands:        map[string][]string{},
@@ -461,6 +466,11 @@ func reportText(r Report) string {
 	switch r.Kind {
 	case KindBlock:
 		w.para("rcptguard blocked %s.", who)
+		if r.Recovered {
+			w.para("rcptguard found this block on its blocklist when it started, without a report: it stopped after writing the block and before the report was spooled. The counts, client addresses and recipients were kept in memory only and are lost; the blocklist entry says: %s", clean(r.Action, maxField))
+			w.para("Postfix holds its mail: nothing of it is delivered, and nothing is lost, until you release or delete it.")
+			break
+		}
 		w.para("%s; its limit is %d. From now on Postfix holds its mail: nothing of it is delivered, and nothing is lost, until you release or delete it.", tried, r.Limit)
 	case KindWouldBlock:
 		w.para("rcptguard would have blocked %s, but it runs in monitor mode: nothing was blocked and its mail is delivered as before.", who)

@@ -101,7 +101,16 @@ type Config struct {
 	// Backoff is the wait after the attempt-th failed attempt (1, 2, ...);
 	// default 1 minute doubling to 1 hour, each ±20% at random.
 	Backoff func(attempt int) time.Duration
+	// SpoolRetry is how soon a report the spool refused (a full or
+	// read-only disk) is written again; default 5 seconds. Meanwhile it
+	// waits in memory (see [Mailer.Unspooled]).
+	SpoolRetry time.Duration
 }
+
+// maxUnspooled bounds the reports waiting in memory for the spool. Past
+// it Enqueue refuses new ones with an error; a lost block report is made
+// again at the next start (see [Mailer.Unreported]).
+const maxUnspooled = 10000
 
 // ErrNoStartTLS is the error of an attempt in StartTLSRequired mode when
 // the relay does not offer STARTTLS.
@@ -135,6 +144,28 @@ type Mailer struct {
 	warnMu      sync.Mutex
 	warned      map[string]time.Time // user address → when the last warning was queued
 	warnedPrune int                  // prune warned when it grows past this
+
+	// Messages composed but not in the spool yet. A goroutine of their
+	// own writes them (writeMem), so Enqueue never waits for the disk.
+	memMu    sync.Mutex
+	mem      []memMsg
+	writing  bool           // writeMem runs
+	memErr   error          // the last failed spool write; nil after a good one
+	memEmpty chan struct{}  // closed while mem is empty
+	memBlock map[string]int // identities with a block report in mem, folded
+
+	ledgerMu sync.Mutex
+	ledger   *ledger
+	sent     map[string]bool // spool files delivered whose removal failed
+}
+
+// memMsg is a message waiting in memory for the spool.
+type memMsg struct {
+	name  string
+	hdr   spoolHeader
+	msg   []byte
+	at    time.Time
+	block string // the ledger key when it is a block report
 }
 
 // minWarnedPrune is the size of the warned map below which it is never
@@ -177,9 +208,14 @@ func New(cfg Config) (*Mailer, error) {
 	if cfg.Backoff == nil {
 		cfg.Backoff = DefaultBackoff
 	}
+	if cfg.SpoolRetry <= 0 {
+		cfg.SpoolRetry = 5 * time.Second
+	}
 
 	m := &Mailer{log: cfg.Logger, wake: make(chan struct{}, 1), retryAt: make(map[string]time.Time),
-		userDomains: make(map[string]bool), warned: make(map[string]time.Time), warnedPrune: minWarnedPrune}
+		userDomains: make(map[string]bool), warned: make(map[string]time.Time), warnedPrune: minWarnedPrune,
+		memEmpty: make(chan struct{}), memBlock: map[string]int{}, sent: map[string]bool{}}
+	close(m.memEmpty)
 	for i, d := range cfg.UserDomains {
 		d = foldDomain(d)
 		if d == "" || !isASCII(d) || strings.ContainsAny(d, "@ \t\r\n\x00") {
@@ -228,6 +264,9 @@ func New(cfg Config) (*Mailer, error) {
 			return nil, err
 		}
 		m.spool = s
+		if m.ledger, err = openLedger(cfg.Spool); err != nil {
+			return nil, err
+		}
 	}
 	m.cfg = cfg
 	return m, nil
@@ -245,19 +284,30 @@ func DefaultBackoff(attempt int) time.Duration {
 	return time.Duration(float64(d) * (0.8 + 0.4*rand.Float64()))
 }
 
-// Pending is the number of messages in the spool.
+// Pending is the number of messages not delivered yet: in the spool, or
+// waiting in memory to be written there.
 func (m *Mailer) Pending() int {
 	if m.spool == nil {
 		return 0
 	}
-	return m.spool.count()
+	n, _, _ := m.Unspooled()
+	return m.spool.count() + n
 }
 
-// Enqueue composes the messages for r and writes each to the spool (one
-// file per message, synced) before it returns, then wakes Run. It never
-// waits for the relay. The report goes to Config.To, if any; a warning
-// also goes to the identity when Config.WarnUser is set and the identity
-// is an email address. Empty Hostname and zero Time in r are filled in.
+// Enqueue composes the messages for r and hands them to the spool writer,
+// a goroutine of the Mailer's, which writes each to the spool (one file per
+// message, synced) and wakes Run. Enqueue waits neither for the disk nor
+// for the relay: a policy answer that reports a block is never held by an
+// fsync. A message the spool refuses (a full or read-only disk) waits in
+// memory, is written again every Config.SpoolRetry until it is in the
+// spool, and is counted by [Mailer.Unspooled] meanwhile; use
+// [Mailer.Flush] to wait for the writes. A block report that a crash
+// loses before it reached the spool is made again at the next start (see
+// [Mailer.Unreported]).
+//
+// The report goes to Config.To, if any; a warning also goes to the
+// identity when Config.WarnUser is set and the identity is an email
+// address. Empty Hostname and zero Time in r are filled in.
 func (m *Mailer) Enqueue(ctx context.Context, r Report) error {
 	if m.spool == nil {
 		return ErrNoSpool
@@ -367,7 +417,7 @@ func foldASCII(s string) string {
 	return string(b)
 }
 
-// queue writes one message to the spool.
+// queue puts one message in memory for the spool writer and starts it.
 func (m *Mailer) queue(r Report, msgID string, to []string, msg []byte) error {
 	now := m.cfg.Now()
 	hdr := spoolHeader{
@@ -379,13 +429,267 @@ func (m *Mailer) queue(r Report, msgID string, to []string, msg []byte) error {
 		Identity:    r.Identity,
 		MessageID:   "<" + msgID + ">",
 	}
-	name, err := m.spool.add(hdr, msg, now)
-	if err != nil {
-		return fmt.Errorf("notify: enqueue %s report: %w", r.Kind, err)
+	mm := memMsg{name: newName(now), hdr: hdr, msg: msg, at: time.Now()}
+	if r.Kind == KindBlock {
+		mm.block, _ = ledgerKey(r.Identity)
 	}
-	m.log.Info("report queued", slog.String("identity", r.Identity), slog.String("kind", string(r.Kind)),
-		slog.String("message_id", hdr.MessageID), slog.Any("to", to), slog.String("spool_file", name))
+	m.memMu.Lock()
+	defer m.memMu.Unlock()
+	if len(m.mem) >= maxUnspooled {
+		return fmt.Errorf("notify: enqueue %s report: %d reports wait for the spool already (%v); this one is dropped", r.Kind, len(m.mem), m.memErr)
+	}
+	if len(m.mem) == 0 {
+		m.memEmpty = make(chan struct{})
+	}
+	m.mem = append(m.mem, mm)
+	if mm.block != "" {
+		m.memBlock[mm.block]++
+	}
+	m.startWriterLocked()
 	return nil
+}
+
+// startWriterLocked starts writeMem unless it runs or nothing waits.
+// m.memMu must be held.
+func (m *Mailer) startWriterLocked() {
+	if m.writing || len(m.mem) == 0 {
+		return
+	}
+	m.writing = true
+	go m.writeMem()
+}
+
+// writeMem writes the messages waiting in memory to the spool, oldest
+// first, in batches with one sync of the directory each, until none is
+// left or the spool refuses one (then Run starts it again after
+// Config.SpoolRetry). It ends by itself: a file system call cannot be
+// interrupted, so a disk that hangs holds only this goroutine.
+func (m *Mailer) writeMem() {
+	for {
+		m.memMu.Lock()
+		batch := slices.Clone(m.mem)
+		if len(batch) == 0 {
+			m.writing = false
+			m.memMu.Unlock()
+			return
+		}
+		m.memMu.Unlock()
+
+		placed := 0
+		var err error
+		for _, mm := range batch {
+			if err = m.spool.place(mm.name, mm.hdr, mm.msg); err != nil {
+				break
+			}
+			placed++
+		}
+		if placed > 0 {
+			if serr := m.spool.syncDir(); serr != nil && err == nil {
+				err = serr
+			}
+			// On record at once, so that a spool that turns read-only
+			// later does not hold them back (the sender records a block
+			// report before its first attempt otherwise).
+			var blocks []string
+			for _, mm := range batch[:placed] {
+				if mm.block != "" {
+					blocks = append(blocks, mm.block)
+				}
+			}
+			if lerr := m.note(true, blocks...); lerr != nil {
+				m.log.Warn("spool ledger not updated; the sender records the reports before it sends them", slog.Any("error", lerr))
+			}
+		}
+		m.memMu.Lock()
+		// Only writeMem takes from mem, and only queue adds to its end:
+		// the batch is still its beginning. A placed file is in the
+		// spool whatever the directory sync said; it must not be
+		// written twice.
+		m.mem = slices.Delete(m.mem, 0, placed)
+		for _, mm := range batch[:placed] {
+			if mm.block != "" {
+				if m.memBlock[mm.block]--; m.memBlock[mm.block] <= 0 {
+					delete(m.memBlock, mm.block)
+				}
+			}
+		}
+		failedBefore := m.memErr != nil
+		m.memErr = err
+		waiting := len(m.mem)
+		if waiting == 0 {
+			close(m.memEmpty)
+		}
+		if err != nil {
+			m.writing = false
+		}
+		m.memMu.Unlock()
+
+		for _, mm := range batch[:placed] {
+			m.log.Info("report queued", slog.String("identity", mm.hdr.Identity), slog.String("kind", mm.hdr.Kind),
+				slog.String("message_id", mm.hdr.MessageID), slog.Any("to", mm.hdr.To), slog.String("spool_file", mm.name))
+		}
+		if placed > 0 {
+			select {
+			case m.wake <- struct{}{}:
+			default:
+			}
+		}
+		switch {
+		case err != nil && !failedBefore:
+			m.log.Error("the spool refuses reports; they wait in memory and are written when it takes them",
+				slog.Int("waiting", waiting), slog.String("spool", m.spool.dir), slog.Any("error", err))
+			return
+		case err != nil:
+			return
+		case failedBefore:
+			m.log.Info("the spool takes reports again", slog.String("spool", m.spool.dir))
+		}
+	}
+}
+
+// Unspooled returns the number of reports waiting in memory for the spool
+// (Enqueue took them, the spool has not yet), when the oldest of them was
+// made, and the spool's last error (nil when the last write succeeded).
+// Reports waiting because the spool refuses them are lost if the process
+// ends before it takes them; block reports are then made again at the
+// next start.
+func (m *Mailer) Unspooled() (n int, since time.Time, err error) {
+	m.memMu.Lock()
+	defer m.memMu.Unlock()
+	if len(m.mem) > 0 {
+		since = m.mem[0].at
+	}
+	return len(m.mem), since, m.memErr
+}
+
+// Flush waits until every report Enqueue took is in the spool, or ctx
+// ends.
+func (m *Mailer) Flush(ctx context.Context) error {
+	for {
+		m.memMu.Lock()
+		m.startWriterLocked()
+		empty, err := m.memEmpty, m.memErr
+		m.memMu.Unlock()
+		select {
+		case <-empty:
+			return nil
+		case <-ctx.Done():
+			if err != nil {
+				return fmt.Errorf("notify: reports not in the spool: %w", err)
+			}
+			return fmt.Errorf("notify: reports not in the spool: %w", ctx.Err())
+		case <-time.After(m.cfg.SpoolRetry):
+		}
+	}
+}
+
+// Unreported returns the identities of blocked (the daemon's own blocks on
+// the blocklist at start-up) whose block has no report: none in the spool
+// or in memory, and none on the spool's record of reports made (the
+// ledger). Those are blocks a crash left without their report, between
+// the blocklist write and the spool write; the caller reports them. The
+// ledger is compacted to the identities of blocked.
+//
+// When the spool has no ledger yet (its first start with this version),
+// none is returned and every identity of blocked is recorded as reported:
+// their blocks predate the record.
+func (m *Mailer) Unreported(blocked []string) ([]string, error) {
+	if m.spool == nil {
+		return nil, ErrNoSpool
+	}
+	m.ledgerMu.Lock()
+	defer m.ledgerMu.Unlock()
+	keys := make([]string, 0, len(blocked))
+	for _, id := range blocked {
+		if k, ok := ledgerKey(id); ok {
+			keys = append(keys, k)
+		}
+	}
+	if !m.ledger.existed {
+		return nil, m.ledger.rewrite(m.spool, keys)
+	}
+	spooled, err := m.spooledBlocks()
+	if err != nil {
+		return nil, err
+	}
+	m.memMu.Lock()
+	for k := range m.memBlock {
+		spooled[k] = true
+	}
+	m.memMu.Unlock()
+	var missing, keep []string
+	for i, k := range keys {
+		switch {
+		case m.ledger.ids[k]:
+			keep = append(keep, k)
+		case !spooled[k]:
+			missing = append(missing, blocked[i])
+		}
+	}
+	if len(keep) < len(m.ledger.ids) {
+		if err := m.ledger.rewrite(m.spool, keep); err != nil {
+			m.log.Warn("spool ledger not compacted", slog.Any("error", err))
+		}
+	}
+	return missing, nil
+}
+
+// spooledBlocks returns the ledger keys of the block reports in the spool.
+func (m *Mailer) spooledBlocks() (map[string]bool, error) {
+	names, err := m.spool.list()
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]bool{}
+	for _, name := range names {
+		e, err := m.spool.load(name)
+		if err != nil || e.hdr.Kind != string(KindBlock) {
+			continue
+		}
+		if k, ok := ledgerKey(e.hdr.Identity); ok {
+			out[k] = true
+		}
+	}
+	return out, nil
+}
+
+// Forget records that identity was unblocked: its next block is a new
+// event, reported anew. It returns when the record is on disk.
+func (m *Mailer) Forget(identity string) error {
+	return m.note(false, identity)
+}
+
+// NoteReported records blocks that need no report from this daemon, such
+// as entries added to the blocklist by hand while it runs.
+func (m *Mailer) NoteReported(identities ...string) error {
+	return m.note(true, identities...)
+}
+
+func (m *Mailer) note(add bool, identities ...string) error {
+	if m.spool == nil {
+		return nil
+	}
+	m.ledgerMu.Lock()
+	defer m.ledgerMu.Unlock()
+	var keys []string
+	for _, id := range identities {
+		if k, ok := ledgerKey(id); ok && m.ledger.ids[k] != add {
+			keys = append(keys, k)
+		}
+	}
+	if len(keys) == 0 {
+		return nil
+	}
+	return m.ledger.append(m.spool, add, keys...)
+}
+
+// recordSpooled puts a spooled block report on the ledger before it is
+// first sent, so that no start-up ever reports that block again.
+func (m *Mailer) recordSpooled(e spoolEntry) error {
+	if e.hdr.Kind != string(KindBlock) {
+		return nil
+	}
+	return m.note(true, e.hdr.Identity)
 }
 
 // newMessageID returns a random Message-ID (without brackets) at host.
@@ -412,7 +716,7 @@ func (m *Mailer) SendNow(ctx context.Context, r Report) error {
 	if err != nil {
 		return err
 	}
-	_, failures := m.deliver(ctx, m.from, m.to, msg)
+	_, failures := m.deliver(ctx, m.from, m.to, msg, nil, nil)
 	var errs []error
 	for _, f := range failures {
 		errs = append(errs, f.err)
@@ -452,28 +756,69 @@ func (m *Mailer) Run(ctx context.Context) error {
 	if n := m.spool.count(); n > 0 {
 		m.log.Info("replaying report spool", slog.Int("pending", n), slog.String("spool", m.spool.dir))
 	}
+	// A message marked as being sent when the last process died may be
+	// with the relay already: it is not sent again. The mark is made
+	// just before the end of DATA, so this gives up a message only when
+	// the crash came in the instant between the mark and the relay
+	// reading the end of DATA.
+	if marked, err := m.spool.marked(); err != nil {
+		m.log.Error("spool: cannot look for messages being sent at a crash", slog.Any("error", err))
+	} else {
+		for name := range marked {
+			err := m.spool.remove(name)
+			if err == nil {
+				err = m.spool.unmark(name)
+			}
+			m.log.Warn("report was being sent when rcptguard stopped; the relay has it, so it is not sent again",
+				slog.String("spool_file", name), slog.Any("error", err))
+		}
+		if len(marked) > 0 {
+			_ = m.spool.syncDir()
+		}
+	}
 
 	// The first pass tries every spooled message at once, whenever it was
 	// due: a restart often follows a fix of the relay or its settings.
 	for first := true; ; first = false {
 		next := m.runOnce(ctx, first)
 		if ctx.Err() != nil {
-			return nil
+			return m.finish()
 		}
 		wait := maxSleep
 		if !next.IsZero() {
 			wait = min(max(next.Sub(m.cfg.Now()), 0), maxSleep)
 		}
+		m.memMu.Lock()
+		if len(m.mem) > 0 {
+			// The spool refused reports: write them again soon.
+			wait = min(wait, m.cfg.SpoolRetry)
+		}
+		m.memMu.Unlock()
 		t := time.NewTimer(wait)
 		select {
 		case <-ctx.Done():
 			t.Stop()
-			return nil
+			return m.finish()
 		case <-m.wake:
 		case <-t.C:
 		}
 		t.Stop()
+		m.memMu.Lock()
+		m.startWriterLocked()
+		m.memMu.Unlock()
 	}
+}
+
+// finish gives the reports still in memory a last chance to reach the
+// spool, for the next start to send, and logs the ones that did not.
+func (m *Mailer) finish() error {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	if err := m.Flush(ctx); err != nil {
+		n, _, _ := m.Unspooled()
+		m.log.Error("reports lost at shutdown: the spool did not take them", slog.Int("count", n), slog.Any("error", err))
+	}
+	return nil
 }
 
 // runOnce makes one pass over the spool: it tries each message that is
@@ -535,9 +880,30 @@ func (m *Mailer) runOnce(ctx context.Context, allDue bool) time.Time {
 		if t, ok := m.retryAt[name]; ok && t.After(due) {
 			due = t
 		}
+		sent := m.sent[name]
 		m.mu.Unlock()
+		if sent {
+			// Delivered, but the read-only spool kept the file: never
+			// send it again, remove it when the spool lets us.
+			if err := m.spool.remove(name); err == nil {
+				m.mu.Lock()
+				delete(m.sent, name)
+				m.mu.Unlock()
+			} else {
+				soonest(now.Add(m.cfg.SpoolRetry))
+			}
+			continue
+		}
 		if due.After(now) && !allDue {
 			soonest(due)
+			continue
+		}
+		if err := m.recordSpooled(e); err != nil {
+			// Sent before it is on record, a crash could make its
+			// block be reported again at the next start.
+			m.log.Error("block report not sent yet: the spool ledger cannot record it", slog.String("identity", e.hdr.Identity),
+				slog.String("spool_file", name), slog.Any("error", err))
+			soonest(now.Add(m.cfg.SpoolRetry))
 			continue
 		}
 		if t, retry := m.attempt(ctx, e); retry {
@@ -547,13 +913,19 @@ func (m *Mailer) runOnce(ctx context.Context, allDue bool) time.Time {
 	return next
 }
 
-// forgetExcept drops retry floors of files that are gone.
+// forgetExcept drops retry floors and delivery marks of files that are
+// gone.
 func (m *Mailer) forgetExcept(names []string) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	for name := range m.retryAt {
 		if !slices.Contains(names, name) {
 			delete(m.retryAt, name)
+		}
+	}
+	for name := range m.sent {
+		if !slices.Contains(names, name) {
+			delete(m.sent, name)
 		}
 	}
 }
@@ -564,13 +936,46 @@ func (m *Mailer) forgetExcept(names []string) {
 func (m *Mailer) attempt(ctx context.Context, e spoolEntry) (time.Time, bool) {
 	log := m.log.With(slog.String("identity", e.hdr.Identity), slog.String("kind", e.hdr.Kind),
 		slog.String("message_id", e.hdr.MessageID), slog.String("spool_file", e.name))
-	delivered, failures := m.deliver(ctx, e.hdr.From, e.hdr.To, e.msg)
+	// The file goes the moment the relay took the message for every
+	// recipient, before QUIT: the shorter the time between the relay's
+	// answer and the removal, the smaller the chance that a crash in
+	// between makes the next start send it again (with the same
+	// Message-ID, by which a ticket system can tell).
+	var removeErr error
+	removed, marked := false, false
+	delivered, failures := m.deliver(ctx, e.hdr.From, e.hdr.To, e.msg, func() {
+		// A crash from now on must not make the next start send it
+		// again: the relay may have it. Without the mark (a read-only
+		// spool) it goes on: only a crash could then send it twice.
+		marked = m.spool.mark(e.name) == nil
+	}, func() {
+		removeErr, removed = m.spool.remove(e.name), true
+	})
+	if marked {
+		if err := m.spool.unmark(e.name); err != nil {
+			log.Warn("spool: mark of a report being sent not removed", slog.Any("error", err))
+		}
+		if len(failures) > 0 {
+			// Not with the relay: the next start must send it.
+			if err := m.spool.syncDir(); err != nil {
+				log.Warn("spool: mark of a report being sent not removed", slog.Any("error", err))
+			}
+		}
+	}
 	if len(delivered) > 0 {
 		log.Info("report delivered", slog.Any("to", delivered), slog.String("relay", m.cfg.Relay))
 	}
 	if len(failures) == 0 {
-		if err := m.spool.remove(e.name); err != nil {
-			log.Error("delivered report cannot be removed from the spool; it may be sent again", slog.Any("error", err))
+		if !removed {
+			removeErr = m.spool.remove(e.name)
+		}
+		if err := removeErr; err != nil {
+			log.Error("delivered report cannot be removed from the spool; it is not sent again by this process, which removes it when it can",
+				slog.Any("error", err))
+			m.mu.Lock()
+			m.sent[e.name] = true
+			m.mu.Unlock()
+			return m.cfg.Now().Add(m.cfg.SpoolRetry), true
 		}
 		return time.Time{}, false
 	}
@@ -620,8 +1025,10 @@ func (f failure) permanent() bool {
 
 // deliver makes one attempt to hand msg to the relay for each recipient
 // in to. It returns the recipients the relay accepted the message for
-// (250 after DATA) and, for the others, why not.
-func (m *Mailer) deliver(ctx context.Context, from string, to []string, msg []byte) (delivered []string, failures []failure) {
+// (250 after DATA) and, for the others, why not. beforeDot, if not nil,
+// is called just before the end of DATA is sent; allTaken, if not nil, as
+// soon as the relay took the message for every recipient, before QUIT.
+func (m *Mailer) deliver(ctx context.Context, from string, to []string, msg []byte, beforeDot, allTaken func()) (delivered []string, failures []failure) {
 	ctx, cancel := context.WithTimeout(ctx, attemptTimeout)
 	defer cancel()
 	all := func(err error) ([]string, []failure) {
@@ -662,8 +1069,14 @@ func (m *Mailer) deliver(ctx context.Context, from string, to []string, msg []by
 	if _, err := w.Write(msg); err != nil {
 		return dataFailed("DATA", err)
 	}
+	if beforeDot != nil {
+		beforeDot()
+	}
 	if err := w.Close(); err != nil {
 		return dataFailed("end of DATA", err)
+	}
+	if len(failures) == 0 && allTaken != nil {
+		allTaken()
 	}
 	_ = s.c.Quit()
 	return accepted, failures

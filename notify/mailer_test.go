@@ -78,6 +78,16 @@ func newMailer(t *testing.T, cfg notify.Config) (*notify.Mailer, *logBuffer) {
 	return m, logs
 }
 
+// flush waits until every report Enqueue took is in the spool.
+func flush(t *testing.T, m *notify.Mailer) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), waitLong)
+	defer cancel()
+	if err := m.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // run starts m.Run and stops it at cleanup, failing if it does not return.
 func run(t *testing.T, m *notify.Mailer) {
 	t.Helper()
@@ -141,9 +151,8 @@ func TestMailerDeliversReport(t *testing.T) {
 	if got := relay.Helos(); len(got) == 0 || got[len(got)-1] != "mail1.example.net" {
 		t.Errorf("EHLO names %q", got)
 	}
-	if !strings.Contains(logs.String(), `msg="report delivered"`) {
-		t.Errorf("no delivery log:\n%s", logs)
-	}
+	// The file goes before QUIT, the log line after it.
+	eventually(t, "a delivery log", func() bool { return strings.Contains(logs.String(), `msg="report delivered"`) })
 }
 
 func TestMailerAuth(t *testing.T) {
@@ -441,6 +450,7 @@ func TestMailerRestartDeliversSpool(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	flush(t, first)
 	partial := filepath.Join(cfg.Spool, ".tmp-123456")
 	if err := os.WriteFile(partial, []byte(`{"version":1,"fr`), 0o600); err != nil {
 		t.Fatal(err)
@@ -507,6 +517,7 @@ func TestMailerCorruptSpoolFiles(t *testing.T) {
 	if err := m.Enqueue(context.Background(), abuseReport("alice@example.com")); err != nil {
 		t.Fatal(err)
 	}
+	flush(t, m)
 	names, _ := filepath.Glob(filepath.Join(cfg.Spool, "*.msg"))
 	good, err := os.ReadFile(names[0])
 	if err != nil {
@@ -673,13 +684,15 @@ func TestMailerSpoolFiles(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	flush(t, m)
 	entries, err := os.ReadDir(cfg.Spool)
-	if err != nil || len(entries) != 3 {
-		t.Fatalf("spool holds %v, %v; want 3 files", entries, err)
+	// Three messages and the record of the block reports (the ledger).
+	if err != nil || len(entries) != 4 {
+		t.Fatalf("spool holds %v, %v; want 4 files", entries, err)
 	}
 	for _, e := range entries {
 		fi, _ := e.Info()
-		if !strings.HasSuffix(e.Name(), ".msg") || fi.Mode().Perm() != 0o600 {
+		if !(strings.HasSuffix(e.Name(), ".msg") || e.Name() == "reported") || fi.Mode().Perm() != 0o600 {
 			t.Errorf("spool file %s mode %v", e.Name(), fi.Mode())
 		}
 	}

@@ -66,6 +66,12 @@ type Report struct {
 	// the report was made; nil when it was not checked. When Low, the
 	// report says so loudly: held mail stays on that file system.
 	QueueSpace *QueueSpace
+	// Recovered, in a block report, says the block was found on the
+	// blocklist at start-up without a report: the daemon stopped after
+	// writing the block and before its report reached the spool. Count,
+	// Limit, Period, Clients and Recipients were in memory only and are
+	// unknown; Time is when the block was found.
+	Recovered bool
 
 	// MessageID, when set, is the Message-ID to use, without angle
 	// brackets ("id@host"). It is normally empty: Compose then makes a

@@ -13,6 +13,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -21,7 +22,11 @@ import (
 // read back are moved to corrupt/, messages given up after MaxAge to
 // failed/.
 const (
-	spoolSuffix  = ".msg"
+	spoolSuffix = ".msg"
+	// spoolSending marks a message whose end of DATA is being sent: a
+	// file NAME.msg.sending that a crash leaves behind means the relay
+	// may have the message, and the next start does not send it again.
+	spoolSending = ".sending"
 	spoolTemp    = ".tmp-"
 	spoolCorrupt = "corrupt"
 	spoolFailed  = "failed"
@@ -61,6 +66,21 @@ type spool struct {
 	// mu keeps the sweep of leftover temporary files from taking a file
 	// that is being written right now.
 	mu sync.Mutex
+	// fault, when set (by tests), is asked before each file is written
+	// and its error, if any, is the write's: a full or read-only disk
+	// without a mount.
+	fault atomic.Pointer[func(op, name string) error]
+}
+
+// injected returns the error a test injected for op ("write", "remove")
+// on the spool file name, if any.
+func (s *spool) injected(op, name string) error {
+	if f := s.fault.Load(); f != nil {
+		if err := (*f)(op, name); err != nil {
+			return fmt.Errorf("notify: spool: %w", err)
+		}
+	}
+	return nil
 }
 
 // openSpool creates dir (0700) when it is missing, and checks it: a real
@@ -95,23 +115,25 @@ func openSpool(dir string) (*spool, error) {
 	return &spool{dir: dir}, nil
 }
 
-// add writes a new spool file for msg and returns its name. The file is
-// complete and synced, and so is the directory, before add returns.
-func (s *spool) add(hdr spoolHeader, msg []byte, now time.Time) (string, error) {
+// newName returns a new spool file name for a message made at now.
+func newName(now time.Time) string {
 	var rnd [8]byte
-	if _, err := rand.Read(rnd[:]); err != nil {
-		return "", fmt.Errorf("notify: spool: %w", err)
-	}
-	name := fmt.Sprintf("%019d-%s%s", now.UnixNano(), hex.EncodeToString(rnd[:]), spoolSuffix)
-	if err := s.write(name, hdr, msg); err != nil {
-		return "", err
-	}
-	return name, nil
+	_, _ = rand.Read(rnd[:]) // crypto/rand.Read does not fail
+	return fmt.Sprintf("%019d-%s%s", now.UnixNano(), hex.EncodeToString(rnd[:]), spoolSuffix)
 }
 
 // write replaces (or creates) the spool file name atomically: a temporary
 // file in the spool directory, fsync, rename, fsync of the directory.
-func (s *spool) write(name string, hdr spoolHeader, msg []byte) (err error) {
+func (s *spool) write(name string, hdr spoolHeader, msg []byte) error {
+	if err := s.place(name, hdr, msg); err != nil {
+		return err
+	}
+	return s.syncDir()
+}
+
+// place writes the spool file name as write does, but leaves the sync of
+// the directory to the caller, who may place several files first.
+func (s *spool) place(name string, hdr spoolHeader, msg []byte) (err error) {
 	hdr.Version = spoolVersion
 	hdr.Size = len(msg)
 	sum := sha256.Sum256(msg)
@@ -123,6 +145,9 @@ func (s *spool) write(name string, hdr spoolHeader, msg []byte) (err error) {
 
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if err := s.injected("write", name); err != nil {
+		return err
+	}
 	tmp, err := os.CreateTemp(s.dir, spoolTemp+"*")
 	if err != nil {
 		return fmt.Errorf("notify: spool: %w", err)
@@ -145,7 +170,7 @@ func (s *spool) write(name string, hdr spoolHeader, msg []byte) (err error) {
 	if err = os.Rename(tmp.Name(), filepath.Join(s.dir, name)); err != nil {
 		return fmt.Errorf("notify: spool: %w", err)
 	}
-	return s.syncDir()
+	return nil
 }
 
 // syncDir makes renames and removals in the spool directory durable.
@@ -159,6 +184,56 @@ func (s *spool) syncDir() error {
 		return fmt.Errorf("notify: spool: sync %s: %w", s.dir, err)
 	}
 	return nil
+}
+
+// mark records that the end of DATA of the message name is about to be
+// sent. The directory is not synced: a sync would widen the instant in
+// which a kill leaves a mark for a message the relay never got. A mark
+// survives a kill (it is in the kernel's cache); one lost with the power
+// makes the next start send the message again, which is the lesser harm.
+func (s *spool) mark(name string) error {
+	if err := s.injected("write", name+spoolSending); err != nil {
+		return err
+	}
+	fd, err := os.OpenFile(filepath.Join(s.dir, name+spoolSending), os.O_WRONLY|os.O_CREATE|oNoFollow, 0o600)
+	if err != nil {
+		return fmt.Errorf("notify: spool: %w", err)
+	}
+	return fd.Close()
+}
+
+// unmark removes the mark of name; the caller syncs the directory.
+func (s *spool) unmark(name string) error {
+	err := os.Remove(filepath.Join(s.dir, name+spoolSending))
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("notify: spool: %w", err)
+	}
+	return nil
+}
+
+// marked returns the names of the messages a crash left marked as being
+// sent, and removes marks whose message is gone.
+func (s *spool) marked() (map[string]bool, error) {
+	des, err := os.ReadDir(s.dir)
+	if err != nil {
+		return nil, fmt.Errorf("notify: spool: %w", err)
+	}
+	have := map[string]bool{}
+	for _, de := range des {
+		have[de.Name()] = true
+	}
+	out := map[string]bool{}
+	for name := range have {
+		msg, ok := strings.CutSuffix(name, spoolSending)
+		switch {
+		case !ok:
+		case have[msg]:
+			out[msg] = true
+		default:
+			_ = os.Remove(filepath.Join(s.dir, name))
+		}
+	}
+	return out, nil
 }
 
 // list returns the names of the spooled messages, oldest first.
@@ -210,6 +285,9 @@ func (s *spool) load(name string) (spoolEntry, error) {
 
 // remove deletes a delivered message.
 func (s *spool) remove(name string) error {
+	if err := s.injected("remove", name); err != nil {
+		return err
+	}
 	if err := os.Remove(filepath.Join(s.dir, name)); err != nil {
 		return fmt.Errorf("notify: spool: %w", err)
 	}

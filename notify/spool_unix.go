@@ -9,6 +9,9 @@ import (
 	"syscall"
 )
 
+// oNoFollow makes open refuse a symbolic link.
+const oNoFollow = syscall.O_NOFOLLOW
+
 // ownedByMe reports whether fi's owner is this process's effective user.
 func ownedByMe(fi fs.FileInfo) bool {
 	st, ok := fi.Sys().(*syscall.Stat_t)

@@ -6,11 +6,14 @@ package test_test
 // separate process: the test binary itself, re-executed (see TestMain).
 
 import (
+	"bytes"
 	"fmt"
 	"net"
+	"net/mail"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -290,4 +293,185 @@ func TestKill9HoldBeforeWrite(t *testing.T) {
 	if !strings.Contains(string(data), id+"\t") {
 		t.Errorf("%s was answered %q, then SIGKILL lost the block: blocklist %q", id, ack, data)
 	}
+}
+
+// blockReportIdentity returns the identity a block report's subject
+// names, and whether it is one recovered at start-up.
+func blockReportIdentity(t *testing.T, data []byte) (id string, recovered bool) {
+	t.Helper()
+	msg, err := mail.ReadMessage(bytes.NewReader(data))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, ok := strings.CutPrefix(msg.Header.Get("Subject"), "[rcptguard] blocked ")
+	if !ok {
+		return "", false
+	}
+	if id, ok := strings.CutSuffix(s, " (report recovered at start-up)"); ok {
+		return id, true
+	}
+	id, _, _ = strings.Cut(s, ":")
+	return id, false
+}
+
+// spooledBlocks counts the block reports waiting in the spool directory
+// for identities that start with prefix.
+func spooledBlocks(t *testing.T, spool, prefix string) int {
+	t.Helper()
+	names, _ := filepath.Glob(filepath.Join(spool, "*.msg"))
+	n := 0
+	for _, name := range names {
+		b, err := os.ReadFile(name)
+		if err != nil {
+			continue
+		}
+		if head, _, _ := strings.Cut(string(b), "\n"); strings.Contains(head, `"kind":"block"`) && strings.Contains(head, `"identity":"`+prefix) {
+			n++
+		}
+	}
+	return n
+}
+
+// TestKill9BlocksAndReports: a block and its report are one durable step.
+// A burst of 2,000 identities, each blocked at its 2nd invalid recipient,
+// is cut by SIGKILL, three times, on the same state, with the report relay
+// up; each start reports the blocks a kill left without a report. After
+// the last start, every block on file has exactly one report delivered.
+func TestKill9BlocksAndReports(t *testing.T) {
+	identities := 2000
+	if testing.Short() {
+		identities = 200
+	}
+	const workers = 40
+	w := newWorld(t)
+	relay := test.StartRelay(t, test.RelayConfig{})
+	addr := freeAddr(t)
+	cfg := w.suiteConfig(t, "crash-reports.toml", map[string]string{
+		"policy.listen":    fmt.Sprintf("[%q]", addr),
+		"detector.limit":   "1",
+		"detector.warn_at": "0",
+		"detector.wait":    `"5s"`,
+		"callout.timeout":  `"5s"`,
+		"notify.to":        `["abuse@isp.test"]`,
+		"notify.from":      `"rcptguard@isp.test"`,
+		"notify.relay":     strconv.Quote(relay.Addr),
+		"notify.starttls":  `"off"`,
+		// One MX answers every probe of the burst: no politeness cap.
+		"callout.per_domain_rate":      "1000000",
+		"callout.per_host_rate":        "1000000",
+		"callout.per_domain_rcpt_rate": "1000000",
+		"callout.per_host_rcpt_rate":   "1000000",
+		"callout.session_rate":         "1000000",
+	})
+	spool := filepath.Join(w.dir, "state", "spool")
+	logPath := filepath.Join(w.dir, "daemon.log")
+	type figures struct{ acked, onFile, spooled, delivered, recovered, final, dups int }
+	var runs []figures
+	// delivered counts the block reports the relay has for identities
+	// starting with prefix.
+	delivered := func(prefix string) int {
+		n := 0
+		for _, m := range relay.Messages() {
+			if id, _ := blockReportIdentity(t, m.Data); strings.HasPrefix(id, prefix) {
+				n++
+			}
+		}
+		return n
+	}
+	for run, killAfter := range []int{identities / 4, identities / 2, identities * 3 / 4} {
+		d := startChild(t, cfg, addr, logPath)
+		var (
+			acks   atomic.Int64
+			killed sync.Once
+			wg     sync.WaitGroup
+		)
+		kill := func() { killed.Do(func() { _ = d.cmd.Process.Signal(syscall.SIGKILL) }) }
+		for wi := range workers {
+			c := test.DialPolicy(t, addr)
+			wg.Go(func() {
+				for i := wi; i < identities; i += workers {
+					id := fmt.Sprintf("k%d-u%04d@customer.test", run, i)
+					var a string
+					for k := range 2 {
+						var err error
+						if a, err = c.Ask(rcpt(id, fmt.Sprintf("nobody-%d-%d-%d@good.test", run, i, k))); err != nil {
+							return // killed
+						}
+					}
+					if strings.HasPrefix(a, "HOLD ") && acks.Add(1) == int64(killAfter) {
+						kill()
+					}
+				}
+			})
+		}
+		wg.Wait()
+		kill()
+		<-d.exited
+		entries, _ := checkBlocklistIntact(t, w.blocklistPath(), nil)
+		prefix := fmt.Sprintf("k%d-", run)
+		f := figures{acked: int(acks.Load()), spooled: spooledBlocks(t, spool, prefix), delivered: delivered(prefix)}
+		for _, e := range entries {
+			if strings.HasPrefix(e.Identity, prefix) {
+				f.onFile++
+			}
+		}
+		runs = append(runs, f)
+	}
+
+	// The last start: it reports what the last kill left without a report.
+	d := startChild(t, cfg, addr, logPath)
+	entries, _ := checkBlocklistIntact(t, w.blocklistPath(), nil)
+	for deadline := time.Now().Add(60 * time.Second); len(relay.Messages()) < len(entries) && time.Now().Before(deadline); {
+		time.Sleep(50 * time.Millisecond)
+	}
+	time.Sleep(time.Second) // a duplicate would come now
+	defer func() {
+		if t.Failed() {
+			for _, line := range strings.Split(d.output(), "\n") {
+				if strings.Contains(line, "not sent again") || strings.Contains(line, "will retry") || strings.Contains(line, "level=ERROR") {
+					t.Log(line)
+				}
+			}
+		}
+	}()
+	reports := map[string]int{}
+	dups := 0
+	for _, m := range relay.Messages() {
+		id, rec := blockReportIdentity(t, m.Data)
+		var run int
+		if _, err := fmt.Sscanf(id, "k%d-", &run); err != nil || run >= len(runs) {
+			t.Errorf("a message that is not a block report of the burst:\n%s", m.Data)
+			continue
+		}
+		runs[run].final++
+		if reports[id]++; reports[id] > 1 {
+			dups++
+			runs[run].dups++
+			t.Errorf("%s: %d reports", id, reports[id])
+		}
+		if rec {
+			runs[run].recovered++
+		}
+	}
+	onFile := map[string]bool{}
+	for _, e := range entries {
+		onFile[e.Identity] = true
+		if reports[e.Identity] != 1 {
+			t.Errorf("%s is blocked on file with %d reports delivered, want 1", e.Identity, reports[e.Identity])
+		}
+	}
+	for id := range reports {
+		if !onFile[id] {
+			t.Logf("%s was reported but its block did not reach the file before the kill", id)
+		}
+	}
+	for i, f := range runs {
+		t.Logf("kill -9 run %d: %d blocks answered HOLD, %d on file at the kill, %d reports spooled (%d in the spool + %d delivered) at the kill, %d made at the next start; in the end %d delivered, %d duplicates",
+			i+1, f.acked, f.onFile, f.spooled+f.delivered, f.spooled, f.delivered, f.recovered, f.final, f.dups)
+	}
+	t.Logf("after the last start: %d blocks on file, %d reports delivered for %d identities, %d duplicates", len(entries), len(relay.Messages()), len(reports), dups)
+	if err := d.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	<-d.exited
 }

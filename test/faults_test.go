@@ -282,7 +282,7 @@ func spoolFiles(t *testing.T, dir string) int {
 	}
 	n := 0
 	for _, de := range des {
-		if de.Type().IsRegular() && !strings.HasPrefix(de.Name(), ".") {
+		if de.Type().IsRegular() && !strings.HasPrefix(de.Name(), ".") && strings.HasSuffix(de.Name(), ".msg") {
 			n++
 		}
 	}

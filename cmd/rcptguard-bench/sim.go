@@ -198,9 +198,9 @@ func (b *simBlocklist) Blocked(id string) (string, bool) {
 	return a, ok
 }
 
-func (b *simBlocklist) Block(_ context.Context, id, action string) error {
+func (b *simBlocklist) Block(_ context.Context, id, action, text string) error {
 	b.mu.Lock()
-	b.m[id] = action
+	b.m[id] = action + " " + text
 	b.mu.Unlock()
 	return nil
 }

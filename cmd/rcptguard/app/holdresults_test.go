@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -81,8 +82,9 @@ func TestHoldResultsReported(t *testing.T) {
 		t.Fatalf("results directory: %v %v, want mode 0700", fi, err)
 	}
 	spool := filepath.Join(state, "spool")
-	var logs bytes.Buffer
-	log := slog.New(slog.NewTextHandler(&logs, nil))
+	// The mailer's spool writer logs from its own goroutine.
+	logs := &lockedBuffer{}
+	log := slog.New(slog.NewTextHandler(logs, nil))
 	m, err := notify.New(notify.Config{To: []string{"abuse@example.com"}, From: "rcptguard@mail.example.net", Relay: "127.0.0.1:1", Spool: spool, Logger: log})
 	if err != nil {
 		t.Fatal(err)
@@ -176,6 +178,9 @@ func TestBlockReportSaysQueueDiskAndFollowUp(t *testing.T) {
 	if err := n.Notify(context.Background(), ev); err != nil {
 		t.Fatal(err)
 	}
+	if err := m.Flush(context.Background()); err != nil {
+		t.Fatal(err)
+	}
 	msgs := spooled(t, spool)
 	if len(msgs) != 1 {
 		t.Fatalf("%d reports", len(msgs))
@@ -186,4 +191,22 @@ func TestBlockReportSaysQueueDiskAndFollowUp(t *testing.T) {
 			t.Errorf("block report lacks %q:\n%s", want, text)
 		}
 	}
+}
+
+// lockedBuffer is a bytes.Buffer safe for concurrent use.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }

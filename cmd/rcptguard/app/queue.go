@@ -312,11 +312,11 @@ type blockHooks struct {
 	log          *slog.Logger
 }
 
-func (h blockHooks) Block(ctx context.Context, id, action string) error {
+func (h blockHooks) Block(ctx context.Context, id, action, text string) error {
 	if h.unblockAfter > 0 {
-		action = markAutoUnblock(action, h.now().Add(h.unblockAfter))
+		text = markAutoUnblock(text, h.now().Add(h.unblockAfter))
 	}
-	if err := h.Blocklist.Block(ctx, id, action); err != nil {
+	if err := h.Blocklist.Block(ctx, id, action, text); err != nil {
 		if h.req != nil {
 			h.log.Error("retroactive hold not requested: the block is not in the blocklist file yet", slog.String("identity", id), slog.Any("error", err))
 		}

@@ -53,9 +53,9 @@ type fakeBlocklist struct {
 }
 
 func (f *fakeBlocklist) Blocked(string) (string, bool) { return "", false }
-func (f *fakeBlocklist) Block(_ context.Context, id, action string) error {
+func (f *fakeBlocklist) Block(_ context.Context, id, action, text string) error {
 	f.blocked = append(f.blocked, id)
-	f.lastAction = action
+	f.lastAction = action + " " + text
 	return f.err
 }
 
@@ -70,11 +70,11 @@ func TestHoldRequestAfterBlock(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := b.Block(context.Background(), "spammer@customer.test", "HOLD"); err != nil {
+	if err := b.Block(context.Background(), "spammer@customer.test", "HOLD", ""); err != nil {
 		t.Fatal(err)
 	}
 	fb.err = errors.New("disk full")
-	if err := b.Block(context.Background(), "other@customer.test", "HOLD"); err == nil {
+	if err := b.Block(context.Background(), "other@customer.test", "HOLD", ""); err == nil {
 		t.Fatal("the blocklist's error was lost")
 	}
 	reqs, problems, err := queue.TakeRequests(dir, time.Now(), time.Hour)

@@ -28,6 +28,7 @@ import (
 	"github.com/rcptguard/rcptguard/cmd/rcptguard/cluster"
 	"github.com/rcptguard/rcptguard/cmd/rcptguard/queue"
 	"github.com/rcptguard/rcptguard/detector"
+	"github.com/rcptguard/rcptguard/notify"
 )
 
 // Hooks let an embedding program (the end-to-end tests) observe a running
@@ -84,6 +85,7 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 	// The detector is made after the blocklist, whose change callback
 	// needs it: an unblocked identity starts afresh.
 	var det *detector.Detector
+	var reportsTo *notify.Mailer // nil until made, and without mail
 	var detMu sync.Mutex
 	var fleet atomic.Pointer[cluster.Sync] // [cluster]: the blocklist's syncer
 	bl, problems, err := blocklist.Open(blocklist.Config{
@@ -92,13 +94,20 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 		Logger: log.With("component", "blocklist"),
 		OnChange: func(added, removed []string) {
 			detMu.Lock()
-			d := det
+			d, m := det, reportsTo
 			detMu.Unlock()
 			for _, id := range added {
 				log.Info("blocklist entry added outside the daemon", slog.String("identity", id))
 			}
+			if m != nil && len(added) > 0 {
+				// Not the daemon's blocks: no start-up reports them.
+				if err := m.NoteReported(added...); err != nil {
+					log.Warn("spool ledger not updated", slog.Any("error", err))
+				}
+			}
 			for _, id := range removed {
 				log.Info("rcptguard unblocked", slog.String("identity", id))
+				forgetBlock(m, id, log)
 				if d != nil {
 					d.Limiter().Forget(id)
 				}
@@ -138,15 +147,23 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 	if err != nil {
 		return err
 	}
+	if mailer != nil && len(cfg.Notify.To) > 0 {
+		reconcileReports(ctx, bl, mailer, log)
+	}
+	detMu.Lock()
+	reportsTo = mailer
+	detMu.Unlock()
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	metrics := detector.NewMetrics(reg)
 	registerCalloutMetrics(reg, verifier)
+	health := durability{bl: bl, mailer: mailer}
+	health.register(reg)
 
 	dcfg := detectorConfig(cfg, limits)
 	dcfg.Verifier = verifier
-	if dcfg.Blocklist, err = withBlockHooks(cfg, newBlocklistAdapter(bl), log); err != nil {
+	if dcfg.Blocklist, err = withBlockHooks(cfg, bl, log); err != nil {
 		return err
 	}
 	space := &queueSpaceNow{}
@@ -166,6 +183,17 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 				det.Limiter().Forget(id)
 			}
 		}, 0))
+		fleet.Load().OnLearned(func(id string) {
+			// The server that made the block reports it.
+			detMu.Lock()
+			m := reportsTo
+			detMu.Unlock()
+			if m != nil {
+				if err := m.NoteReported(id); err != nil {
+					log.Warn("spool ledger not updated", slog.Any("error", err))
+				}
+			}
+		})
 		dcfg.Blocklist = fleet.Load().Blocklist(dcfg.Blocklist)
 	}
 	d, err := detector.New(dcfg)
@@ -238,7 +266,7 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 		metricsAddr = ln.Addr().String()
 		mux := http.NewServeMux()
 		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
-		mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = io.WriteString(w, "ok\n") })
+		mux.Handle("/healthz", health)
 		metricsSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 		go func() { _ = metricsSrv.Serve(ln) }()
 	}
@@ -300,9 +328,9 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 		wg.Go(func() { watchHoldResults(ctx, queue.ResultsDir(cfg.Queue.Requests), 2*time.Second, reports) })
 	}
 	if cfg.Detector.UnblockAfter > 0 {
-		forget := d.Limiter().Forget
+		forget := func(id string) { forgetBlock(mailer, id, log); d.Limiter().Forget(id) }
 		if s := fleet.Load(); s != nil {
-			forget = func(id string) { d.Limiter().Forget(id); s.Unblocked(id, time.Now()) }
+			forget = func(id string) { forgetBlock(mailer, id, log); d.Limiter().Forget(id); s.Unblocked(id, time.Now()) }
 		}
 		wg.Go(func() { autoUnblock(ctx, bl, 30*time.Second, time.Now, forget, log) })
 	}
@@ -429,50 +457,4 @@ func configFileError(path string, err error) error {
 		errs = append(errs, errors.New(line))
 	}
 	return joinConfigErrors(path, errs)
-}
-
-// blocklistAdapter gives the detector the blocklist file as it wants it.
-type blocklistAdapter struct {
-	f        *blocklist.File
-	failedAt *atomic.Int64 // unix ns of the last failed wait for a write
-}
-
-func newBlocklistAdapter(f *blocklist.File) blocklistAdapter {
-	return blocklistAdapter{f: f, failedAt: new(atomic.Int64)}
-}
-
-// writeRetryPause is how long after a failed write the adapter answers
-// from memory without waiting again (the blocklist's watcher retries
-// every second meanwhile).
-const writeRetryPause = 5 * time.Second
-
-func (a blocklistAdapter) Blocked(id string) (string, bool) {
-	e, ok := a.f.Lookup(id)
-	if !ok {
-		return "", false
-	}
-	if e.Line == 0 && time.Since(time.Unix(0, a.failedAt.Load())) > writeRetryPause {
-		// Not on disk yet: a write is in progress, or the disk refuses.
-		// Wait for it a little, so that a block Postfix is told about
-		// survives a crash; past that, the block holds from memory, and
-		// while the disk keeps refusing nobody waits for it again.
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		if err := a.f.Flush(ctx); err != nil {
-			a.failedAt.Store(time.Now().UnixNano())
-		}
-		cancel()
-	}
-	if e.Text == "" {
-		return e.Action, true
-	}
-	return e.Action + " " + e.Text, true
-}
-
-func (a blocklistAdapter) Block(ctx context.Context, id, action string) error {
-	word, text, _ := strings.Cut(action, " ")
-	err := a.f.Add(ctx, blocklist.Entry{Identity: id, Action: word, Text: text})
-	if err != nil {
-		a.failedAt.Store(time.Now().UnixNano())
-	}
-	return err
 }

@@ -22,14 +22,13 @@ import (
 
 const autoUnblockMark = "[auto-unblock "
 
-// markAutoUnblock puts the expiry into a block's action text.
-func markAutoUnblock(action string, at time.Time) string {
-	word, text, _ := strings.Cut(action, " ")
+// markAutoUnblock puts the expiry in front of a block's text.
+func markAutoUnblock(text string, at time.Time) string {
 	mark := autoUnblockMark + at.UTC().Format(time.RFC3339) + "]"
 	if text == "" {
-		return word + " " + mark
+		return mark
 	}
-	return word + " " + mark + " " + text
+	return mark + " " + text
 }
 
 // autoUnblockAt returns the expiry marked in an entry's text.

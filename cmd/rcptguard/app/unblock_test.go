@@ -15,16 +15,15 @@ import (
 
 func TestAutoUnblockMark(t *testing.T) {
 	at := time.Date(2026, 11, 30, 22, 0, 0, 0, time.UTC)
-	cases := []struct{ action, want string }{
-		{"HOLD", "HOLD [auto-unblock 2026-11-30T22:00:00Z]"},
-		{"HOLD rcptguard: x blocked", "HOLD [auto-unblock 2026-11-30T22:00:00Z] rcptguard: x blocked"},
+	cases := []struct{ text, want string }{
+		{"", "[auto-unblock 2026-11-30T22:00:00Z]"},
+		{"rcptguard: x blocked", "[auto-unblock 2026-11-30T22:00:00Z] rcptguard: x blocked"},
 	}
 	for _, c := range cases {
-		got := markAutoUnblock(c.action, at)
-		if got != c.want {
-			t.Errorf("markAutoUnblock(%q) = %q, want %q", c.action, got, c.want)
+		text := markAutoUnblock(c.text, at)
+		if text != c.want {
+			t.Errorf("markAutoUnblock(%q) = %q, want %q", c.text, text, c.want)
 		}
-		_, text, _ := strings.Cut(got, " ")
 		if back, ok := autoUnblockAt(text); !ok || !back.Equal(at) {
 			t.Errorf("autoUnblockAt(%q) = %v %v, want %v", text, back, ok, at)
 		}
@@ -60,11 +59,11 @@ func TestAutoUnblock(t *testing.T) {
 		}
 	}
 	// The hook marks the action it passes on.
-	if err := h.Block(context.Background(), "due@example.com", "HOLD blocked"); err != nil {
+	if err := h.Block(context.Background(), "due@example.com", "HOLD", "blocked"); err != nil {
 		t.Fatal(err)
 	}
 	add("due@example.com", fb.lastAction)
-	add("later@example.com", markAutoUnblock("HOLD blocked", now.Add(time.Minute)))
+	add("later@example.com", "HOLD "+markAutoUnblock("blocked", now.Add(time.Minute)))
 	add("byhand@example.com", "HOLD blocked by hand")
 
 	var mu sync.Mutex

@@ -148,6 +148,7 @@ type Sync struct {
 	path     string      // f's path, "" to reload it every round
 	seen     os.FileInfo // f's file when last reloaded
 	forget   func(id string)
+	learned  func(id string) // see OnLearned
 	interval time.Duration
 	log      *slog.Logger
 
@@ -177,6 +178,13 @@ func (c *Cluster) NewSync(f *blocklist.File, path string, forget func(id string)
 	return &Sync{c: c, f: f, path: path, forget: forget, interval: interval, log: c.log,
 		pending: map[string]op{}, since: map[string]int64{}, kick: make(chan struct{}, 1)}
 }
+
+// OnLearned sets fn to be called with each identity blocked elsewhere in
+// the fleet, before its entry is written to this server's file: the server
+// that made the block sends its report, so this one records that none is
+// owed here (a crash between the two then never makes a second report).
+// Call it before Run.
+func (s *Sync) OnLearned(fn func(id string)) { s.learned = fn }
 
 // Blocked records a block this server made (or found added to its file)
 // at t, to be pushed to the fleet.
@@ -278,6 +286,9 @@ func (s *Sync) Once(ctx context.Context) {
 		if busy {
 			continue
 		}
+		if s.learned != nil {
+			s.learned(id)
+		}
 		actx, cancel := context.WithTimeout(ctx, time.Second)
 		err := s.f.Add(actx, b.entry)
 		cancel()
@@ -329,10 +340,9 @@ type syncedBlocklist struct {
 	s *Sync
 }
 
-func (b syncedBlocklist) Block(ctx context.Context, id, action string) error {
-	err := b.Blocklist.Block(ctx, id, action)
-	word, text, _ := strings.Cut(action, " ")
-	b.s.Blocked(blocklist.Entry{Identity: id, Action: strings.ToUpper(word), Text: text}, b.s.c.now())
+func (b syncedBlocklist) Block(ctx context.Context, id, action, text string) error {
+	err := b.Blocklist.Block(ctx, id, action, text)
+	b.s.Blocked(blocklist.Entry{Identity: id, Action: strings.ToUpper(action), Text: text}, b.s.c.now())
 	return err
 }
 
