@@ -54,6 +54,9 @@ func TestCapsByMXAddress(t *testing.T) {
 	var logs bytes.Buffer
 	r := newRig(t, zone.String(), route("127.0.0.2", mx), func(c *Config) {
 		c.PerHostRate, c.PerHostRcptRate = 10, 20
+		// No session lingers: the late recipient below must ask for a
+		// new connection, not slip into one still open on a slow run.
+		c.SessionIdle = -1
 		c.Logger = slog.New(slog.NewTextHandler(&syncWriter{w: &logs}, nil))
 	})
 	limited := verifyAll(t, r.v, addrs, StatusInvalid)
