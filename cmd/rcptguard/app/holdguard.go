@@ -9,6 +9,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	ident "github.com/rcptguard/rcptguard/blocklist/identity"
 	"github.com/rcptguard/rcptguard/detector"
 )
 
@@ -65,10 +66,11 @@ func newHoldGuard(cfg *Config, next detector.Handler, log *slog.Logger, reg prom
 }
 
 // guardKey groups requests by sender as the identity rule does for the
-// common cases: the SASL login, else the client address.
+// common cases: the SASL login (folded as the blocklist folds it), else
+// the client address.
 func guardKey(req *detector.Request) string {
 	if req.SASLUsername != "" {
-		return strings.ToLower(req.SASLUsername)
+		return ident.Fold(req.SASLUsername)
 	}
 	return req.ClientAddress
 }

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/rcptguard/rcptguard/blocklist"
+	ident "github.com/rcptguard/rcptguard/blocklist/identity"
 	"github.com/rcptguard/rcptguard/cmd/rcptguard/queue"
 	"github.com/rcptguard/rcptguard/detector"
 )
@@ -54,15 +55,10 @@ func cmdHeld(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		fs.Usage()
 		return fmt.Errorf("%w: at most one IDENTITY", errUsage)
 	}
-	q, err := openQueue(cfg)
+	_, msgs, err := heldMail(ctx, cfg, id, stderr)
 	if err != nil {
 		return err
 	}
-	msgs, problems, err := q.Find(ctx, queue.Filter{Identity: id, Queues: []string{"hold"}, Subject: true})
-	if err != nil {
-		return err
-	}
-	reportProblems(stderr, problems)
 	if len(msgs) == 0 {
 		if id != "" {
 			fmt.Fprintf(stdout, "no held mail of %s\n", queue.Printable(id, 80))
@@ -73,7 +69,7 @@ func cmdHeld(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	}
 	// Grouped by identity, oldest first in each group.
 	slices.SortStableFunc(msgs, func(a, b queue.Message) int {
-		return strings.Compare(strings.ToLower(a.Identity), strings.ToLower(b.Identity))
+		return strings.Compare(ident.Fold(a.Identity), ident.Fold(b.Identity))
 	})
 	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "IDENTITY\tQUEUE_ID\tAGE\tSIZE\tRCPTS\tSUBJECT")
@@ -86,6 +82,22 @@ func cmdHeld(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	}
 	fmt.Fprintf(stdout, "%d held messages\n", len(msgs))
 	return nil
+}
+
+// heldMail opens the queue (root only) and finds the held mail of id
+// (every identity's when id is ""), telling stderr about queue files it
+// could not judge.
+func heldMail(ctx context.Context, cfg *Config, id string, stderr io.Writer) (*queue.Queue, []queue.Message, error) {
+	q, err := openQueue(cfg)
+	if err != nil {
+		return nil, nil, err
+	}
+	msgs, problems, err := q.Find(ctx, queue.Filter{Identity: id, Queues: []string{"hold"}, Subject: true})
+	if err != nil {
+		return nil, nil, err
+	}
+	reportProblems(stderr, problems)
+	return q, msgs, nil
 }
 
 // cmdRelease unblocks an identity and releases its held mail.
@@ -101,22 +113,17 @@ func cmdRelease(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		fs.Usage()
 		return err
 	}
-	q, err := openQueue(cfg)
+	q, msgs, err := heldMail(ctx, cfg, id, stderr)
 	if err != nil {
 		return err
 	}
-	msgs, problems, err := q.Find(ctx, queue.Filter{Identity: id, Queues: []string{"hold"}, Subject: true})
-	if err != nil {
-		return err
-	}
-	reportProblems(stderr, problems)
 	if *dry {
 		if blocked, err := isBlocked(cfg, id); err != nil {
 			return err
 		} else if blocked {
-			fmt.Fprintf(stdout, "would unblock %s\n", strings.ToLower(id))
+			fmt.Fprintf(stdout, "would unblock %s\n", id)
 		} else {
-			fmt.Fprintf(stdout, "%s is not blocked\n", strings.ToLower(id))
+			fmt.Fprintf(stdout, "%s is not blocked\n", id)
 		}
 		printMessages(stdout, "would release", msgs)
 		return nil
@@ -150,15 +157,10 @@ func cmdPurge(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		fs.Usage()
 		return err
 	}
-	q, err := openQueue(cfg)
+	q, msgs, err := heldMail(ctx, cfg, id, stderr)
 	if err != nil {
 		return err
 	}
-	msgs, problems, err := q.Find(ctx, queue.Filter{Identity: id, Queues: []string{"hold"}, Subject: true})
-	if err != nil {
-		return err
-	}
-	reportProblems(stderr, problems)
 	if *dry {
 		printMessages(stdout, "would delete", msgs)
 		blocked, err := isBlocked(cfg, id)
@@ -166,11 +168,11 @@ func cmdPurge(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		case err != nil:
 			return err
 		case !blocked:
-			fmt.Fprintf(stdout, "%s is not blocked\n", strings.ToLower(id))
+			fmt.Fprintf(stdout, "%s is not blocked\n", id)
 		case *keep:
-			fmt.Fprintf(stdout, "would keep %s blocked\n", strings.ToLower(id))
+			fmt.Fprintf(stdout, "would keep %s blocked\n", id)
 		default:
-			fmt.Fprintf(stdout, "would unblock %s\n", strings.ToLower(id))
+			fmt.Fprintf(stdout, "would unblock %s\n", id)
 		}
 		return nil
 	}
@@ -184,7 +186,7 @@ func cmdPurge(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			return err
 		}
 	} else if blocked, err := isBlocked(cfg, id); err == nil && blocked {
-		fmt.Fprintf(stdout, "kept %s blocked\n", strings.ToLower(id))
+		fmt.Fprintf(stdout, "kept %s blocked\n", id)
 	}
 	if len(deleted) < len(msgs) {
 		return fmt.Errorf("purge: %d of %d held messages were not deleted (gone meanwhile?)", len(msgs)-len(deleted), len(msgs))
@@ -273,9 +275,9 @@ func unblockForQueue(ctx context.Context, cfg *Config, id string, stdout io.Writ
 		return fmt.Errorf("unblock %s: %w", id, err)
 	}
 	if removed {
-		fmt.Fprintf(stdout, "unblocked %s\n", strings.ToLower(id))
+		fmt.Fprintf(stdout, "unblocked %s\n", id)
 	} else {
-		fmt.Fprintf(stdout, "%s is not blocked\n", strings.ToLower(id))
+		fmt.Fprintf(stdout, "%s is not blocked\n", id)
 	}
 	return nil
 }
@@ -352,7 +354,7 @@ func isBlocked(cfg *Config, id string) (bool, error) {
 	if err != nil {
 		return false, fmt.Errorf("blocklist.path: %w", err)
 	}
-	low := strings.ToLower(id)
+	low := id
 	for _, e := range entries {
 		if e.Identity == low {
 			return true, nil

@@ -15,6 +15,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	ident "github.com/rcptguard/rcptguard/blocklist/identity"
 )
 
 // Config configures a [Queue].
@@ -319,11 +321,12 @@ feed:
 	return found, problems, nil
 }
 
-// SameIdentity compares identities as the blocklist does: case-insensitively
-// (strings.ToLower, not Unicode case folding).
+// SameIdentity compares identities as the blocklist does: ASCII letters
+// without regard to case, every other byte as it is (the one identity
+// rule; Unicode folding would match a login the blocklist keeps apart,
+// such as the Kelvin sign's "\u212Aelly@x" and "kelly@x").
 func SameIdentity(a, b string) bool {
-	//lint:ignore SA6005 the blocklist's rule is strings.ToLower; EqualFold's wider folding would match identities the blocklist keeps apart
-	return strings.ToLower(a) == strings.ToLower(b)
+	return ident.Fold(a) == ident.Fold(b)
 }
 
 // Op is a postsuper operation on queue IDs.

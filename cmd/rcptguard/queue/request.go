@@ -29,6 +29,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	ident "github.com/rcptguard/rcptguard/blocklist/identity"
 )
 
 const (
@@ -123,7 +125,7 @@ func TakeRequests(dir string, now time.Time, maxAge time.Duration) (reqs []HoldR
 			problems = append(problems, fmt.Errorf("hold request %s refused: %w", printable(name, 80), err))
 			continue
 		}
-		key := strings.ToLower(req.Identity)
+		key := ident.Fold(req.Identity)
 		if i, ok := byID[key]; ok {
 			if req.Time.After(reqs[i].Time) {
 				reqs[i].Time = req.Time
