@@ -199,6 +199,17 @@ func rowNotes(r *tableRow, m taggedReport) []string {
 	return notes
 }
 
+// fmtFactor formats a ratio with two significant digits: 40, 3.2, 0.59.
+func fmtFactor(v float64) string {
+	switch {
+	case v >= 10:
+		return strconv.FormatFloat(v, 'f', 0, 64)
+	case v >= 1:
+		return strconv.FormatFloat(v, 'f', 1, 64)
+	}
+	return strconv.FormatFloat(v, 'f', 2, 64)
+}
+
 // writeVersus writes one line per "A/B" pair and connection count: the
 // median over rounds of A's requests/s ÷ B's.
 func writeVersus(w io.Writer, rows []*tableRow, versus []string) {
@@ -218,7 +229,7 @@ func writeVersus(w io.Writer, rows []*tableRow, versus []string) {
 						fmt.Fprintln(w)
 						printed = true
 					}
-					fmt.Fprintf(w, "%s ÷ %s at %d connections: %.0f×\n", a, b, ra.conns, v)
+					fmt.Fprintf(w, "%s ÷ %s at %d connections: %s×\n", a, b, ra.conns, fmtFactor(v))
 				}
 			}
 		}
