@@ -141,7 +141,20 @@ func (h *holdRequester) tryLearned(bl blockedFile, id string, at time.Time) {
 		return // a local block asked meanwhile, or learned again
 	}
 	delete(h.waiting, id)
+	h.mu.Unlock()
+	if err := h.requestLearned(id); err != nil {
+		h.log.Error("retroactive hold not requested", slog.String("identity", id), slog.Bool("learned", true), slog.Any("error", err))
+		return
+	}
+	h.log.Info("retroactive hold requested", slog.String("identity", id), slog.Bool("learned", true))
+}
+
+// requestLearned asks for the hold of a block another server made, whose
+// entry is in this server's blocklist file: its result is not reported.
+func (h *holdRequester) requestLearned(id string) error {
+	h.mu.Lock()
 	now := h.now()
+	delete(h.waiting, id)
 	h.learned[id] = now
 	for k, t := range h.learned {
 		if now.Sub(t) > h.window {
@@ -149,11 +162,7 @@ func (h *holdRequester) tryLearned(bl blockedFile, id string, at time.Time) {
 		}
 	}
 	h.mu.Unlock()
-	if err := h.req.Request(id); err != nil {
-		h.log.Error("retroactive hold not requested", slog.String("identity", id), slog.Bool("learned", true), slog.Any("error", err))
-		return
-	}
-	h.log.Info("retroactive hold requested", slog.String("identity", id), slog.Bool("learned", true))
+	return h.req.Request(id)
 }
 
 func (h *holdRequester) drop(id string, at time.Time) {

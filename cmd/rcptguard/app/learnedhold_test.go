@@ -13,6 +13,7 @@ import (
 
 	"github.com/rcptguard/rcptguard/blocklist"
 	"github.com/rcptguard/rcptguard/cmd/rcptguard/queue"
+	"github.com/rcptguard/rcptguard/detector"
 	"github.com/rcptguard/rcptguard/notify"
 )
 
@@ -125,5 +126,35 @@ func TestLearnedBlockRequestsHold(t *testing.T) {
 	}
 	if !strings.Contains(logs.String(), "block learned through the cluster") || !strings.Contains(logs.String(), "identity="+learned) {
 		t.Errorf("no log line for the learned block's hold:\n%s", logs)
+	}
+}
+
+// TestFleetMarkedBlockIsLearned: a block this server makes only because
+// another server crossed first (detector.FleetMark) asks for the hold at
+// once, as a learned one: its result is not reported; a later block made
+// here is reported again.
+func TestFleetMarkedBlockIsLearned(t *testing.T) {
+	requests := filepath.Join(t.TempDir(), "hold-requests")
+	cfg := &Config{Queue: QueueConfig{Requests: requests}, Detector: DetectorConfig{Period: Duration(time.Hour), UnblockAfter: Duration(time.Hour)}}
+	hooked, h, err := withBlockHooks(cfg, &fakeBlocklist{}, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	const id = "spammer@customer.test"
+	if err := hooked.Block(context.Background(), id, "HOLD", "rcptguard: "+id+" blocked: 4 invalid recipients within 1h "+detector.FleetMark); err != nil {
+		t.Fatal(err)
+	}
+	reqs, _, err := queue.TakeRequests(requests, time.Now(), time.Hour)
+	if err != nil || len(reqs) != 1 || reqs[0].Identity != id {
+		t.Fatalf("requests %+v, %v; want one for %s", reqs, err, id)
+	}
+	if !h.wasLearned(id, reqs[0].Time) {
+		t.Error("the hold of a fleet-marked block is reported as this server's own")
+	}
+	if err := hooked.Block(context.Background(), id, "HOLD", "rcptguard: "+id+" blocked: 4 invalid recipients within 1h"); err != nil {
+		t.Fatal(err)
+	}
+	if h.wasLearned(id, time.Now()) {
+		t.Error("the hold of a block made here is taken for a learned one")
 	}
 }

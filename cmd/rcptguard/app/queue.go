@@ -316,6 +316,9 @@ type blockHooks struct {
 }
 
 func (h blockHooks) Block(ctx context.Context, id, action, text string) error {
+	// A block made here because another server crossed first: that
+	// server reports, so this one's hold is one of a learned block.
+	learned := strings.HasSuffix(text, detector.FleetMark)
 	if h.unblockAfter > 0 {
 		text = markAutoUnblock(text, h.now().Add(h.unblockAfter))
 	}
@@ -328,11 +331,15 @@ func (h blockHooks) Block(ctx context.Context, id, action, text string) error {
 	if h.req == nil {
 		return nil
 	}
-	if err := h.req.request(id); err != nil {
-		h.log.Error("retroactive hold not requested", slog.String("identity", id), slog.Any("error", err))
+	request := h.req.request
+	if learned {
+		request = h.req.requestLearned
+	}
+	if err := request(id); err != nil {
+		h.log.Error("retroactive hold not requested", slog.String("identity", id), slog.Bool("learned", learned), slog.Any("error", err))
 		return nil
 	}
-	h.log.Info("retroactive hold requested", slog.String("identity", id))
+	h.log.Info("retroactive hold requested", slog.String("identity", id), slog.Bool("learned", learned))
 	return nil
 }
 

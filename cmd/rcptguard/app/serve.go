@@ -167,9 +167,6 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 	if dcfg.Blocklist, holds, err = withBlockHooks(cfg, bl, log); err != nil {
 		return err
 	}
-	if err := holds.register(reg); err != nil {
-		return err
-	}
 	space := &queueSpaceNow{}
 	reports := reportNotifier{log: log, mailer: mailer, space: space, retroactive: cfg.Queue.Requests != ""}
 	dcfg.Notifier = reports
@@ -177,6 +174,9 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 	dcfg.Metrics = metrics
 	if cl != nil {
 		if err := cl.Register(reg); err != nil {
+			return err
+		}
+		if err := holds.register(reg); err != nil {
 			return err
 		}
 		dcfg.Shared = cl
