@@ -276,6 +276,23 @@ func fleetBlockAndHold(t *testing.T, w *fleetWorld, a, b *fleetMember) {
 	if kinds["block "+spammer] != 1 || kinds["held "+spammer] != 1 || len(w.relay.Messages()) != 2 {
 		t.Fatalf("reports at the relay %v, want one block and one held report (from a) for %s", kinds, spammer)
 	}
+	// The held report is a's: it lists a's messages, none of b's.
+	for _, m := range w.relay.Messages() {
+		text := decodedReport(t, m.Data)
+		if !strings.Contains(text, "X-Rcptguard-Kind: held") {
+			continue
+		}
+		for _, id := range onA[1:] {
+			if !strings.Contains(text, id) {
+				t.Errorf("the held report lacks a's message %s", id)
+			}
+		}
+		for _, id := range onB {
+			if strings.Contains(text, id) {
+				t.Errorf("the held report lists b's message %s: b reported a learned block", id)
+			}
+		}
+	}
 }
 
 // fleetUnblock: an unblock on b frees the abuser on both within 2 s, and
@@ -316,6 +333,19 @@ func fleetRedisOutage(t *testing.T, w *fleetWorld, a, b *fleetMember) {
 	m2 := send(b, "mallory 2", "mbad2@dest.test")
 	w.redis.Stop()
 	mark("redis-server killed (fleet count for mallory: 2)")
+	// Straight to each policy service: an invalid recipient (counted, the
+	// fleet asked and unreachable) is answered within 1 s.
+	for _, m := range []*fleetMember{a, b} {
+		start := time.Now()
+		if got := m.policy.Must(rcpt("prober@customer.test", "nobody-"+m.name+"@dest.test")); got != "DUNNO" {
+			t.Fatalf("%s with Redis down: %q", m.name, got)
+		}
+		took := time.Since(start)
+		mark("%s: policy answer to an invalid recipient with Redis down in %s", m.name, took.Round(time.Millisecond))
+		if took > time.Second {
+			t.Errorf("%s answered in %s with Redis down, want within 1 s", m.name, took)
+		}
+	}
 	var onA []string
 	for i := 3; i <= 5; i++ {
 		onA = append(onA, send(a, fmt.Sprintf("mallory %d", i), fmt.Sprintf("mbad%d@dest.test", i)))
