@@ -30,6 +30,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -276,7 +277,6 @@ func StartPostfix(t testing.TB, cfg PostfixConfig) *Postfix {
 		t:         t,
 		mailboxes: map[string]string{},
 	}
-	uid, gid := lookupIDs(t, "postfix")
 	// The queue directory belongs to root; "postfix start" makes its
 	// subdirectories and the data directory with the right owners.
 	for _, d := range []string{p.ConfigDir, p.QueueDir} {
@@ -284,21 +284,38 @@ func StartPostfix(t testing.TB, cfg PostfixConfig) *Postfix {
 			t.Fatal(err)
 		}
 	}
+	main := p.defaultMain()
+	if len(cfg.Mailboxes) > 0 {
+		p.addMailboxes(t, cfg.Mailboxes, main)
+	}
+	for k, v := range cfg.Main {
+		main[k] = v
+	}
+	p.writeMainCF(t, main)
+	if cfg.Chroot {
+		copyChrootFiles(t, p.QueueDir)
+	}
+	p.start(t, cfg)
+	return p
+}
 
-	main := map[string]string{
+// defaultMain returns the instance's default main.cf parameters (see
+// StartPostfix).
+func (p *Postfix) defaultMain() map[string]string {
+	return map[string]string{
 		"compatibility_level":      "3.6",
 		"queue_directory":          p.QueueDir,
-		"data_directory":           filepath.Join(dir, "data"),
-		"myhostname":               cfg.Name + ".test",
+		"data_directory":           filepath.Join(p.Dir, "data"),
+		"myhostname":               p.Name + ".test",
 		"myorigin":                 "$myhostname",
 		"mydestination":            "",
 		"relay_domains":            "",
 		"inet_interfaces":          "127.0.0.1",
 		"inet_protocols":           "ipv4",
 		"mynetworks":               "127.0.0.0/8",
-		"syslog_name":              "postfix-" + cfg.Name,
+		"syslog_name":              "postfix-" + p.Name,
 		"maillog_file":             p.Maillog,
-		"maillog_file_prefixes":    dir,
+		"maillog_file_prefixes":    p.Dir,
 		"alias_maps":               "",
 		"alias_database":           "",
 		"biff":                     "no",
@@ -311,82 +328,95 @@ func StartPostfix(t testing.TB, cfg PostfixConfig) *Postfix {
 		"default_transport":        "discard:not routed in this test",
 		"delay_warning_time":       "0",
 	}
-	if len(cfg.Mailboxes) > 0 {
-		p.MailDir = filepath.Join(dir, "mail")
-		if err := os.MkdirAll(p.MailDir, 0o755); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.Chown(p.MailDir, uid, gid); err != nil {
-			t.Fatal(err)
-		}
-		var table strings.Builder
-		var domains []string
-		for _, a := range cfg.Mailboxes {
-			a = strings.ToLower(a)
-			_, domain, ok := strings.Cut(a, "@")
-			if !ok {
-				t.Fatalf("test.StartPostfix: mailbox %q is not an address", a)
-			}
-			if !slices.Contains(domains, domain) {
-				domains = append(domains, domain)
-			}
-			// A trailing slash makes virtual(8) deliver to a Maildir.
-			fmt.Fprintf(&table, "%s %s/\n", a, a)
-			p.mailboxes[a] = filepath.Join(p.MailDir, a)
-		}
-		mapPath := filepath.Join(p.ConfigDir, "mailboxes")
-		if err := os.WriteFile(mapPath, []byte(table.String()), 0o644); err != nil {
-			t.Fatal(err)
-		}
-		main["virtual_mailbox_domains"] = strings.Join(domains, ", ")
-		main["virtual_mailbox_maps"] = "texthash:" + mapPath
-		main["virtual_mailbox_base"] = p.MailDir
-		main["virtual_uid_maps"] = fmt.Sprintf("static:%d", uid)
-		main["virtual_gid_maps"] = fmt.Sprintf("static:%d", gid)
+}
+
+// addMailboxes makes the instance the final destination of mailboxes'
+// domains: a Maildir per address under MailDir, set up in main.
+func (p *Postfix) addMailboxes(t testing.TB, mailboxes []string, main map[string]string) {
+	t.Helper()
+	uid, gid := lookupIDs(t, "postfix")
+	p.MailDir = filepath.Join(p.Dir, "mail")
+	if err := os.MkdirAll(p.MailDir, 0o755); err != nil {
+		t.Fatal(err)
 	}
-	for k, v := range cfg.Main {
-		main[k] = v
+	if err := os.Chown(p.MailDir, uid, gid); err != nil {
+		t.Fatal(err)
 	}
+	var table strings.Builder
+	var domains []string
+	for _, a := range mailboxes {
+		a = strings.ToLower(a)
+		_, domain, ok := strings.Cut(a, "@")
+		if !ok {
+			t.Fatalf("test.StartPostfix: mailbox %q is not an address", a)
+		}
+		if !slices.Contains(domains, domain) {
+			domains = append(domains, domain)
+		}
+		// A trailing slash makes virtual(8) deliver to a Maildir.
+		fmt.Fprintf(&table, "%s %s/\n", a, a)
+		p.mailboxes[a] = filepath.Join(p.MailDir, a)
+	}
+	mapPath := filepath.Join(p.ConfigDir, "mailboxes")
+	if err := os.WriteFile(mapPath, []byte(table.String()), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	main["virtual_mailbox_domains"] = strings.Join(domains, ", ")
+	main["virtual_mailbox_maps"] = "texthash:" + mapPath
+	main["virtual_mailbox_base"] = p.MailDir
+	main["virtual_uid_maps"] = fmt.Sprintf("static:%d", uid)
+	main["virtual_gid_maps"] = fmt.Sprintf("static:%d", gid)
+}
+
+// writeMainCF writes main, sorted by name, as the instance's main.cf.
+func (p *Postfix) writeMainCF(t testing.TB, main map[string]string) {
+	t.Helper()
 	names := make([]string, 0, len(main))
 	for k := range main {
 		names = append(names, k)
 	}
 	sort.Strings(names)
 	var mainCF strings.Builder
-	fmt.Fprintf(&mainCF, "# Postfix instance %q of a rcptguard test.\n", cfg.Name)
+	fmt.Fprintf(&mainCF, "# Postfix instance %q of a rcptguard test.\n", p.Name)
 	for _, k := range names {
 		fmt.Fprintf(&mainCF, "%s = %s\n", k, main[k])
 	}
 	if err := os.WriteFile(filepath.Join(p.ConfigDir, "main.cf"), []byte(mainCF.String()), 0o644); err != nil {
 		t.Fatal(err)
 	}
+}
 
+// writeMasterCF writes master.cf with the smtpd listener on p.Addr.
+func (p *Postfix) writeMasterCF(t testing.TB, cfg PostfixConfig) {
+	t.Helper()
+	var master strings.Builder
+	master.WriteString(postfixMasterCF)
+	chroot := "n"
 	if cfg.Chroot {
-		copyChrootFiles(t, p.QueueDir)
+		chroot = "y"
 	}
+	fmt.Fprintf(&master, "%s inet n - %s - - smtpd\n", p.Addr, chroot)
+	for _, o := range cfg.SMTPD {
+		fmt.Fprintf(&master, "  -o %s\n", o)
+	}
+	if err := os.WriteFile(filepath.Join(p.ConfigDir, "master.cf"), []byte(master.String()), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
 
-	// The port is free when chosen, but something may take it before the
-	// master binds it: then the start fails and is retried on another.
+// start starts the instance on a free port and stops it at t's cleanup.
+// The port is free when chosen, but something may take it before the
+// master binds it: then the start fails and is retried on another.
+func (p *Postfix) start(t testing.TB, cfg PostfixConfig) {
+	t.Helper()
 	var lastErr error
 	for range 3 {
 		p.Port = FreePort(t)
 		p.Addr = net.JoinHostPort("127.0.0.1", strconv.Itoa(p.Port))
-		var master strings.Builder
-		master.WriteString(postfixMasterCF)
-		chroot := "n"
-		if cfg.Chroot {
-			chroot = "y"
-		}
-		fmt.Fprintf(&master, "%s inet n - %s - - smtpd\n", p.Addr, chroot)
-		for _, o := range cfg.SMTPD {
-			fmt.Fprintf(&master, "  -o %s\n", o)
-		}
-		if err := os.WriteFile(filepath.Join(p.ConfigDir, "master.cf"), []byte(master.String()), 0o644); err != nil {
-			t.Fatal(err)
-		}
+		p.writeMasterCF(t, cfg)
 		started := time.Now()
 		if _, lastErr = p.postfix("start"); lastErr == nil {
-			t.Logf("postfix %s started on %s in %s", cfg.Name, p.Addr, time.Since(started).Round(time.Millisecond))
+			t.Logf("postfix %s started on %s in %s", p.Name, p.Addr, time.Since(started).Round(time.Millisecond))
 			break
 		}
 		if !strings.Contains(tail(p.Maillog, 20), "in use") {
@@ -394,17 +424,16 @@ func StartPostfix(t testing.TB, cfg PostfixConfig) *Postfix {
 		}
 	}
 	if lastErr != nil {
-		t.Fatalf("test.StartPostfix %s: %v\nmaillog:\n%s", cfg.Name, lastErr, tail(p.Maillog, 40))
+		t.Fatalf("test.StartPostfix %s: %v\nmaillog:\n%s", p.Name, lastErr, tail(p.Maillog, 40))
 	}
 	t.Cleanup(p.stop)
 	// "postfix start" waits for the master to be ready, so the listener
 	// is bound; this only guards against surprises. It does not connect:
 	// an smtpd started before its SASL server is up would exit, and the
 	// master would then throttle smtpd for a minute.
-	Eventually(t, 10*time.Second, "postfix "+cfg.Name+" smtpd to listen on "+p.Addr, func() bool {
+	Eventually(t, 10*time.Second, "postfix "+p.Name+" smtpd to listen on "+p.Addr, func() bool {
 		return listening(p.Port)
 	})
-	return p
 }
 
 // chrootFiles are the files Debian's Postfix start script copies into the
@@ -796,6 +825,10 @@ type DovecotConfig struct {
 	AuthSocket string
 }
 
+// dovecots numbers the Dovecot instances of this process, whose
+// instance names must differ.
+var dovecots atomic.Int64
+
 // Dovecot is a running Dovecot authentication server.
 type Dovecot struct {
 	Dir string
@@ -833,7 +866,7 @@ func StartDovecotAuth(t testing.TB, cfg DovecotConfig) *Dovecot {
 	// from a system Dovecot's.
 	conf := fmt.Sprintf(`# Dovecot as Postfix's SASL server only, for a rcptguard test.
 protocols =
-instance_name = rcptguard-test-%d
+instance_name = rcptguard-test-%d-%d
 base_dir = %s
 state_dir = %s
 log_path = %s
@@ -857,7 +890,7 @@ service auth {
     group = postfix
   }
 }
-`, os.Getpid(), filepath.Join(dir, "base"), filepath.Join(dir, "state"), d.Log, d.Log, passwd, cfg.AuthSocket)
+`, os.Getpid(), dovecots.Add(1), filepath.Join(dir, "base"), filepath.Join(dir, "state"), d.Log, d.Log, passwd, cfg.AuthSocket)
 	confPath := filepath.Join(dir, "dovecot.conf")
 	if err := os.WriteFile(confPath, []byte(conf), 0o644); err != nil {
 		t.Fatal(err)

@@ -32,9 +32,18 @@ type DeferringSubmission struct {
 // cleanup.
 func StartDeferringSubmission(t testing.TB, domain string, users map[string]string, main map[string]string) *DeferringSubmission {
 	t.Helper()
+	return StartDeferringSubmissionNamed(t, "submission", domain, users, main)
+}
+
+// StartDeferringSubmissionNamed is StartDeferringSubmission for an
+// instance called name (its host name is name.customer.test, its log
+// name postfix-name), so that a test can run several side by side, each
+// with its own configuration, queue, ports, Dovecot and greylisting MX.
+func StartDeferringSubmissionNamed(t testing.TB, name, domain string, users map[string]string, main map[string]string) *DeferringSubmission {
+	t.Helper()
 	mx := StartMX(t, MXConfig{Unknown: &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 7, 1}, Message: "greylisted, try again later"}})
 	cf := map[string]string{
-		"myhostname":                   "submission.customer.test",
+		"myhostname":                   name + ".customer.test",
 		"transport_maps":               fmt.Sprintf("inline:{ %s=smtp:[%s }", domain, mxNexthop(mx.Addr)),
 		"smtpd_sasl_auth_enable":       "yes",
 		"smtpd_sasl_type":              "dovecot",
@@ -49,7 +58,7 @@ func StartDeferringSubmission(t testing.TB, domain string, users map[string]stri
 	for k, v := range main {
 		cf[k] = v
 	}
-	p := StartPostfix(t, PostfixConfig{Name: "submission", Main: cf})
+	p := StartPostfix(t, PostfixConfig{Name: name, Main: cf})
 	StartDovecotAuth(t, DovecotConfig{Users: users, AuthSocket: filepath.Join(p.QueueDir, "private", "auth")})
 	return &DeferringSubmission{Postfix: p, Domain: domain, MX: mx, passwords: users}
 }

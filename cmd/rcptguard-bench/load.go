@@ -214,26 +214,36 @@ func runLoad(ctx context.Context, cfg loadConfig) (*Report, error) {
 
 	var total connStats
 	for _, w := range workers {
-		total.hist.Merge(&w.stats.hist)
-		total.n += w.stats.n
-		total.total += w.stats.total
-		for k, c := range w.stats.errs {
-			total.errs[k] += c
+		total.merge(&w.stats)
+	}
+	return newReport(&cfg, &total, primed), nil
+}
+
+// merge adds o's counts to s.
+func (s *connStats) merge(o *connStats) {
+	s.hist.Merge(&o.hist)
+	s.n += o.n
+	s.total += o.total
+	for k, c := range o.errs {
+		s.errs[k] += c
+	}
+	s.dunno += o.dunno
+	s.hold += o.hold
+	for word, c := range o.other {
+		if s.other == nil {
+			s.other = make(map[string]*int64)
 		}
-		total.dunno += w.stats.dunno
-		total.hold += w.stats.hold
-		for word, c := range w.stats.other {
-			if total.other == nil {
-				total.other = make(map[string]*int64)
-			}
-			if p, ok := total.other[word]; ok {
-				*p += *c
-			} else {
-				v := *c
-				total.other[word] = &v
-			}
+		if p, ok := s.other[word]; ok {
+			*p += *c
+		} else {
+			v := *c
+			s.other[word] = &v
 		}
 	}
+}
+
+// newReport makes the run's report from the connections' merged counts.
+func newReport(cfg *loadConfig, total *connStats, primed int) *Report {
 	us := func(d time.Duration) float64 { return float64(d) / 1e3 }
 	r := &Report{
 		Target:            cfg.Target,
@@ -272,7 +282,7 @@ func runLoad(ctx context.Context, cfg loadConfig) (*Report, error) {
 	for word, c := range total.other {
 		r.Actions[word] = *c
 	}
-	return r, nil
+	return r
 }
 
 func firstError(errs []error) error {

@@ -21,6 +21,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"runtime/pprof"
 	"strings"
 	"syscall"
 	"time"
@@ -230,11 +231,23 @@ func cmdWorld(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	logFile := fs.String("log", "", "file for rcptguard's log (default: standard error)")
 	fs.IntVar(&cfg.Limit, "limit", 1_000_000, "detector.limit: distinct invalid recipients per identity before it is blocked")
 	fs.StringVar(&cfg.Redis, "redis", "", "rcptguard's cluster.redis, e.g. \"redis://127.0.0.1:6379/0\" (default: a single host)")
+	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile of the whole run to this file (go tool pprof)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
 	if err := cfg.check(); err != nil {
 		return fmt.Errorf("%w: %v", errUsage, err)
+	}
+	if *cpuProfile != "" {
+		f, err := os.Create(*cpuProfile)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return fmt.Errorf("-cpuprofile: %w", err)
+		}
+		defer pprof.StopCPUProfile()
 	}
 	cfg.LogOut = stderr
 	if *logFile != "" {

@@ -84,55 +84,7 @@ func medianFloat(v []float64) float64 {
 // in the same round, minutes apart at most). versus lists "A/B" pairs of
 // scenarios whose requests/s ratio is printed below the table.
 func writeTable(w io.Writer, runs []taggedReport, base string, versus []string) {
-	var rows []*tableRow
-	find := func(scenario string, conns int) *tableRow {
-		for _, r := range rows {
-			if r.scenario == scenario && r.conns == conns {
-				return r
-			}
-		}
-		return nil
-	}
-	for _, t := range runs {
-		r := find(t.Scenario, t.Conns)
-		if r == nil {
-			r = &tableRow{scenario: t.Scenario, conns: t.Conns}
-			rows = append(rows, r)
-		}
-		r.runs = append(r.runs, t)
-	}
-	// Scenarios in order of first appearance, base first; connections
-	// ascending.
-	order := map[string]int{base: -1}
-	for _, r := range rows {
-		if _, ok := order[r.scenario]; !ok {
-			order[r.scenario] = len(order)
-		}
-	}
-	slices.SortStableFunc(rows, func(a, b *tableRow) int {
-		if d := order[a.scenario] - order[b.scenario]; d != 0 {
-			return d
-		}
-		return a.conns - b.conns
-	})
-
-	// ratio returns the median over rounds of f(run)/f(other run of the
-	// same round), or false when no round has both.
-	ratio := func(r, of *tableRow, f func(*taggedReport) float64) (float64, bool) {
-		var v []float64
-		for i := range r.runs {
-			for j := range of.runs {
-				if r.runs[i].Round == of.runs[j].Round && f(&of.runs[j]) > 0 {
-					v = append(v, f(&r.runs[i])/f(&of.runs[j]))
-					break
-				}
-			}
-		}
-		return medianFloat(v), len(v) > 0
-	}
-	rps := func(t *taggedReport) float64 { return t.RequestsPerSecond }
-	p99 := func(t *taggedReport) float64 { return t.Latency.P99 }
-
+	rows := groupRows(runs, base)
 	rounds := 0
 	for _, t := range runs {
 		rounds = max(rounds, t.Round)
@@ -146,42 +98,121 @@ func writeTable(w io.Writer, runs []taggedReport, base string, versus []string) 
 	for _, r := range rows {
 		m := r.median()
 		var errs int64
-		var notes []string
-		lo, hi := m.RequestsPerSecond, m.RequestsPerSecond
 		for _, t := range r.runs {
 			errs += t.ErrorTotal
-			lo, hi = min(lo, t.RequestsPerSecond), max(hi, t.RequestsPerSecond)
-		}
-		if len(r.runs) > 1 {
-			notes = append(notes, "range "+thousands(int64(lo+0.5))+"–"+thousands(int64(hi+0.5)))
-		}
-		if h := m.Actions["HOLD"]; h > 0 && m.Requests > 0 {
-			notes = append(notes, fmt.Sprintf("HOLD %.0f%%", 100*float64(h)/float64(m.Requests)))
-		}
-		var other []string
-		for word, n := range m.Actions {
-			if word != "DUNNO" && word != "HOLD" && n > 0 {
-				other = append(other, fmt.Sprintf("%s %d", word, n))
-			}
-		}
-		slices.Sort(other)
-		notes = append(notes, other...)
-		if m.Note != "" {
-			notes = append(notes, m.Note)
 		}
 		ratioRPS, ratioP99 := "", ""
-		if b := find(base, r.conns); b != nil {
-			if v, ok := ratio(r, b, rps); ok {
+		if b := findRow(rows, base, r.conns); b != nil {
+			if v, ok := roundRatio(r, b, rps); ok {
 				ratioRPS = fmtPercent(v)
 			}
-			if v, ok := ratio(r, b, p99); ok {
+			if v, ok := roundRatio(r, b, p99); ok {
 				ratioP99 = strconv.FormatFloat(v, 'f', 1, 64) + "×"
 			}
 		}
 		fmt.Fprintf(w, "| %s | %d | %s | %s | %s | %s | %s | %d | %s |\n", r.scenario, r.conns,
 			thousands(int64(m.RequestsPerSecond+0.5)), fmtMicros(m.Latency.P50), fmtMicros(m.Latency.P99),
-			ratioRPS, ratioP99, errs, strings.Join(notes, "; "))
+			ratioRPS, ratioP99, errs, strings.Join(rowNotes(r, m), "; "))
 	}
+	writeVersus(w, rows, versus)
+}
+
+// groupRows groups the runs by scenario and connections: scenarios in
+// order of first appearance, base first; connections ascending.
+func groupRows(runs []taggedReport, base string) []*tableRow {
+	var rows []*tableRow
+	for _, t := range runs {
+		r := findRow(rows, t.Scenario, t.Conns)
+		if r == nil {
+			r = &tableRow{scenario: t.Scenario, conns: t.Conns}
+			rows = append(rows, r)
+		}
+		r.runs = append(r.runs, t)
+	}
+	order := map[string]int{base: -1}
+	for _, r := range rows {
+		if _, ok := order[r.scenario]; !ok {
+			order[r.scenario] = len(order)
+		}
+	}
+	slices.SortStableFunc(rows, func(a, b *tableRow) int {
+		if d := order[a.scenario] - order[b.scenario]; d != 0 {
+			return d
+		}
+		return a.conns - b.conns
+	})
+	return rows
+}
+
+func findRow(rows []*tableRow, scenario string, conns int) *tableRow {
+	for _, r := range rows {
+		if r.scenario == scenario && r.conns == conns {
+			return r
+		}
+	}
+	return nil
+}
+
+func rps(t *taggedReport) float64 { return t.RequestsPerSecond }
+func p99(t *taggedReport) float64 { return t.Latency.P99 }
+
+// roundRatio returns the median over rounds of f(run)/f(other run of the
+// same round), or false when no round has both.
+func roundRatio(r, of *tableRow, f func(*taggedReport) float64) (float64, bool) {
+	var v []float64
+	for i := range r.runs {
+		for j := range of.runs {
+			if r.runs[i].Round == of.runs[j].Round && f(&of.runs[j]) > 0 {
+				v = append(v, f(&r.runs[i])/f(&of.runs[j]))
+				break
+			}
+		}
+	}
+	return medianFloat(v), len(v) > 0
+}
+
+// rowNotes returns a row's notes: the range over rounds, the share of
+// HOLD, the other actions, the median run's note.
+func rowNotes(r *tableRow, m taggedReport) []string {
+	var notes []string
+	lo, hi := m.RequestsPerSecond, m.RequestsPerSecond
+	for _, t := range r.runs {
+		lo, hi = min(lo, t.RequestsPerSecond), max(hi, t.RequestsPerSecond)
+	}
+	if len(r.runs) > 1 {
+		notes = append(notes, "range "+thousands(int64(lo+0.5))+"–"+thousands(int64(hi+0.5)))
+	}
+	if h := m.Actions["HOLD"]; h > 0 && m.Requests > 0 {
+		notes = append(notes, fmt.Sprintf("HOLD %.0f%%", 100*float64(h)/float64(m.Requests)))
+	}
+	var other []string
+	for word, n := range m.Actions {
+		if word != "DUNNO" && word != "HOLD" && n > 0 {
+			other = append(other, fmt.Sprintf("%s %d", word, n))
+		}
+	}
+	slices.Sort(other)
+	notes = append(notes, other...)
+	if m.Note != "" {
+		notes = append(notes, m.Note)
+	}
+	return notes
+}
+
+// fmtFactor formats a ratio with two significant digits: 40, 3.2, 0.59.
+func fmtFactor(v float64) string {
+	switch {
+	case v >= 10:
+		return strconv.FormatFloat(v, 'f', 0, 64)
+	case v >= 1:
+		return strconv.FormatFloat(v, 'f', 1, 64)
+	}
+	return strconv.FormatFloat(v, 'f', 2, 64)
+}
+
+// writeVersus writes one line per "A/B" pair and connection count: the
+// median over rounds of A's requests/s ÷ B's.
+func writeVersus(w io.Writer, rows []*tableRow, versus []string) {
 	printed := false
 	for _, pair := range versus {
 		a, b, ok := strings.Cut(pair, "/")
@@ -192,13 +223,13 @@ func writeTable(w io.Writer, runs []taggedReport, base string, versus []string) 
 			if ra.scenario != a {
 				continue
 			}
-			if rb := find(b, ra.conns); rb != nil {
-				if v, ok := ratio(ra, rb, rps); ok {
+			if rb := findRow(rows, b, ra.conns); rb != nil {
+				if v, ok := roundRatio(ra, rb, rps); ok {
 					if !printed {
 						fmt.Fprintln(w)
 						printed = true
 					}
-					fmt.Fprintf(w, "%s ÷ %s at %d connections: %.0f×\n", a, b, ra.conns, v)
+					fmt.Fprintf(w, "%s ÷ %s at %d connections: %s×\n", a, b, ra.conns, fmtFactor(v))
 				}
 			}
 		}

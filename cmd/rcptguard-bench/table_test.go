@@ -44,7 +44,7 @@ func TestTable(t *testing.T) {
 		t.Fatal(err)
 	}
 	var out bytes.Buffer
-	writeTable(&out, runs, "baseline", []string{"cached/postfwd"})
+	writeTable(&out, runs, "baseline", []string{"cached/postfwd", "cached/baseline"})
 	text := out.String()
 	for _, want := range []string{
 		"| scenario | conns | requests/s (median of 3) | p50 | p99 | req/s ÷ baseline | p99 ÷ baseline | errors | notes |",
@@ -53,6 +53,7 @@ func TestTable(t *testing.T) {
 		"| postfwd | 8 | 600 | 7.50ms | 30.00ms | 2.0 % | 30.0× | 0 | range 400–1,000; 421 100 |",
 		"| blocked | 64 | 30,000 | 225µs | 900µs |  |  | 0 | HOLD 100%; a note |",
 		"cached ÷ postfwd at 8 connections: 40×",
+		"cached ÷ baseline at 8 connections: 0.80×",
 	} {
 		if !strings.Contains(text, want) {
 			t.Errorf("table lacks\n%s\n in\n%s", want, text)

@@ -100,24 +100,11 @@ func runWorld(ctx context.Context, cfg worldConfig, out io.Writer, ready func(po
 	if err := cfg.check(); err != nil {
 		return worldStats{}, err
 	}
-	dir := cfg.Dir
-	if dir == "" {
-		d, err := os.MkdirTemp("", "rcptguard-bench-world-")
-		if err != nil {
-			return worldStats{}, err
-		}
-		defer os.RemoveAll(d)
-		dir = d
-	} else {
-		abs, err := filepath.Abs(dir)
-		if err != nil {
-			return worldStats{}, err
-		}
-		dir = abs
-		if err := os.MkdirAll(dir, 0o700); err != nil {
-			return worldStats{}, err
-		}
+	dir, cleanup, err := worldDir(cfg.Dir)
+	if err != nil {
+		return worldStats{}, err
 	}
+	defer cleanup()
 
 	domains := rcptDomains(cfg.Domain, cfg.Domains)
 	mx, err := startMX(domains, cfg.Mailboxes, cfg.MXTrace)
@@ -143,9 +130,60 @@ func runWorld(ctx context.Context, cfg worldConfig, out io.Writer, ready func(po
 	}
 	fmt.Fprintf(out, "dns %s\nmx %s (%d mailboxes at %s)\n", names.addr, mx.addr, cfg.Mailboxes, where)
 
+	configPath, err := writeWorldConfig(dir, cfg, names.addr, mxPort)
+	if err != nil {
+		return worldStats{}, err
+	}
+	fmt.Fprintf(out, "config %s\n", configPath)
+	rc, err := app.LoadConfig(configPath)
+	if err != nil {
+		return worldStats{}, err
+	}
+	logOut := cfg.LogOut
+	if logOut == nil {
+		logOut = io.Discard
+	}
+	err = app.Serve(ctx, rc, logOut, app.Hooks{Ready: func(policy []string, metrics string) {
+		if metrics != "" {
+			fmt.Fprintf(out, "metrics %s\n", metrics)
+		}
+		fmt.Fprintf(out, "listening %s\n", policy[0])
+		if ready != nil {
+			ready(policy[0])
+		}
+	}})
+	st := mx.stats()
+	st.DNSQueries = names.queries.Load()
+	fmt.Fprintln(out, st)
+	return st, err
+}
+
+// worldDir returns the world's directory: dir made absolute (and
+// created), or a new temporary one that cleanup removes.
+func worldDir(dir string) (string, func(), error) {
+	if dir == "" {
+		d, err := os.MkdirTemp("", "rcptguard-bench-world-")
+		if err != nil {
+			return "", nil, err
+		}
+		return d, func() { _ = os.RemoveAll(d) }, nil
+	}
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return "", nil, err
+	}
+	if err := os.MkdirAll(abs, 0o700); err != nil {
+		return "", nil, err
+	}
+	return abs, func() {}, nil
+}
+
+// writeWorldConfig writes the blocklist and rcptguard's configuration
+// into dir and returns the configuration's path.
+func writeWorldConfig(dir string, cfg worldConfig, dnsAddr, mxPort string) (string, error) {
 	blocklist := filepath.Join(dir, "blocklist")
 	if err := writeBlocklist(blocklist, cfg.Blocked); err != nil {
-		return worldStats{}, err
+		return "", err
 	}
 	metrics := ""
 	if cfg.Metrics != "" {
@@ -183,32 +221,8 @@ spool = %q
 
 [log]
 level = %q
-%s`, cfg.Listen, cfg.Limit, names.addr, mxPort, blocklist, filepath.Join(dir, "spool"), cfg.LogLevel, metrics)
-	if err := os.WriteFile(configPath, []byte(config), 0o600); err != nil {
-		return worldStats{}, err
-	}
-	fmt.Fprintf(out, "config %s\n", configPath)
-	rc, err := app.LoadConfig(configPath)
-	if err != nil {
-		return worldStats{}, err
-	}
-	logOut := cfg.LogOut
-	if logOut == nil {
-		logOut = io.Discard
-	}
-	err = app.Serve(ctx, rc, logOut, app.Hooks{Ready: func(policy []string, metrics string) {
-		if metrics != "" {
-			fmt.Fprintf(out, "metrics %s\n", metrics)
-		}
-		fmt.Fprintf(out, "listening %s\n", policy[0])
-		if ready != nil {
-			ready(policy[0])
-		}
-	}})
-	st := mx.stats()
-	st.DNSQueries = names.queries.Load()
-	fmt.Fprintln(out, st)
-	return st, err
+%s`, cfg.Listen, cfg.Limit, dnsAddr, mxPort, blocklist, filepath.Join(dir, "spool"), cfg.LogLevel, metrics)
+	return configPath, os.WriteFile(configPath, []byte(config), 0o600)
 }
 
 // writeBlocklist writes a blocklist with n entries for the identities the

@@ -29,9 +29,11 @@ func makeResultsDir(requests string) error {
 }
 
 // watchHoldResults takes the results in dir every interval until ctx
-// ends and hands each to n.held. TakeResults removes each file as it
-// reads it, so a result is reported once.
-func watchHoldResults(ctx context.Context, dir string, interval time.Duration, n reportNotifier) {
+// ends and hands each to n.held, or, when it answers a block learned
+// through the cluster, to holds.heldLearned (logged, not reported).
+// TakeResults removes each file as it reads it, so a result is reported
+// once.
+func watchHoldResults(ctx context.Context, dir string, interval time.Duration, n reportNotifier, holds *holdRequester) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	var warned bool
@@ -48,6 +50,10 @@ func watchHoldResults(ctx context.Context, dir string, interval time.Duration, n
 			n.log.Warn("retroactive hold result refused", slog.Any("error", p))
 		}
 		for _, r := range results {
+			if holds.wasLearned(r.Identity, r.Requested) {
+				holds.heldLearned(r)
+				continue
+			}
 			n.held(ctx, r)
 		}
 		select {

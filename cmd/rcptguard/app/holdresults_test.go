@@ -108,7 +108,7 @@ func TestHoldResultsReported(t *testing.T) {
 
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
-	go func() { defer close(done); watchHoldResults(ctx, dir, 5*time.Millisecond, n) }()
+	go func() { defer close(done); watchHoldResults(ctx, dir, 5*time.Millisecond, n, nil) }()
 	var msgs []string
 	deadline := time.Now().Add(10 * time.Second)
 	for time.Now().Before(deadline) {

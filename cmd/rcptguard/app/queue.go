@@ -286,35 +286,39 @@ func unblockForQueue(ctx context.Context, cfg *Config, id string, stdout io.Writ
 // detector makes is marked with its auto-unblock time
 // (detector.unblock_after) and, once in the blocklist file, asks for a
 // retroactive hold of the identity's queued mail (queue.requests). With
-// both off it returns b itself.
-func withBlockHooks(cfg *Config, b detector.Blocklist, log *slog.Logger) (detector.Blocklist, error) {
+// both off it returns b itself. The hold requester is returned too (nil
+// when holds are off): blocks learned through the cluster use it.
+func withBlockHooks(cfg *Config, b detector.Blocklist, log *slog.Logger) (detector.Blocklist, *holdRequester, error) {
 	h := blockHooks{Blocklist: b, log: log, unblockAfter: cfg.Detector.UnblockAfter.D(), now: time.Now}
 	if cfg.Queue.Requests != "" {
 		if err := ensureDir(cfg.Queue.Requests, "queue.requests"); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		if err := makeResultsDir(cfg.Queue.Requests); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
-		h.req = &queue.Requester{Dir: cfg.Queue.Requests}
+		h.req = newHoldRequester(cfg.Queue.Requests, cfg.Detector.Period.D(), log)
 	}
 	if h.req == nil && h.unblockAfter <= 0 {
-		return b, nil
+		return b, nil, nil
 	}
-	return h, nil
+	return h, h.req, nil
 }
 
 // blockHooks is a detector.Blocklist that adds the auto-unblock mark and
 // asks for a retroactive hold after each block.
 type blockHooks struct {
 	detector.Blocklist
-	req          *queue.Requester // nil: no retroactive hold
-	unblockAfter time.Duration    // 0: no auto-unblock
+	req          *holdRequester // nil: no retroactive hold
+	unblockAfter time.Duration  // 0: no auto-unblock
 	now          func() time.Time
 	log          *slog.Logger
 }
 
 func (h blockHooks) Block(ctx context.Context, id, action, text string) error {
+	// A block made here because another server crossed first: that
+	// server reports, so this one's hold is one of a learned block.
+	learned := strings.HasSuffix(text, detector.FleetMark)
 	if h.unblockAfter > 0 {
 		text = markAutoUnblock(text, h.now().Add(h.unblockAfter))
 	}
@@ -327,11 +331,15 @@ func (h blockHooks) Block(ctx context.Context, id, action, text string) error {
 	if h.req == nil {
 		return nil
 	}
-	if err := h.req.Request(id); err != nil {
-		h.log.Error("retroactive hold not requested", slog.String("identity", id), slog.Any("error", err))
+	request := h.req.request
+	if learned {
+		request = h.req.requestLearned
+	}
+	if err := request(id); err != nil {
+		h.log.Error("retroactive hold not requested", slog.String("identity", id), slog.Bool("learned", learned), slog.Any("error", err))
 		return nil
 	}
-	h.log.Info("retroactive hold requested", slog.String("identity", id))
+	h.log.Info("retroactive hold requested", slog.String("identity", id), slog.Bool("learned", learned))
 	return nil
 }
 

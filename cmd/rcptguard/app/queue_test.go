@@ -66,7 +66,7 @@ func TestHoldRequestAfterBlock(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "requests")
 	cfg := &Config{Queue: QueueConfig{Requests: dir}}
 	fb := &fakeBlocklist{}
-	b, err := withBlockHooks(cfg, fb, slog.New(slog.DiscardHandler))
+	b, _, err := withBlockHooks(cfg, fb, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -86,7 +86,7 @@ func TestHoldRequestAfterBlock(t *testing.T) {
 	}
 
 	// Off: the blocklist is used as it is.
-	off, err := withBlockHooks(&Config{}, fb, nil)
+	off, _, err := withBlockHooks(&Config{}, fb, nil)
 	if err != nil || off != fb {
 		t.Fatalf("queue.requests empty: got %T %v, want the blocklist itself", off, err)
 	}

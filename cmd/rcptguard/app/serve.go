@@ -163,7 +163,8 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 
 	dcfg := detectorConfig(cfg, limits)
 	dcfg.Verifier = verifier
-	if dcfg.Blocklist, err = withBlockHooks(cfg, bl, log); err != nil {
+	var holds *holdRequester // nil: no retroactive hold
+	if dcfg.Blocklist, holds, err = withBlockHooks(cfg, bl, log); err != nil {
 		return err
 	}
 	space := &queueSpaceNow{}
@@ -173,6 +174,9 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 	dcfg.Metrics = metrics
 	if cl != nil {
 		if err := cl.Register(reg); err != nil {
+			return err
+		}
+		if err := holds.register(reg); err != nil {
 			return err
 		}
 		dcfg.Shared = cl
@@ -193,6 +197,7 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 					log.Warn("spool ledger not updated", slog.Any("error", err))
 				}
 			}
+			holds.learnedBlock(id) // its mail queued here is held too
 		})
 		dcfg.Blocklist = fleet.Load().Blocklist(dcfg.Blocklist)
 	}
@@ -325,7 +330,10 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 		wg.Go(func() { watchQueueSpace(ctx, dir, 30*time.Second, queue.FreeSpace, reg, log, space) })
 	}
 	if cfg.Queue.Requests != "" {
-		wg.Go(func() { watchHoldResults(ctx, queue.ResultsDir(cfg.Queue.Requests), 2*time.Second, reports) })
+		wg.Go(func() { watchHoldResults(ctx, queue.ResultsDir(cfg.Queue.Requests), 2*time.Second, reports, holds) })
+		if cl != nil {
+			wg.Go(func() { holds.runLearned(ctx, bl, 20*time.Millisecond) })
+		}
 	}
 	if cfg.Detector.UnblockAfter > 0 {
 		forget := func(id string) { forgetBlock(mailer, id, log); d.Limiter().Forget(id) }

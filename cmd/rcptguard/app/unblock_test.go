@@ -45,7 +45,7 @@ func TestAutoUnblock(t *testing.T) {
 	}
 	now := time.Date(2026, 11, 30, 12, 0, 0, 0, time.UTC)
 	fb := &fakeBlocklist{}
-	hooks, err := withBlockHooks(&Config{Detector: DetectorConfig{UnblockAfter: Duration(time.Hour)}}, fb, slog.New(slog.DiscardHandler))
+	hooks, _, err := withBlockHooks(&Config{Detector: DetectorConfig{UnblockAfter: Duration(time.Hour)}}, fb, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
