@@ -11,8 +11,17 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/rcptguard/rcptguard/callout"
 	"github.com/rcptguard/rcptguard/cmd/rcptguard/cluster"
 )
+
+// fleetCallout is what the verifier shares with the fleet: verdicts,
+// facts about domains and MX hosts, probe caps.
+type fleetCallout interface {
+	callout.SharedCache
+	callout.SharedFacts
+	callout.SharedCaps
+}
 
 // openCluster connects to the fleet's Redis when cluster.redis is set;
 // nil without it (a single host, as always).
