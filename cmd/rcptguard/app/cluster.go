@@ -39,7 +39,7 @@ func openCluster(cfg *Config, log *slog.Logger, reg prometheus.Registerer) (*clu
 		password = strings.TrimRight(string(b), "\r\n")
 	}
 	c, err := cluster.New(cluster.Config{URL: cc.Redis, KeyPrefix: cc.KeyPrefix, Password: password,
-		Period: cfg.Detector.Period.D(), LongPeriod: cfg.Detector.LongPeriod.D(),
+		Period: cfg.Detector.Period.D(), LongPeriod: cfg.Detector.LongPeriod.D(), Timeout: cc.Timeout.D(),
 		Logger: log.With("component", "cluster"), Registerer: reg})
 	if err != nil {
 		return nil, configFileError(cfg.Path, fmt.Errorf("cluster.redis: %w", err))

@@ -93,6 +93,7 @@ func newVerifier(cfg *Config, logger *slog.Logger, transcript io.Writer, shared 
 		Shared:            shared, // [cluster]: the fleet's verdicts, facts and caps
 		SharedFacts:       shared,
 		SharedCaps:        shared,
+		SharedTimeout:     cfg.Cluster.Timeout.D(),
 	})
 }
 
