@@ -18,17 +18,6 @@ import (
 	"github.com/rcptguard/rcptguard/test"
 )
 
-// fleetClock is a clock the tests move by hand, shared by a fleet.
-type fleetClock struct{ ns atomic.Int64 }
-
-func newFleetClock() *fleetClock {
-	c := &fleetClock{}
-	c.ns.Store(time.Unix(1_800_000_000, 0).UnixNano())
-	return c
-}
-func (c *fleetClock) Now() time.Time      { return time.Unix(0, c.ns.Load()) }
-func (c *fleetClock) Add(d time.Duration) { c.ns.Add(int64(d)) }
-
 // fleetMember is one server's verifier and its connection to the fleet.
 type fleetMember struct {
 	v *callout.Verifier
@@ -91,7 +80,7 @@ func TestClusterSharedFacts(t *testing.T) {
 		"all.test. 300 IN MX 10 mx.all.test.\nmx.all.test. 300 IN A 127.0.0.2\n"+
 		"shy.test. 300 IN MX 10 mx.shy.test.\nmx.shy.test. 300 IN A 127.0.0.2\n")
 	r := test.StartRedis(t)
-	clock := newFleetClock()
+	clock := &test.Clock{}
 	a := newFleetVerifier(t, r, "facts:", dns.Addr, port, clock.Now, nil)
 	b := newFleetVerifier(t, r, "facts:", dns.Addr, port, clock.Now, nil)
 	ctx := context.Background()
@@ -190,7 +179,7 @@ func TestClusterSharedCaps(t *testing.T) {
 			zone.WriteString("mx.test. 300 IN A 127.0.0.2\n")
 			dns := test.StartDNS(t, zone.String())
 			r := test.StartRedis(t)
-			clock := newFleetClock()
+			clock := &test.Clock{}
 			set := func(c *callout.Config) { c.CatchAllProbe = false; tc.set(c) }
 			fleet := []fleetMember{newFleetVerifier(t, r, "caps:", dns.Addr, port, clock.Now, set),
 				newFleetVerifier(t, r, "caps:", dns.Addr, port, clock.Now, set)}

@@ -4,7 +4,6 @@ import (
 	"context"
 	"os"
 	"path/filepath"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -12,12 +11,6 @@ import (
 	"github.com/rcptguard/rcptguard/cmd/rcptguard/cluster"
 	"github.com/rcptguard/rcptguard/test"
 )
-
-// movingClock is the real clock plus an offset the test moves.
-type movingClock struct{ off atomic.Int64 }
-
-func (c *movingClock) Now() time.Time      { return time.Now().Add(time.Duration(c.off.Load())) }
-func (c *movingClock) Add(d time.Duration) { c.off.Add(int64(d)) }
 
 // member is one server of a test fleet: its file and its syncer.
 type member struct {
@@ -67,7 +60,7 @@ func (m *member) has(id string) bool { _, ok := m.f.Lookup(id); return ok }
 // lifted meanwhile: it drops it; a block it made while cut off is pushed.
 func TestSyncForgetsOldUnblocks(t *testing.T) {
 	r := test.StartRedis(t)
-	clock := &movingClock{}
+	clock := &test.Clock{}
 	ctx := context.Background()
 	a, b, c := newMember(t, r, clock.Now), newMember(t, r, clock.Now), newMember(t, r, clock.Now)
 	a.block(t, "x@isp.test", clock.Now())
@@ -123,7 +116,7 @@ func TestSyncForgetsOldUnblocks(t *testing.T) {
 // that lost its data: an empty Redis never unblocks anyone.
 func TestSyncStaleServerRefillsEmptyRedis(t *testing.T) {
 	r := test.StartRedis(t)
-	clock := &movingClock{}
+	clock := &test.Clock{}
 	ctx := context.Background()
 	a := newMember(t, r, clock.Now)
 	a.block(t, "x@isp.test", clock.Now())
