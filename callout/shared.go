@@ -85,8 +85,8 @@ func sharedFactKind(key string) bool {
 // sharedFact asks the fleet for a fact the in-process store lacks and
 // keeps a sound one locally, never longer than this server would have.
 func (v *Verifier) sharedFact(key string) (Result, bool) {
-	if v.cfg.SharedFacts == nil || !sharedFactKind(key) {
-		return Result{}, false
+	if v.cfg.SharedFacts == nil || !sharedFactKind(key) || strings.HasPrefix(key, keyHostAll) && !v.cfg.CatchAllProbe {
+		return Result{}, false // without the random-name probe, its answers are not used
 	}
 	ctx, cancel := context.WithTimeout(v.ctx, v.cfg.SharedTimeout)
 	defer cancel()
