@@ -113,8 +113,15 @@ func (f *facts) put(key string, res Result, ttl time.Duration, now time.Time) {
 }
 
 // fact and learn read and write the fact store by the verifier's clock.
-func (v *Verifier) fact(key string) (Result, bool) { return v.facts.get(key, v.cfg.Now()) }
+// The fleet's facts ([cluster]) come second and are told what was learnt.
+func (v *Verifier) fact(key string) (Result, bool) {
+	if res, ok := v.facts.get(key, v.cfg.Now()); ok {
+		return res, true
+	}
+	return v.sharedFact(key)
+}
 
 func (v *Verifier) learn(key string, res Result, ttl time.Duration) {
 	v.facts.put(key, res, ttl, v.cfg.Now())
+	v.shareFact(key, res, ttl)
 }

@@ -364,7 +364,7 @@ func (v *Verifier) learnProbe(domain string, h Host, primary, probe string, res 
 func (w *worker) open(ctx context.Context, h Host, ips []netip.Addr) (*session, Result) {
 	v := w.v
 	now := v.cfg.Now()
-	switch v.win.takeAll(now, windowKey{"s", v.cfg.SessionRate}, windowKey{"d:" + w.domain, v.cfg.PerDomainRate}) {
+	switch v.takeCaps(now, windowKey{"s", v.cfg.SessionRate}, windowKey{"d:" + w.domain, v.cfg.PerDomainRate}) {
 	case 0:
 		return nil, v.rateLimited(h, fmt.Sprintf("more than %d new probe sessions a minute in all (callout.session_rate)", v.cfg.SessionRate))
 	case 1:
@@ -378,7 +378,7 @@ func (w *worker) open(ctx context.Context, h Host, ips []netip.Addr) (*session, 
 			break
 		}
 		key := ip.String()
-		if !v.win.take("c:"+key, v.cfg.PerHostRate, now) {
+		if v.takeCaps(now, windowKey{"c:" + key, v.cfg.PerHostRate}) >= 0 {
 			limited = fmt.Sprintf("more than %d new connections a minute to %s (callout.per_host_rate)", v.cfg.PerHostRate, key)
 			continue
 		}
@@ -416,7 +416,7 @@ func (w *worker) open(ctx context.Context, h Host, ips []netip.Addr) (*session, 
 // takeRcpt counts one RCPT to domain at ip against the caps and returns
 // "" when it may be sent, else which cap is reached.
 func (v *Verifier) takeRcpt(domain string, ip netip.Addr) string {
-	switch v.win.takeAll(v.cfg.Now(), windowKey{"r:" + domain, v.cfg.PerDomainRcptRate}, windowKey{"q:" + ip.String(), v.cfg.PerHostRcptRate}) {
+	switch v.takeCaps(v.cfg.Now(), windowKey{"r:" + domain, v.cfg.PerDomainRcptRate}, windowKey{"q:" + ip.String(), v.cfg.PerHostRcptRate}) {
 	case 0:
 		return fmt.Sprintf("more than %d recipients a minute asked at %s (callout.per_domain_rcpt_rate)", v.cfg.PerDomainRcptRate, domain)
 	case 1:

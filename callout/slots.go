@@ -115,12 +115,6 @@ func newWindow(per time.Duration) *window {
 	return &window{per: per, m: map[string][]time.Time{}, sweep: 1024}
 }
 
-// take counts one event for key at now and reports whether it stays
-// within max events in the window; a refused event is not counted.
-func (w *window) take(key string, max int, now time.Time) bool {
-	return w.takeAll(now, windowKey{key, max}) < 0
-}
-
 type windowKey struct {
 	key string
 	max int

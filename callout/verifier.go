@@ -118,6 +118,12 @@ type Config struct {
 	// Shared is a verdict cache shared with other servers, asked after
 	// the in-process one; nil: none.
 	Shared SharedCache
+	// SharedFacts and SharedCaps share the catch-all and refusing-host
+	// facts and the probe caps with other servers; nil: this server's own.
+	SharedFacts SharedFacts
+	SharedCaps  SharedCaps
+	// SharedTimeout bounds each call of the three (default 200ms).
+	SharedTimeout time.Duration
 }
 
 // Provider rules built in; a configuration that sets the key replaces them.
@@ -179,6 +185,7 @@ func New(cfg Config) (*Verifier, error) {
 	setDefault(&cfg.PerDomainRcptRate, 120)
 	setDefault(&cfg.PerHostRcptRate, 600)
 	setDefault(&cfg.SessionRate, 600)
+	setDefault(&cfg.SharedTimeout, sharedTimeout)
 	if cfg.LocalAddrs == nil {
 		cfg.LocalAddrs = interfaceAddrs()
 	}

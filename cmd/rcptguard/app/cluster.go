@@ -11,8 +11,17 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/rcptguard/rcptguard/callout"
 	"github.com/rcptguard/rcptguard/cmd/rcptguard/cluster"
 )
+
+// fleetCallout is what the verifier shares with the fleet: verdicts,
+// facts about domains and MX hosts, probe caps.
+type fleetCallout interface {
+	callout.SharedCache
+	callout.SharedFacts
+	callout.SharedCaps
+}
 
 // openCluster connects to the fleet's Redis when cluster.redis is set;
 // nil without it (a single host, as always).
@@ -30,7 +39,7 @@ func openCluster(cfg *Config, log *slog.Logger, reg prometheus.Registerer) (*clu
 		password = strings.TrimRight(string(b), "\r\n")
 	}
 	c, err := cluster.New(cluster.Config{URL: cc.Redis, KeyPrefix: cc.KeyPrefix, Password: password,
-		Period: cfg.Detector.Period.D(), LongPeriod: cfg.Detector.LongPeriod.D(),
+		Period: cfg.Detector.Period.D(), LongPeriod: cfg.Detector.LongPeriod.D(), Timeout: cc.Timeout.D(),
 		Logger: log.With("component", "cluster"), Registerer: reg})
 	if err != nil {
 		return nil, configFileError(cfg.Path, fmt.Errorf("cluster.redis: %w", err))

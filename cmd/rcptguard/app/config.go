@@ -139,9 +139,10 @@ type MetricsConfig struct {
 // ClusterConfig is the [cluster] section: several servers sharing one
 // judgement through Redis. Redis "" (the default): single host.
 type ClusterConfig struct {
-	Redis        string `toml:"redis"`
-	KeyPrefix    string `toml:"key_prefix"`
-	PasswordFile string `toml:"password_file"`
+	Redis        string   `toml:"redis"`
+	KeyPrefix    string   `toml:"key_prefix"`
+	PasswordFile string   `toml:"password_file"`
+	Timeout      Duration `toml:"timeout"`
 }
 
 // LogConfig is the [log] section.
@@ -215,7 +216,7 @@ func defaultConfig() Config {
 			MaxAge:   Duration(5 * 24 * time.Hour),
 		},
 		Log:     LogConfig{Level: "info", Format: "text"},
-		Cluster: ClusterConfig{KeyPrefix: "rcptguard:"},
+		Cluster: ClusterConfig{KeyPrefix: "rcptguard:", Timeout: Duration(cluster.DefaultTimeout)},
 	}
 }
 
@@ -642,6 +643,9 @@ func checkCluster(c *ClusterConfig) []error {
 	}
 	if c.PasswordFile != "" && !strings.HasPrefix(c.PasswordFile, "/") {
 		errs = append(errs, fmt.Errorf("cluster.password_file: must be an absolute path, got %q", c.PasswordFile))
+	}
+	if d := c.Timeout.D(); d < 10*time.Millisecond || d > time.Second {
+		errs = append(errs, fmt.Errorf("cluster.timeout: %s must be between 10ms and 1s: a request is answered within 1 s when Redis is slow", d))
 	}
 	return errs
 }

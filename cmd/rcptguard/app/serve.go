@@ -24,7 +24,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/rcptguard/rcptguard/blocklist"
-	"github.com/rcptguard/rcptguard/callout"
 	"github.com/rcptguard/rcptguard/cmd/rcptguard/cluster"
 	"github.com/rcptguard/rcptguard/cmd/rcptguard/queue"
 	"github.com/rcptguard/rcptguard/detector"
@@ -132,7 +131,7 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 	if err != nil {
 		return err
 	}
-	var shared callout.SharedCache
+	var shared fleetCallout
 	if cl != nil {
 		defer func() { _ = cl.Close() }()
 		shared = cl

@@ -53,7 +53,7 @@ func cmdVerify(ctx context.Context, args []string, stdout, stderr io.Writer) err
 }
 
 // newVerifier builds the callout verifier the configuration describes.
-func newVerifier(cfg *Config, logger *slog.Logger, transcript io.Writer, shared callout.SharedCache) (*callout.Verifier, error) {
+func newVerifier(cfg *Config, logger *slog.Logger, transcript io.Writer, shared fleetCallout) (*callout.Verifier, error) {
 	co := cfg.Callout
 	var servers []string
 	if co.Resolver != "" {
@@ -90,7 +90,10 @@ func newVerifier(cfg *Config, logger *slog.Logger, transcript io.Writer, shared 
 		SessionRate:       co.SessionRate,
 		Logger:            logger,
 		Transcript:        transcript,
-		Shared:            shared, // [cluster]: the fleet's verdicts
+		Shared:            shared, // [cluster]: the fleet's verdicts, facts and caps
+		SharedFacts:       shared,
+		SharedCaps:        shared,
+		SharedTimeout:     cfg.Cluster.Timeout.D(),
 	})
 }
 

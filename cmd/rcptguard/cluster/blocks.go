@@ -3,19 +3,17 @@ package cluster
 import (
 	"cmp"
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"fmt"
-	"log/slog"
-	"os"
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/redis/go-redis/v9"
 
 	"github.com/rcptguard/rcptguard/blocklist"
-	"github.com/rcptguard/rcptguard/detector"
 )
 
 // The fleet's blocklist lives in two hashes that share one Redis Cluster
@@ -23,10 +21,28 @@ import (
 // the tombstones (identity → unix ms of the unblock). A tombstone is how
 // a server tells an unblock from a Redis that lost its data: a block
 // missing from Redis is pushed back, unless a later tombstone says it was
-// lifted. So an empty Redis never unblocks anyone.
+// lifted. So an empty Redis never unblocks anyone. Tombstones are kept
+// for TombstoneRetention.
+//
+// Beside them: gen, a counter every change of the two hashes bumps, so a
+// server reads them in full only when they changed; and epoch, a random
+// name given to the data set when a server finds none, so a server tells
+// a Redis that kept its data from one that lost it (or a new one).
 func (c *Cluster) blocksKey() string   { return c.prefix + "blocks{blocklist}" }
 func (c *Cluster) unblocksKey() string { return c.prefix + "unblocks{blocklist}" }
 func (c *Cluster) eventsKey() string   { return c.prefix + "events{blocklist}" }
+func (c *Cluster) genKey() string      { return c.prefix + "gen{blocklist}" }
+func (c *Cluster) epochKey() string    { return c.prefix + "epoch{blocklist}" }
+
+// TombstoneRetention is how long the fleet remembers an unblock. A server
+// cut off from Redis for longer does not push back the blocks it had when
+// it was cut off and that the fleet no longer has: see Sync.
+const TombstoneRetention = 30 * 24 * time.Hour
+
+// blockKeys are the keys of the block and unblock scripts.
+func (c *Cluster) blockKeys() []string {
+	return []string{c.blocksKey(), c.unblocksKey(), c.eventsKey(), c.genKey()}
+}
 
 // blockScript records a block made at ARGV[2] unless a later unblock is
 // known; a block already there stays as it is.
@@ -36,6 +52,7 @@ if u and tonumber(u) >= tonumber(ARGV[2]) then return 0 end
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
   redis.call('HDEL', KEYS[2], ARGV[1])
+  redis.call('INCR', KEYS[4])
   redis.call('PUBLISH', KEYS[3], ARGV[1])
 end
 return 1
@@ -46,9 +63,13 @@ return 1
 var unblockScript = redis.NewScript(`
 local v = redis.call('HGET', KEYS[1], ARGV[1])
 if v and tonumber(string.match(v, '^(%d+)')) > tonumber(ARGV[2]) then return 0 end
-redis.call('HDEL', KEYS[1], ARGV[1])
+local n = redis.call('HDEL', KEYS[1], ARGV[1])
 local old = redis.call('HGET', KEYS[2], ARGV[1])
-if not old or tonumber(old) < tonumber(ARGV[2]) then redis.call('HSET', KEYS[2], ARGV[1], ARGV[2]) end
+if not old or tonumber(old) < tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+  n = 1
+end
+if n > 0 then redis.call('INCR', KEYS[4]) end
 redis.call('PUBLISH', KEYS[3], ARGV[1])
 return 1
 `)
@@ -60,7 +81,7 @@ func (c *Cluster) PushBlock(ctx context.Context, e blocklist.Entry, t time.Time)
 	var n int64
 	err := c.call(ctx, func(ctx context.Context) error {
 		var err error
-		n, err = blockScript.Run(ctx, c.rdb, []string{c.blocksKey(), c.unblocksKey(), c.eventsKey()}, e.Identity, t.UnixMilli(), val).Int64()
+		n, err = blockScript.Run(ctx, c.rdb, c.blockKeys(), e.Identity, t.UnixMilli(), val).Int64()
 		return err
 	})
 	if err != nil {
@@ -73,7 +94,7 @@ func (c *Cluster) PushBlock(ctx context.Context, e blocklist.Entry, t time.Time)
 // identity's shared counts.
 func (c *Cluster) PushUnblock(ctx context.Context, id string, t time.Time) error {
 	err := c.call(ctx, func(ctx context.Context) error {
-		return unblockScript.Run(ctx, c.rdb, []string{c.blocksKey(), c.unblocksKey(), c.eventsKey()}, id, t.UnixMilli()).Err()
+		return unblockScript.Run(ctx, c.rdb, c.blockKeys(), id, t.UnixMilli()).Err()
 	})
 	if err != nil {
 		return fmt.Errorf("cluster: unblock %s: %w", id, err)
@@ -93,7 +114,7 @@ type remoteBlock struct {
 // state reads the fleet's blocks and tombstones.
 func (c *Cluster) state(ctx context.Context) (map[string]remoteBlock, map[string]int64, error) {
 	var bm, um map[string]string
-	err := c.call(ctx, func(ctx context.Context) error {
+	err := c.callWithin(ctx, max(c.timeout, bulkTimeout), func(ctx context.Context) error {
 		p := c.rdb.Pipeline()
 		b := p.HGetAll(ctx, c.blocksKey())
 		u := p.HGetAll(ctx, c.unblocksKey())
@@ -139,224 +160,101 @@ func (c *Cluster) Blocks(ctx context.Context) ([]blocklist.Entry, error) {
 	return out, nil
 }
 
-// Sync keeps a server's blocklist file and the fleet's in step: local
-// blocks and unblocks are pushed, the fleet's pulled, at once on a
-// change (pub/sub) and every Interval in full. Create it with NewSync.
-type Sync struct {
-	c        *Cluster
-	f        *blocklist.File
-	path     string      // f's path, "" to reload it every round
-	seen     os.FileInfo // f's file when last reloaded
-	forget   func(id string)
-	learned  func(id string) // see OnLearned
-	interval time.Duration
-	log      *slog.Logger
+// versionScript returns the data set's epoch, naming it ARGV[1] when it
+// has none, and its generation.
+var versionScript = redis.NewScript(`
+local e = redis.call('GET', KEYS[1])
+if not e then
+  e = ARGV[1]
+  redis.call('SET', KEYS[1], e)
+end
+return {e, redis.call('GET', KEYS[2]) or '0'}
+`)
 
-	mu      sync.Mutex
-	pending map[string]op    // local changes not pushed yet
-	since   map[string]int64 // unix ms a local block began (0: in the file at start)
-	kick    chan struct{}
+// version says which state of the fleet's blocklist Redis holds: two
+// equal versions mean the same blocks and tombstones.
+type version struct {
+	epoch string
+	gen   int64
 }
 
-type op struct {
-	block bool
-	entry blocklist.Entry
-	t     time.Time
-}
-
-// DefaultSyncInterval is how often a server compares its blocklist with
-// the fleet's in full.
-const DefaultSyncInterval = 2 * time.Second
-
-// NewSync returns the syncer of f, the blocklist file at path. forget is
-// called for each identity an unblock elsewhere lifted here (its local
-// counts are dropped); interval 0 means DefaultSyncInterval.
-func (c *Cluster) NewSync(f *blocklist.File, path string, forget func(id string), interval time.Duration) *Sync {
-	if interval <= 0 {
-		interval = DefaultSyncInterval
-	}
-	return &Sync{c: c, f: f, path: path, forget: forget, interval: interval, log: c.log,
-		pending: map[string]op{}, since: map[string]int64{}, kick: make(chan struct{}, 1)}
-}
-
-// OnLearned sets fn to be called with each identity blocked elsewhere in
-// the fleet, before its entry is written to this server's file: the server
-// that made the block sends its report, so this one records that none is
-// owed here (a crash between the two then never makes a second report).
-// Call it before Run.
-func (s *Sync) OnLearned(fn func(id string)) { s.learned = fn }
-
-// Blocked records a block this server made (or found added to its file)
-// at t, to be pushed to the fleet.
-func (s *Sync) Blocked(e blocklist.Entry, t time.Time) {
-	s.mu.Lock()
-	s.pending[e.Identity] = op{block: true, entry: e, t: t}
-	s.since[e.Identity] = t.UnixMilli()
-	s.mu.Unlock()
-	s.wake()
-}
-
-// Unblocked records an unblock made on this server at t.
-func (s *Sync) Unblocked(id string, t time.Time) {
-	s.mu.Lock()
-	s.pending[id] = op{entry: blocklist.Entry{Identity: id}, t: t}
-	delete(s.since, id)
-	s.mu.Unlock()
-	s.wake()
-}
-
-func (s *Sync) wake() {
-	select {
-	case s.kick <- struct{}{}:
-	default:
-	}
-}
-
-// Run keeps the blocklists in step until ctx ends.
-func (s *Sync) Run(ctx context.Context) {
-	sub := s.c.rdb.Subscribe(ctx, s.c.eventsKey())
-	defer func() { _ = sub.Close() }()
-	events := sub.Channel()
-	t := time.NewTicker(s.interval)
-	defer t.Stop()
-	for {
-		s.Once(ctx)
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		case <-s.kick:
-		case <-events:
-		}
-	}
-}
-
-// Once pushes the local changes, then, when all are pushed, makes the
-// file agree with the fleet.
-func (s *Sync) Once(ctx context.Context) {
-	// Outside edits (rcptguard block/unblock, by hand) first: an entry
-	// just removed by hand must be pushed as an unblock, not pulled back.
-	// The file is read again only when it changed.
-	if fi, err := os.Stat(s.path); s.path == "" || err != nil || s.seen == nil ||
-		fi.Size() != s.seen.Size() || !fi.ModTime().Equal(s.seen.ModTime()) || !os.SameFile(fi, s.seen) ||
-		time.Since(fi.ModTime()) < 2*time.Second {
-		_, _ = s.f.Reload()
-		s.seen = fi
-	}
-	s.mu.Lock()
-	ops := make([]op, 0, len(s.pending))
-	for _, o := range s.pending {
-		ops = append(ops, o)
-	}
-	s.mu.Unlock()
-	for _, o := range ops {
+// version reads the blocklist's version: one small round trip.
+func (c *Cluster) version(ctx context.Context) (version, error) {
+	var out []any
+	err := c.call(ctx, func(ctx context.Context) error {
 		var err error
-		if o.block {
-			_, err = s.c.PushBlock(ctx, o.entry, o.t)
-		} else {
-			err = s.c.PushUnblock(ctx, o.entry.Identity, o.t)
-		}
-		if err != nil {
-			return // kept; the next round tries again
-		}
-		s.mu.Lock()
-		if cur, ok := s.pending[o.entry.Identity]; ok && cur.t.Equal(o.t) && cur.block == o.block {
-			delete(s.pending, o.entry.Identity)
-		}
-		s.mu.Unlock()
-	}
-	blocks, tombs, err := s.c.state(ctx)
+		out, err = versionScript.Run(ctx, c.rdb, []string{c.epochKey(), c.genKey()}, newEpoch()).Slice()
+		return err
+	})
 	if err != nil {
-		return
+		return version{}, fmt.Errorf("cluster: reading the blocklist's version: %w", err)
 	}
-	local := map[string]blocklist.Entry{}
-	for _, e := range s.f.Entries() {
-		local[e.Identity] = e
+	if len(out) != 2 {
+		return version{}, fmt.Errorf("cluster: reading the blocklist's version: script returned %d values", len(out))
 	}
-	for id, b := range blocks {
-		if _, ok := local[id]; ok {
-			continue
-		}
-		s.mu.Lock()
-		_, busy := s.pending[id]
-		if !busy {
-			s.since[id] = b.t
-		}
-		s.mu.Unlock()
-		if busy {
-			continue
-		}
-		if s.learned != nil {
-			s.learned(id)
-		}
-		actx, cancel := context.WithTimeout(ctx, time.Second)
-		err := s.f.Add(actx, b.entry)
-		cancel()
-		if err != nil {
-			s.log.Error("blocklist: a block of the fleet could not be written here; it holds in memory", slog.String("identity", id), slog.Any("error", err))
-		}
-		s.log.Info("rcptguard blocked through the cluster", slog.String("identity", id))
+	e, _ := out[0].(string)
+	g, _ := out[1].(string)
+	n, err := strconv.ParseInt(g, 10, 64)
+	if e == "" || err != nil {
+		return version{}, fmt.Errorf("cluster: reading the blocklist's version: bad epoch %q or generation %q", e, g)
 	}
-	for id, e := range local {
-		if _, ok := blocks[id]; ok {
+	return version{epoch: e, gen: n}, nil
+}
+
+// newEpoch names a data set.
+func newEpoch() string {
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+// pruneScript forgets the tombstones ARGV[2…] unless they changed since
+// they were found older than ARGV[1] (unix ms).
+var pruneScript = redis.NewScript(`
+local n = 0
+for i = 2, #ARGV do
+  local v = redis.call('HGET', KEYS[1], ARGV[i])
+  if v and tonumber(v) <= tonumber(ARGV[1]) then
+    redis.call('HDEL', KEYS[1], ARGV[i])
+    n = n + 1
+  end
+end
+return n
+`)
+
+// pruneBatch bounds the tombstones one prune script removes.
+const pruneBatch = 1000
+
+// pruneTombstones forgets the tombstones of tombs older than
+// TombstoneRetention at now, and returns how many it removed.
+func (c *Cluster) pruneTombstones(ctx context.Context, tombs map[string]int64, now time.Time) (int, error) {
+	cut := now.Add(-TombstoneRetention).UnixMilli()
+	args := []any{cut}
+	removed := 0
+	flush := func() error {
+		if len(args) == 1 {
+			return nil
+		}
+		err := c.callWithin(ctx, max(c.timeout, bulkTimeout), func(ctx context.Context) error {
+			n, err := pruneScript.Run(ctx, c.rdb, []string{c.unblocksKey()}, args...).Int()
+			removed += n
+			return err
+		})
+		args = args[:1]
+		return err
+	}
+	for id, t := range tombs {
+		if t > cut {
 			continue
 		}
-		s.mu.Lock()
-		since, _ := s.since[id]
-		_, busy := s.pending[id]
-		s.mu.Unlock()
-		if busy {
-			continue
-		}
-		if tomb, ok := tombs[id]; ok && tomb >= since {
-			rctx, cancel := context.WithTimeout(ctx, time.Second)
-			_, err := s.f.Remove(rctx, id)
-			cancel()
-			if err != nil {
-				s.log.Error("blocklist: an unblock of the fleet could not be written here", slog.String("identity", id), slog.Any("error", err))
+		if args = append(args, id); len(args) > pruneBatch {
+			if err := flush(); err != nil {
+				return removed, fmt.Errorf("cluster: pruning tombstones: %w", err)
 			}
-			s.mu.Lock()
-			delete(s.since, id)
-			s.mu.Unlock()
-			if s.forget != nil {
-				s.forget(id)
-			}
-			s.log.Info("rcptguard unblocked through the cluster", slog.String("identity", id))
-			continue
-		}
-		// Redis lost it, or never had it (it was down): push it back.
-		if _, err := s.c.PushBlock(ctx, e, time.UnixMilli(since)); err != nil {
-			return
 		}
 	}
-}
-
-// Blocklist wraps the detector's blocklist so that each block it makes
-// is pushed to the fleet.
-func (s *Sync) Blocklist(b detector.Blocklist) detector.Blocklist { return syncedBlocklist{b, s} }
-
-type syncedBlocklist struct {
-	detector.Blocklist
-	s *Sync
-}
-
-func (b syncedBlocklist) Block(ctx context.Context, id, action, text string) error {
-	err := b.Blocklist.Block(ctx, id, action, text)
-	b.s.Blocked(blocklist.Entry{Identity: id, Action: strings.ToUpper(action), Text: text}, b.s.c.now())
-	return err
-}
-
-// LocalChange takes the identities the blocklist file gained and lost by
-// outside edits on this server (rcptguard block/unblock, by hand), to be
-// pushed to the fleet.
-func (s *Sync) LocalChange(added, removed []string) {
-	now := s.c.now()
-	for _, id := range added {
-		if e, ok := s.f.Lookup(id); ok {
-			s.Blocked(e, now)
-		}
+	if err := flush(); err != nil {
+		return removed, fmt.Errorf("cluster: pruning tombstones: %w", err)
 	}
-	for _, id := range removed {
-		s.Unblocked(id, now)
-	}
+	return removed, nil
 }

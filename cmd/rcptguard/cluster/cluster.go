@@ -192,11 +192,20 @@ var errDown = errors.New("cluster: redis unreachable, judging locally")
 // call runs fn against Redis with the call deadline, unless Redis failed
 // within the last second; it keeps the up/down state.
 func (c *Cluster) call(ctx context.Context, fn func(ctx context.Context) error) error {
+	return c.callWithin(ctx, c.timeout, fn)
+}
+
+// bulkTimeout bounds the calls that read or change the whole blocklist,
+// off the answers' path: 100,000 blocks are some 13 MB.
+const bulkTimeout = 10 * time.Second
+
+// callWithin is call with the deadline d.
+func (c *Cluster) callWithin(ctx context.Context, d time.Duration, fn func(ctx context.Context) error) error {
 	if c.now().UnixNano() < c.downUntil.Load() {
 		c.errs.Inc()
 		return errDown
 	}
-	ctx, cancel := context.WithTimeout(ctx, c.timeout)
+	ctx, cancel := context.WithTimeout(ctx, d)
 	defer cancel()
 	err := fn(ctx)
 	if err != nil && !errors.Is(err, redis.Nil) {

@@ -3,7 +3,6 @@ package cluster
 import (
 	"context"
 	"crypto/sha256"
-	"encoding/json"
 	"fmt"
 	"strconv"
 	"strings"
@@ -252,51 +251,6 @@ func (c *Cluster) Flush(ctx context.Context) {
 func (c *Cluster) ResetCounts(ctx context.Context, id string) error {
 	return c.call(ctx, func(ctx context.Context) error {
 		return c.rdb.Del(ctx, c.key("c", id), c.key("v", id), c.key("x", id)).Err() // not the verifications in flight
-	})
-}
-
-// storedVerdict is a verdict as the shared cache keeps it.
-type storedVerdict struct {
-	Res     callout.Result `json:"r"`
-	Expires int64          `json:"e"` // unix ms
-}
-
-// maxVerdictJSON bounds a stored verdict read back: the fleet's own
-// writes are far smaller.
-const maxVerdictJSON = 8 << 10
-
-// LoadVerdict returns the fleet's cached verdict on key
-// (callout.SharedCache).
-func (c *Cluster) LoadVerdict(ctx context.Context, key string) (callout.Result, time.Time, bool) {
-	var raw string
-	err := c.call(ctx, func(ctx context.Context) error {
-		var err error
-		raw, err = c.rdb.Get(ctx, c.prefix+"verdict:"+key).Result()
-		return err
-	})
-	if err != nil || raw == "" || len(raw) > maxVerdictJSON {
-		return callout.Result{}, time.Time{}, false
-	}
-	var sv storedVerdict
-	if json.Unmarshal([]byte(raw), &sv) != nil {
-		return callout.Result{}, time.Time{}, false
-	}
-	return sv.Res, time.UnixMilli(sv.Expires), true
-}
-
-// StoreVerdict keeps a verdict for the fleet until expires
-// (callout.SharedCache).
-func (c *Cluster) StoreVerdict(ctx context.Context, key string, res callout.Result, expires time.Time) {
-	ttl := expires.Sub(c.now())
-	if ttl <= 0 {
-		return
-	}
-	b, err := json.Marshal(storedVerdict{Res: res, Expires: expires.UnixMilli()})
-	if err != nil {
-		return
-	}
-	_ = c.call(ctx, func(ctx context.Context) error {
-		return c.rdb.Set(ctx, c.prefix+"verdict:"+key, b, ttl).Err()
 	})
 }
 

@@ -17,7 +17,7 @@ import (
 
 // newCluster connects to url with a deadline long enough for a loaded
 // test machine: these tests are about counting, not about timeouts.
-func newCluster(t *testing.T, url string, now func() time.Time) *cluster.Cluster {
+func newCluster(t testing.TB, url string, now func() time.Time) *cluster.Cluster {
 	t.Helper()
 	c, err := cluster.New(cluster.Config{URL: url, KeyPrefix: "rg-test:", Period: time.Hour, LongPeriod: 24 * time.Hour, Now: now, Timeout: 5 * time.Second})
 	if err != nil {

@@ -2,7 +2,9 @@
 // Redis ([cluster] in the configuration): it counts verdicts in Redis,
 // one server-side script per verdict, so an identity is blocked at exactly
 // limit+1 across the fleet and exactly one server acts on the crossing;
-// and it keeps the blocklist of every server in step.
+// it keeps the blocklist of every server in step; and it shares what the
+// verifiers learn (verdicts, catch-all and refusing-MX facts) and their
+// probe caps.
 //
 // The client is github.com/redis/go-redis/v9: its universal client speaks
 // to a single Redis, to Sentinel (master_name) and to Redis Cluster with
