@@ -18,15 +18,15 @@ import (
 	"github.com/rcptguard/rcptguard/test"
 )
 
-// fleetMember is one server's verifier and its connection to the fleet.
-type fleetMember struct {
+// fleetVerifier is one server's verifier and its connection to the fleet.
+type fleetVerifier struct {
 	v *callout.Verifier
 	c *cluster.Cluster
 }
 
 // newFleetVerifier builds a verifier of the fleet sharing r, against the
 // fake MX on port, with the DNS at dns.
-func newFleetVerifier(t *testing.T, r *test.RedisServer, prefix, dns, port string, now func() time.Time, set func(*callout.Config)) fleetMember {
+func newFleetVerifier(t *testing.T, r *test.RedisServer, prefix, dns, port string, now func() time.Time, set func(*callout.Config)) fleetVerifier {
 	t.Helper()
 	c, err := cluster.New(cluster.Config{URL: r.URL(), KeyPrefix: prefix, Period: time.Hour, Now: now, Timeout: 5 * time.Second})
 	if err != nil {
@@ -49,7 +49,7 @@ func newFleetVerifier(t *testing.T, r *test.RedisServer, prefix, dns, port strin
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = v.Close() })
-	return fleetMember{v: v, c: c}
+	return fleetVerifier{v: v, c: c}
 }
 
 // randomNames counts the RCPTs the MX got that are none of the known
@@ -181,7 +181,7 @@ func TestClusterSharedCaps(t *testing.T) {
 			r := test.StartRedis(t)
 			clock := &test.Clock{}
 			set := func(c *callout.Config) { c.CatchAllProbe = false; tc.set(c) }
-			fleet := []fleetMember{newFleetVerifier(t, r, "caps:", dns.Addr, port, clock.Now, set),
+			fleet := []fleetVerifier{newFleetVerifier(t, r, "caps:", dns.Addr, port, clock.Now, set),
 				newFleetVerifier(t, r, "caps:", dns.Addr, port, clock.Now, set)}
 			round := func(first int) (limited int) {
 				var wg sync.WaitGroup
