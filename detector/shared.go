@@ -23,6 +23,8 @@ type SharedCounter interface {
 	Reserve(ctx context.Context, id, key string, now time.Time, lim Thresholds) (Standing, error)
 	// Record ends the reservation key ("" none) with res: an invalid
 	// verdict, or a valid one when the ratio trigger is on, is counted;
+	// a valid one with key "" may be only queued (it never makes a
+	// crossing), its standing zero and ctx unused;
 	// res nil only ends it. It returns the fleet's standing: Count, Long,
 	// Invalid, Valid, Pending, Crossed, and First for exactly one verdict
 	// in the fleet, the one that took a count past its limit.
@@ -63,6 +65,14 @@ func (d *Detector) shareVerdict(ctx context.Context, id, key string, res *callou
 		return st
 	}
 	if key == "" && (res == nil || res.Status != callout.StatusInvalid && (res.Status != callout.StatusValid || lim.Ratio == 0)) {
+		return st
+	}
+	if key == "" && res.Status == callout.StatusValid {
+		// A valid verdict outside a reservation never crosses a limit:
+		// the counter only queues it, without a round trip, so it gets
+		// neither a deadline nor a merge (the hot path of cached
+		// verdicts).
+		_, _ = d.shared.Record(ctx, id, key, res, d.now(), lim)
 		return st
 	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), sharedTimeout)

@@ -226,6 +226,13 @@ func (c *Cluster) Run(ctx context.Context) {
 
 // Flush writes the batched valid verdicts; when Redis cannot take them
 // they are dropped (counts err on the side of a block, and Redis is down).
+//
+// A hash's expiry is set only by the write that creates its bucket (the
+// HINCRBY that returns exactly its own increment), anywhere in the fleet:
+// that expiry outlasts the bucket's time in the window, and a hash lost
+// (an unblock's reset, a Redis restart) gets one again with its next
+// bucket's first write. So a flush costs one command per identity and
+// bucket, plus one per bucket the fleet opens.
 func (c *Cluster) Flush(ctx context.Context) {
 	c.vmu.Lock()
 	batch := c.valid
@@ -236,11 +243,28 @@ func (c *Cluster) Flush(ctx context.Context) {
 	}
 	ttl := c.period + c.period/12
 	_ = c.call(ctx, func(ctx context.Context) error {
+		type write struct {
+			key string
+			n   int64
+			cmd *redis.IntCmd
+		}
+		writes := make([]write, 0, len(batch))
 		p := c.rdb.Pipeline()
 		for k, n := range batch {
 			h := c.key("v", k.id)
-			p.HIncrBy(ctx, h, strconv.FormatInt(k.b, 10), int64(n))
-			p.PExpire(ctx, h, ttl)
+			writes = append(writes, write{h, int64(n), p.HIncrBy(ctx, h, strconv.FormatInt(k.b, 10), int64(n))})
+		}
+		if _, err := p.Exec(ctx); err != nil {
+			return err
+		}
+		p = c.rdb.Pipeline()
+		for _, w := range writes {
+			if w.cmd.Val() == w.n {
+				p.PExpire(ctx, w.key, ttl)
+			}
+		}
+		if p.Len() == 0 {
+			return nil
 		}
 		_, err := p.Exec(ctx)
 		return err
