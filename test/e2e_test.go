@@ -82,7 +82,10 @@ path = %q
 
 [notify]
 spool = %q
-`, extra, w.dns.Addr, w.port, filepath.Join(w.dir, "state", "blocklist"), filepath.Join(w.dir, "state", "spool"))
+
+[queue]
+requests = %q
+`, extra, w.dns.Addr, w.port, filepath.Join(w.dir, "state", "blocklist"), filepath.Join(w.dir, "state", "spool"), filepath.Join(w.dir, "state", "hold-requests"))
 	p := filepath.Join(w.dir, "rcptguard.toml")
 	if err := os.WriteFile(p, []byte(text), 0o644); err != nil {
 		t.Fatal(err)
@@ -472,7 +475,7 @@ func TestHealthCommand(t *testing.T) {
 	w := newWorld(t)
 	d := startDaemon(t, w.config(t, ""))
 	cfg := filepath.Join(w.dir, "health.toml")
-	if err := os.WriteFile(cfg, []byte(fmt.Sprintf("[policy]\nlisten = [%q]\n[blocklist]\npath = %q\n", d.addr, filepath.Join(w.dir, "state", "blocklist"))), 0o644); err != nil {
+	if err := os.WriteFile(cfg, []byte(fmt.Sprintf("[policy]\nlisten = [%q]\n[blocklist]\npath = %q\n[queue]\nrequests = %q\n", d.addr, filepath.Join(w.dir, "state", "blocklist"), filepath.Join(w.dir, "state", "hold-requests"))), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	if out := runCLI(t, "health", "-config", cfg); !strings.HasPrefix(out, "ok ") || !strings.Contains(out, "action=DUNNO") {

@@ -179,9 +179,12 @@ path = %q
 [notify]
 spool = %q
 
+[queue]
+requests = %q
+
 [metrics]
 listen = "127.0.0.1:0"
-`, filepath.Join(dir, "policy.sock"), w.dns.Addr, w.port, filepath.Join(w.dir, "state", "blocklist"), filepath.Join(w.dir, "state", "spool"))
+`, filepath.Join(dir, "policy.sock"), w.dns.Addr, w.port, filepath.Join(w.dir, "state", "blocklist"), filepath.Join(w.dir, "state", "spool"), filepath.Join(w.dir, "state", "hold-requests"))
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}
