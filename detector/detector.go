@@ -431,7 +431,7 @@ func (d *Detector) Decide(ctx context.Context, req *Request) Action {
 
 	// An uncached recipient is a probe: within the identity's cap, or
 	// deferred (the client retries; nothing is accepted unjudged).
-	if !d.limiter.TakeProbe(id, d.now(), pc.probe) {
+	if !d.takeProbe(ctx, id, pc.probe) {
 		res := callout.Result{Address: rcpt, Status: callout.StatusUnknown, Reason: callout.ReasonRateLimited,
 			Detail: fmt.Sprintf("more than %d verifications within a minute for this identity (callout.per_identity_rate)", pc.probe)}
 		if pc.mode == ModeMonitor {

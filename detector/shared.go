@@ -31,6 +31,33 @@ type SharedCounter interface {
 	Record(ctx context.Context, id, key string, res *callout.Result, now time.Time, lim Thresholds) (Standing, error)
 }
 
+// SharedProbes caps an identity's verifications fleet-wide (the
+// per-identity probe cap, callout.per_identity_rate, counted over all
+// servers). A SharedCounter that implements it is asked before the
+// detector's own Limiter; when it fails, the local cap alone applies.
+type SharedProbes interface {
+	// TakeProbe records a verification of id at now unless the fleet
+	// made perMinute of them in the minute ending at now (a sliding
+	// minute, as Limiter.TakeProbe), and reports whether it recorded it.
+	TakeProbe(ctx context.Context, id string, now time.Time, perMinute int) (bool, error)
+}
+
+// takeProbe applies the per-identity probe cap: the fleet's when it can
+// be asked, and always this server's own (it never allows more than the
+// fleet's, and it alone when Redis is down).
+func (d *Detector) takeProbe(ctx context.Context, id string, perMinute int) bool {
+	now := d.now()
+	if sp, ok := d.shared.(SharedProbes); ok && perMinute > 0 {
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), sharedTimeout)
+		ok, err := sp.TakeProbe(ctx, id, now, perMinute)
+		cancel()
+		if err == nil && !ok {
+			return false
+		}
+	}
+	return d.limiter.TakeProbe(id, now, perMinute)
+}
+
 // sharedTimeout bounds one shared counter call on top of the counter's
 // own deadline.
 const sharedTimeout = 250 * time.Millisecond

@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/sha256"
 	"fmt"
 	"strconv"
@@ -284,4 +285,39 @@ func (c *Cluster) Register(reg prometheus.Registerer) error {
 		return err
 	}
 	return reg.Register(c.up)
+}
+
+// probeScript takes one verification of an identity from its fleet-wide
+// cap, atomically: KEYS[1] sorted set of the identity's verifications
+// (member unique; score unix ms); ARGV now ms, window ms, cap, member.
+// Returns 1 when taken, 0 when the window already holds cap of them.
+var probeScript = redis.NewScript(`
+local now = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
+redis.call('ZADD', KEYS[1], now, ARGV[4])
+redis.call('PEXPIRE', KEYS[1], window)
+return 1
+`)
+
+// probeWindow is the per-identity probe cap's sliding window (the
+// detector's Limiter.TakeProbe has the same).
+const probeWindow = time.Minute
+
+// TakeProbe records a verification of id at now unless the fleet made
+// perMinute in the minute ending at now (detector.SharedProbes).
+func (c *Cluster) TakeProbe(ctx context.Context, id string, now time.Time, perMinute int) (bool, error) {
+	var rnd [8]byte
+	_, _ = rand.Read(rnd[:])
+	var n int64
+	err := c.call(ctx, func(ctx context.Context) error {
+		var err error
+		n, err = probeScript.Run(ctx, c.rdb, []string{c.key("q", id)}, now.UnixMilli(), probeWindow.Milliseconds(), perMinute, string(rnd[:])).Int64()
+		return err
+	})
+	if err != nil {
+		return false, fmt.Errorf("cluster: probe cap of %s: %w", id, err)
+	}
+	return n == 1, nil
 }

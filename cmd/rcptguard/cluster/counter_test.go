@@ -330,3 +330,39 @@ func TestFlushExpiresOncePerBucket(t *testing.T) {
 		t.Fatalf("after a reset and one valid verdict: %+v %v, want Valid 1", st, err)
 	}
 }
+
+// The per-identity probe cap is the fleet's: two servers taking turns get
+// perMinute verifications of one identity in a sliding minute, not twice
+// that; other identities have their own; the minute slides.
+func TestSharedProbeCap(t *testing.T) {
+	r := test.StartRedis(t)
+	now := time.Unix(1_800_000_000, 0)
+	clock := func() time.Time { return now }
+	servers := []*cluster.Cluster{newCluster(t, r.URL(), clock), newCluster(t, r.URL(), clock)}
+	ctx := context.Background()
+	take := func(i int, id string) bool {
+		t.Helper()
+		ok, err := servers[i%2].TakeProbe(ctx, id, now, 3)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ok
+	}
+	for i := range 3 {
+		if !take(i, "u@isp.test") {
+			t.Fatalf("probe %d refused below the cap", i+1)
+		}
+		now = now.Add(10 * time.Second)
+	}
+	if take(3, "u@isp.test") || take(4, "u@isp.test") {
+		t.Fatal("a fourth probe within the minute taken")
+	}
+	if !take(3, "other@isp.test") {
+		t.Fatal("another identity refused")
+	}
+	// 60 s after the first probe it leaves the minute: one more.
+	now = time.Unix(1_800_000_060, 0)
+	if !take(5, "u@isp.test") || take(6, "u@isp.test") {
+		t.Fatal("the minute does not slide by one probe")
+	}
+}
