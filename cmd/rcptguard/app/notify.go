@@ -33,6 +33,9 @@ func newMailer(cfg *Config, log *slog.Logger, withSpool bool) (*notify.Mailer, e
 				slog.String("fix", "chmod 0640 "+n.PasswordFile+" (owned by root, group rcptguard) or 0600 owned by rcptguard"))
 		}
 		password = strings.TrimRight(string(b), "\r\n")
+		if password == "" {
+			return nil, fmt.Errorf("notify.password_file: %s is empty (notify.username %q needs a password)", n.PasswordFile, n.Username)
+		}
 	}
 	spool := ""
 	if withSpool {

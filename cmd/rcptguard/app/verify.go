@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -63,7 +62,14 @@ func newVerifier(cfg *Config, logger *slog.Logger, transcript io.Writer, shared 
 	if err != nil {
 		return nil, fmt.Errorf("callout.resolver: %w", err)
 	}
-	return callout.New(callout.Config{
+	return callout.New(calloutConfig(cfg, res, logger, transcript, shared))
+}
+
+// calloutConfig maps the [callout] section, the same values meaning the
+// same in both.
+func calloutConfig(cfg *Config, res callout.MXResolver, logger *slog.Logger, transcript io.Writer, shared callout.SharedCache) callout.Config {
+	co := cfg.Callout
+	return callout.Config{
 		Resolver:         res,
 		Port:             co.Port,
 		Timeout:          co.Timeout.D(),
@@ -80,7 +86,7 @@ func newVerifier(cfg *Config, logger *slog.Logger, transcript io.Writer, shared 
 		AcceptAllDomains: co.AcceptAllDomains,
 		AcceptAllMX:      co.AcceptAllMX,
 		NoTLS:            !co.STARTTLS,
-		SessionIdle:      sessionIdle(co.SessionIdle.D()),
+		SessionIdle:      co.SessionIdle.D(), // 0: no waiting, as in the file
 		PerDomainRate:    co.PerDomainRate,
 		PerHostRate:      co.PerHostRate,
 		// Caps on what reaches one domain or MX address, and on new
@@ -91,16 +97,7 @@ func newVerifier(cfg *Config, logger *slog.Logger, transcript io.Writer, shared 
 		Logger:            logger,
 		Transcript:        transcript,
 		Shared:            shared, // [cluster]: the fleet's verdicts
-	})
-}
-
-// sessionIdle maps the config's 0 ("do not keep sessions open") to the
-// callout package's negative value; its 0 means the default.
-func sessionIdle(d time.Duration) time.Duration {
-	if d == 0 {
-		return -1
 	}
-	return d
 }
 
 // registerCalloutMetrics exports the verifier's counts: probe sessions
