@@ -129,11 +129,11 @@ func cmdUnblock(ctx context.Context, args []string, stdout, stderr io.Writer) er
 
 func oneIdentity(args []string) (string, error) {
 	if len(args) != 1 {
-		return "", fmt.Errorf("%w: exactly one IDENTITY is needed", errUsage)
+		return "", usageErrorf("exactly one IDENTITY is needed")
 	}
 	id, err := identity.Canonical(args[0])
 	if err != nil {
-		return "", fmt.Errorf("%w: %v", errUsage, err)
+		return "", usageErrorf("%v", err)
 	}
 	return id, nil
 }

@@ -32,7 +32,7 @@ func cmdDoctor(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		return err
 	}
 	if fs.NArg() > 0 {
-		return fmt.Errorf("%w: doctor takes no arguments", errUsage)
+		return usageErrorf("doctor takes no arguments")
 	}
 	exe := *self
 	if exe == "" {

@@ -131,7 +131,7 @@ func cmdNotifyTest(ctx context.Context, args []string, stdout, stderr io.Writer)
 		return err
 	}
 	if len(cfg.Notify.To) == 0 {
-		return fmt.Errorf("%w: notify.to is empty: there is nobody to send the sample report to", errUsage)
+		return usageErrorf("notify.to is empty: there is nobody to send the sample report to")
 	}
 	m, err := newMailer(cfg, slog.New(slog.NewTextHandler(stderr, nil)), false)
 	if err != nil {

@@ -53,7 +53,7 @@ func cmdHeld(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		}
 	default:
 		fs.Usage()
-		return fmt.Errorf("%w: at most one IDENTITY", errUsage)
+		return usageErrorf("at most one IDENTITY")
 	}
 	_, msgs, err := heldMail(ctx, cfg, id, stderr)
 	if err != nil {
@@ -204,10 +204,10 @@ func cmdQueueHold(ctx context.Context, args []string, stdout, stderr io.Writer) 
 		return err
 	}
 	if fs.NArg() > 0 {
-		return fmt.Errorf("%w: queue-hold takes no arguments", errUsage)
+		return usageErrorf("queue-hold takes no arguments")
 	}
 	if cfg.Queue.Requests == "" {
-		return fmt.Errorf("%w: queue.requests is empty: retroactive holds are off", errUsage)
+		return usageErrorf("queue.requests is empty: retroactive holds are off")
 	}
 	log := newLogger(cfg.Log, stderr)
 	q, err := openQueue(cfg)

@@ -50,7 +50,7 @@ func cmdServe(ctx context.Context, args []string, stderr io.Writer) error {
 		return err
 	}
 	if fs.NArg() > 0 {
-		return fmt.Errorf("%w: serve takes no arguments", errUsage)
+		return usageErrorf("serve takes no arguments")
 	}
 	return Serve(ctx, cfg, stderr, Hooks{})
 }

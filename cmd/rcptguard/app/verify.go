@@ -20,7 +20,8 @@ import (
 // was sent ("HOST C: ...") and received ("HOST S: ..."), with failures in
 // words ("HOST *: no greeting within 10s"). Every session ends with QUIT
 // before the command exits. The exit status is 0 whatever the verdicts; 2
-// for a usage or configuration error.
+// for a usage or configuration error; 130 on Ctrl-C, which prints no
+// verdict for the addresses not verified.
 func cmdVerify(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs, config := newFlags("verify", "verify [-config FILE] [-v] ADDR...", stderr)
 	verbose := fs.Bool("v", false, "print the SMTP dialogue of each probe on standard error")
@@ -30,7 +31,7 @@ func cmdVerify(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	}
 	if fs.NArg() == 0 {
 		fs.Usage()
-		return fmt.Errorf("%w: verify needs at least one address", errUsage)
+		return usageErrorf("verify needs at least one address")
 	}
 	var transcript io.Writer
 	logger := slog.New(slog.DiscardHandler)
@@ -44,6 +45,11 @@ func cmdVerify(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	}
 	for _, addr := range fs.Args() {
 		res := v.Verify(ctx, addr)
+		if ctx.Err() != nil {
+			// Interrupted: this verdict and the ones after it are not
+			// verdicts, so they are not printed.
+			break
+		}
 		fmt.Fprintln(stdout, res.String())
 	}
 	// Close waits for every session to say QUIT (2s at most each).
