@@ -41,7 +41,7 @@ Commands:
   serve   [-config FILE]                   run the policy service
   verify  [-config FILE] [-v] ADDR...       verify addresses, one verdict line each
   list    [-config FILE]                   print the blocklist
-  block   [-config FILE] [-reason TEXT] IDENTITY
+  block   [-config FILE] [-reason TEXT] [-login] IDENTITY
   unblock [-config FILE] IDENTITY
   health  [-config FILE]                   check that the running service answers
   doctor  [-config FILE] [-postfix-config DIR]  check the Postfix integration
