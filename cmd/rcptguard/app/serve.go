@@ -334,7 +334,7 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 		}
 		wg.Go(func() { autoUnblock(ctx, bl, 30*time.Second, time.Now, forget, log) })
 	}
-	wg.Go(func() { reloadOnHUP(ctx, hup, cfg, d, srv, log) })
+	wg.Go(func() { (&reloader{running: cfg, apply: applyReload(d, srv), log: log}).run(ctx, hup) })
 
 	<-ctx.Done()
 	log.Info("rcptguard shutting down")
@@ -405,46 +405,6 @@ func housekeeping(ctx context.Context, d *detector.Detector, bl *blocklist.File,
 		case <-t.C:
 		}
 	}
-}
-
-// reloadOnHUP rereads the configuration file on SIGHUP and applies what
-// can change while running: limits, limits_file, exemptions, local
-// domains, relay networks, warn_at, action, mode, wait, and who may
-// connect (policy.allow_users, policy.allow_networks). A broken file is
-// logged and the running configuration kept.
-func reloadOnHUP(ctx context.Context, hup <-chan os.Signal, cur *Config, d *detector.Detector, srv *detector.Server, log *slog.Logger) {
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-hup:
-		}
-		if err := reload(ctx, cur.Path, d, srv); err != nil {
-			log.Error("reload failed; the running configuration is kept", slog.String("config", cur.Path), slog.Any("error", err))
-			continue
-		}
-		log.Info("configuration reloaded", slog.String("config", cur.Path))
-	}
-}
-
-func reload(ctx context.Context, path string, d *detector.Detector, srv *detector.Server) error {
-	cfg, err := LoadConfig(path)
-	if err != nil {
-		return err
-	}
-	limits, err := detector.LoadLimits(cfg.Detector.LimitsFile)
-	if err != nil {
-		return fmt.Errorf("detector.limits_file: %w", err)
-	}
-	peers, err := resolvePolicyPeers(&cfg.Policy, systemUser, postfixMailOwner(ctx))
-	if err != nil {
-		return configFileError(path, err)
-	}
-	if err := d.Reload(detectorConfig(cfg, limits)); err != nil {
-		return err
-	}
-	srv.SetAccess(peers.uids, peers.networks)
-	return nil
 }
 
 // configFileError prefixes each line of err with the configuration file.
