@@ -43,6 +43,9 @@ Commands:
   list    [-config FILE]                   print the blocklist
   block   [-config FILE] [-reason TEXT] [-login] IDENTITY
   unblock [-config FILE] IDENTITY
+  status  [-config FILE] [-n N]             blocked identities (since, why, count) and
+                                           those closest to their limit (root or the
+                                           daemon's user)
   health  [-config FILE]                   check that the running service answers
   doctor  [-config FILE] [-postfix-config DIR]  check the Postfix integration
   held    [-config FILE] [IDENTITY]         held mail per identity (root)
@@ -132,6 +135,8 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return cmdNotifyTest(ctx, args, stdout, stderr)
 	case "health":
 		return cmdHealth(ctx, args, stdout, stderr)
+	case "status":
+		return cmdStatus(ctx, args, stdout, stderr)
 	case "doctor":
 		return cmdDoctor(ctx, args, stdout, stderr)
 	case "held":

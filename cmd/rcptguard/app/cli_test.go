@@ -118,7 +118,7 @@ func TestCLIErrors(t *testing.T) {
 // TestHelpExitsZero: -h is a question, not a mistake, on every command.
 func TestHelpExitsZero(t *testing.T) {
 	commands := []string{"serve", "verify", "list", "block", "unblock", "health", "doctor", "held",
-		"release", "purge", "queue-hold", "notify-test"}
+		"release", "purge", "queue-hold", "notify-test", "status"}
 	var lines [][]string
 	for _, c := range commands {
 		lines = append(lines, []string{c, "-h"})

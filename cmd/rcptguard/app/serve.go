@@ -88,6 +88,7 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 	var reportsTo *notify.Mailer // nil until made, and without mail
 	var detMu sync.Mutex
 	var fleet atomic.Pointer[cluster.Sync] // [cluster]: the blocklist's syncer
+	times := newBlockTimes()               // for rcptguard status
 	bl, problems, err := blocklist.Open(blocklist.Config{
 		Path:   cfg.Blocklist.Path,
 		Create: true, // Postfix's check_sasl_access fails on a missing table
@@ -96,6 +97,8 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 			detMu.Lock()
 			d, m := det, reportsTo
 			detMu.Unlock()
+			times.note(added...)
+			times.forget(removed...)
 			for _, id := range added {
 				log.Info("blocklist entry added outside the daemon", slog.String("identity", id))
 			}
@@ -196,6 +199,7 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 		})
 		dcfg.Blocklist = fleet.Load().Blocklist(dcfg.Blocklist)
 	}
+	dcfg.Blocklist = timedBlocklist{Blocklist: dcfg.Blocklist, times: times}
 	d, err := detector.New(dcfg)
 	if err != nil {
 		return err
@@ -265,7 +269,7 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 		}
 		metricsAddr = ln.Addr().String()
 		mux := http.NewServeMux()
-		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+		mux.Handle("/metrics", freshGauges(promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}), metrics, d.Limiter().Len, bl.Len))
 		mux.Handle("/healthz", health)
 		metricsSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 		go func() { _ = metricsSrv.Serve(ln) }()
@@ -319,6 +323,13 @@ func Serve(ctx context.Context, cfg *Config, logOut io.Writer, hooks Hooks) erro
 		close(mailDone)
 	}
 	wg.Go(func() { housekeeping(ctx, d, bl, metrics) })
+	if ln, err := listenStatus(statusSocket(cfg)); err != nil {
+		log.Warn("status socket not available; rcptguard status shows the blocklist alone", slog.Any("error", err))
+	} else {
+		wg.Go(func() {
+			serveStatus(ctx, ln, func() statusReport { return statusOf(d, bl, times, cfg.Detector.Period.D(), 100) }, log)
+		})
+	}
 	if dir, err := queue.Directory(ctx, cfg.Queue.PostfixConfig); err != nil {
 		log.Warn("queue disk space not watched", slog.Any("error", err))
 	} else {
