@@ -190,6 +190,31 @@ func parseFlags(fs *flag.FlagSet, config *string, args []string) (*Config, error
 	return cfg, nil
 }
 
+// parseNoArgs is parseFlags for a command that takes no arguments.
+func parseNoArgs(fs *flag.FlagSet, config *string, args []string) (*Config, error) {
+	cfg, err := parseFlags(fs, config, args)
+	if err == nil && fs.NArg() > 0 {
+		fs.Usage()
+		return nil, usageErrorf("%s takes no arguments, got %q", fs.Name(), fs.Arg(0))
+	}
+	return cfg, err
+}
+
+// parseIdentityFlags is parseFlags for a command of exactly one IDENTITY,
+// which it returns in its stored form.
+func parseIdentityFlags(fs *flag.FlagSet, config *string, args []string) (*Config, string, error) {
+	cfg, err := parseFlags(fs, config, args)
+	if err != nil {
+		return nil, "", err
+	}
+	id, err := oneIdentity(fs.Args())
+	if err != nil {
+		fs.Usage()
+		return nil, "", err
+	}
+	return cfg, id, nil
+}
+
 // parseInterspersed is fs.Parse that goes on past an argument to the flags
 // after it, as "rcptguard block alice -reason TEXT" is written; after
 // it, fs.Args() holds the arguments alone, in their order.

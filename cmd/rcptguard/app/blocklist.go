@@ -20,7 +20,7 @@ import (
 // cmdList prints the blocklist: one entry a line, as in the file.
 func cmdList(_ context.Context, args []string, stdout, stderr io.Writer) error {
 	fs, config := newFlags("list", "list [-config FILE]", stderr)
-	cfg, err := parseFlags(fs, config, args)
+	cfg, err := parseNoArgs(fs, config, args)
 	if err != nil {
 		return err
 	}
@@ -63,13 +63,8 @@ func cmdBlock(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs, config := newFlags("block", "block [-config FILE] [-reason TEXT] [-login] IDENTITY", stderr)
 	reason := fs.String("reason", "", "text for the entry (default: the reason it is blocked for already, else blocked by hand, with the date)")
 	login := fs.Bool("login", false, "IDENTITY is a SASL login without a domain, as some sites use")
-	cfg, err := parseFlags(fs, config, args)
+	cfg, id, err := parseIdentityFlags(fs, config, args)
 	if err != nil {
-		return err
-	}
-	id, err := oneIdentity(fs.Args())
-	if err != nil {
-		fs.Usage()
 		return err
 	}
 	if err := checkBlockable(id, *login, cfg.Detector.RelayNetworks); err != nil {
@@ -103,13 +98,8 @@ func cmdBlock(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 // cmdUnblock removes an identity from the blocklist.
 func cmdUnblock(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs, config := newFlags("unblock", "unblock [-config FILE] IDENTITY", stderr)
-	cfg, err := parseFlags(fs, config, args)
+	cfg, id, err := parseIdentityFlags(fs, config, args)
 	if err != nil {
-		return err
-	}
-	id, err := oneIdentity(fs.Args())
-	if err != nil {
-		fs.Usage()
 		return err
 	}
 	f, err := openForWrite(cfg)

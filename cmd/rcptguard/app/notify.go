@@ -126,7 +126,7 @@ func reportOf(ev detector.Event) notify.Report {
 // at once, so an administrator can check the whole path.
 func cmdNotifyTest(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs, config := newFlags("notify-test", "notify-test [-config FILE]", stderr)
-	cfg, err := parseFlags(fs, config, args)
+	cfg, err := parseNoArgs(fs, config, args)
 	if err != nil {
 		return err
 	}

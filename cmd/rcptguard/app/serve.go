@@ -45,12 +45,9 @@ type Hooks struct {
 // cmdServe runs the policy service until SIGINT or SIGTERM.
 func cmdServe(ctx context.Context, args []string, stderr io.Writer) error {
 	fs, config := newFlags("serve", "serve [-config FILE]", stderr)
-	cfg, err := parseFlags(fs, config, args)
+	cfg, err := parseNoArgs(fs, config, args)
 	if err != nil {
 		return err
-	}
-	if fs.NArg() > 0 {
-		return usageErrorf("serve takes no arguments")
 	}
 	return Serve(ctx, cfg, stderr, Hooks{})
 }

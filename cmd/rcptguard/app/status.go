@@ -160,12 +160,9 @@ func askStatus(ctx context.Context, path string) (statusReport, error) {
 func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs, config := newFlags("status", "status [-config FILE] [-n N]", stderr)
 	n := fs.Int("n", 10, "how many of the identities closest to their limit to show")
-	cfg, err := parseFlags(fs, config, args)
+	cfg, err := parseNoArgs(fs, config, args)
 	if err != nil {
 		return err
-	}
-	if fs.NArg() > 0 {
-		return usageErrorf("status takes no arguments")
 	}
 	var entries []blocklist.Entry
 	if _, err := os.Lstat(cfg.Blocklist.Path); !errors.Is(err, iofs.ErrNotExist) {
