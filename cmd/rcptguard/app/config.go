@@ -449,6 +449,7 @@ func (c *Config) Validate() []error {
 	var e configErrors
 	validatePolicy(&e, &c.Policy)
 	validateDetector(&e, &c.Detector)
+	validateTriggers(&e, &c.Detector)
 	validateDetectorLists(&e, &c.Detector)
 	validateHold(&e, &c.Detector)
 	validateCallout(&e, &c.Callout)
@@ -520,6 +521,10 @@ func validateDetector(e *configErrors, d *DetectorConfig) {
 	if d.Wait.D() <= 0 || d.Wait.D() > time.Minute {
 		e.bad("detector.wait", "must be between 0 and 1m (Postfix's policy timeout is 100s at most), got %s", d.Wait.D())
 	}
+}
+
+// validateTriggers checks the keys of the other triggers and bounds.
+func validateTriggers(e *configErrors, d *DetectorConfig) {
 	if d.Ratio < 0 || d.Ratio > 1 {
 		e.bad("detector.ratio", "must be a fraction between 0 (off) and 1, got %v", d.Ratio)
 	}
