@@ -676,9 +676,6 @@ func validateNotify(e *configErrors, n *NotifyConfig, localDomains []string) {
 	if n.Username != "" && n.PasswordFile == "" {
 		e.bad("notify.password_file", "is required when notify.username is set")
 	}
-	if strings.ContainsAny(n.Username, "\x00\r\n") {
-		e.bad("notify.username", "must not hold control characters")
-	}
 	if n.MaxAge.D() < time.Minute {
 		e.bad("notify.max_age", "must be at least 1m, got %s", n.MaxAge.D())
 	}
