@@ -315,7 +315,7 @@ func decodeConfig(text string, cfg *Config) []error {
 			case !known && md.Type(k[0]) != "Hash":
 				errs = append(errs, fmt.Errorf("%s: unknown key (keys go in a table such as [detector])", k[0]))
 			case !known:
-				errs = append(errs, fmt.Errorf("%s: unknown table (the tables are %s)", k[0], strings.Join(slices.Sorted(maps.Keys(sections)), ", ")))
+				errs = append(errs, fmt.Errorf("%s: unknown table%s (the tables are %s)", k[0], didYouMean(k[0], sections), strings.Join(slices.Sorted(maps.Keys(sections)), ", ")))
 			case md.Type(k[0]) != "Hash":
 				errs = append(errs, fmt.Errorf("%s: must be a table, [%s], got %s", k[0], k[0], tomlTypeWords(md.Type(k[0]))))
 			}
@@ -326,9 +326,10 @@ func decodeConfig(text string, cfg *Config) []error {
 			}
 			var keys map[string]toml.Primitive
 			_ = md.PrimitiveDecode(raw[k[0]], &keys) // a Hash
-			field, ok := tomlFields(sec)[k[1]]
+			fields := tomlFields(sec)
+			field, ok := fields[k[1]]
 			if !ok {
-				errs = append(errs, fmt.Errorf("%s: unknown key", k))
+				errs = append(errs, fmt.Errorf("%s: unknown key%s", k, didYouMean(k[1], fields)))
 				continue
 			}
 			if err := md.PrimitiveDecode(keys[k[1]], field.Addr().Interface()); err != nil {
@@ -337,6 +338,42 @@ func decodeConfig(text string, cfg *Config) []error {
 		}
 	}
 	return errs
+}
+
+// didYouMean names the known key closest to a misspelt one, when one is
+// within two edits.
+func didYouMean(name string, known map[string]reflect.Value) string {
+	best, bestDist := "", 3
+	for _, k := range slices.Sorted(maps.Keys(known)) {
+		if d := editDistance(name, k); d < bestDist {
+			best, bestDist = k, d
+		}
+	}
+	if best == "" {
+		return ""
+	}
+	return fmt.Sprintf(" (did you mean %q?)", best)
+}
+
+// editDistance is the Levenshtein distance of a and b, in bytes.
+func editDistance(a, b string) int {
+	prev := make([]int, len(b)+1)
+	for j := range prev {
+		prev[j] = j
+	}
+	for i := 1; i <= len(a); i++ {
+		cur := make([]int, len(b)+1)
+		cur[0] = i
+		for j := 1; j <= len(b); j++ {
+			cost := 1
+			if a[i-1] == b[j-1] {
+				cost = 0
+			}
+			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
+		}
+		prev = cur
+	}
+	return prev[len(b)]
 }
 
 // tomlFields maps the toml tags of struct v's fields to the fields.
@@ -361,7 +398,7 @@ func decodeError(key, tomlType string, t reflect.Type, err error) error {
 	var perr toml.ParseError
 	if errors.As(err, &perr) && !strings.Contains(perr.Message, "incompatible types") && tomlTypeWords(tomlType) == "a string" {
 		// The type is right; the text is not (a duration that does not parse).
-		return fmt.Errorf("%s: %s; it must be %s%s", key, perr.Message, want, line)
+		return fmt.Errorf("%s: %s%s", key, perr.Message, line)
 	}
 	return fmt.Errorf("%s: must be %s, got %s%s", key, want, tomlTypeWords(tomlType), line)
 }
