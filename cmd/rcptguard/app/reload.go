@@ -32,26 +32,28 @@ var reloadable = map[string]bool{
 	"callout.per_identity_rate": true,
 }
 
-// restartNeeded returns the keys, in the file's order, whose value in
-// next differs from the running configuration and that a reload does not
-// apply.
-func restartNeeded(running, next *Config) []string {
+// keepRunning returns next with the running value of every key a reload
+// does not apply, and those keys, in the file's order, whose value in
+// next differs from the running one: they need a restart.
+func keepRunning(running, next *Config) (*Config, []string) {
+	merged := *next
 	var keys []string
-	rv, nv := reflect.ValueOf(running).Elem(), reflect.ValueOf(next).Elem()
+	rv, mv := reflect.ValueOf(running).Elem(), reflect.ValueOf(&merged).Elem()
 	for i := range rv.NumField() {
 		section := rv.Type().Field(i).Tag.Get("toml")
 		if section == "" || section == "-" {
 			continue
 		}
-		rs, ns := rv.Field(i), nv.Field(i)
+		rs, ms := rv.Field(i), mv.Field(i)
 		for j := range rs.NumField() {
 			key := section + "." + rs.Type().Field(j).Tag.Get("toml")
-			if !reloadable[key] && !reflect.DeepEqual(rs.Field(j).Interface(), ns.Field(j).Interface()) {
+			if !reloadable[key] && !reflect.DeepEqual(rs.Field(j).Interface(), ms.Field(j).Interface()) {
 				keys = append(keys, key)
+				ms.Field(j).Set(rs.Field(j))
 			}
 		}
 	}
-	return keys
+	return &merged, keys
 }
 
 // reloader rereads the configuration file on SIGHUP and applies what can
@@ -80,14 +82,17 @@ func (r *reloader) run(ctx context.Context, hup <-chan os.Signal) {
 func (r *reloader) reload(ctx context.Context) {
 	path := r.running.Path
 	next, err := LoadConfig(path)
+	var keys []string
 	if err == nil {
+		// The keys that need a restart keep their running values, so
+		// that the others apply (a new detector.period would refuse them).
+		next, keys = keepRunning(r.running, next)
 		err = r.apply(ctx, next)
 	}
 	if err != nil {
 		r.log.Error("reload failed; the running configuration is kept", slog.String("config", path), slog.Any("error", err))
 		return
 	}
-	keys := restartNeeded(r.running, next)
 	for _, k := range keys {
 		r.log.Warn("restart needed for "+k+": the new value is not applied by a reload", slog.String("key", k), slog.String("config", path))
 	}

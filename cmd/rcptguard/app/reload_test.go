@@ -24,6 +24,7 @@ func TestReloadSaysWhatItDid(t *testing.T) {
 		{"listen, metrics and notify", "[policy]\nlisten = [\"127.0.0.1:10041\"]\n[detector]\nlimit = 5\n[notify]\nto = [\"abuse@example.com\"]\nrelay = \"127.0.0.1:2525\"\n[metrics]\nlisten = \"127.0.0.1:9410\"\n",
 			[]string{"policy.listen", "notify.to", "notify.relay", "metrics.listen"}},
 		{"callout and blocklist", base + "[callout]\ntimeout = \"3s\"\n[blocklist]\npath = \"/tmp/other\"\n", []string{"callout.timeout", "blocklist.path"}},
+		{"period, with a reloadable key", "[policy]\nlisten = [\"127.0.0.1:10040\"]\n[detector]\nlimit = 7\nperiod = \"2h\"\n", []string{"detector.period"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -43,8 +44,16 @@ func TestReloadSaysWhatItDid(t *testing.T) {
 			if applied == nil {
 				t.Fatalf("nothing applied; log:\n%s", logs.String())
 			}
-			if got := restartNeeded(running, applied); !slices.Equal(got, tt.restart) {
-				t.Errorf("restart needed for %q, want %q", got, tt.restart)
+			if _, got := keepRunning(running, applied); len(got) != 0 {
+				t.Errorf("applied %q, which need a restart", got)
+			}
+			if next, _ := LoadConfig(path); next != nil {
+				if _, got := keepRunning(running, next); !slices.Equal(got, tt.restart) {
+					t.Errorf("restart needed for %q, want %q", got, tt.restart)
+				}
+				if applied.Detector.Limit != next.Detector.Limit || !slices.Equal(applied.Detector.Exempt, next.Detector.Exempt) {
+					t.Errorf("reloadable keys not applied: limit %d, exempt %q", applied.Detector.Limit, applied.Detector.Exempt)
+				}
 			}
 			out := logs.String()
 			for _, k := range tt.restart {
