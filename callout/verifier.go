@@ -101,8 +101,10 @@ type Config struct {
 	PerDomainRcptRate, PerHostRcptRate int
 	SessionRate                        int
 	// SessionIdle is how long a session stays open, after its last
-	// recipient, for more recipients of the same domain (default 2s, as
-	// Postfix's smtp_connection_cache_time_limit). Negative: no waiting.
+	// recipient, for more recipients of the same domain (Postfix's
+	// smtp_connection_cache_time_limit is 2s, [DefaultSessionIdle]). Zero
+	// or negative: no waiting, the session ends with its last recipient,
+	// as callout.session_idle = "0s" in the configuration file.
 	SessionIdle time.Duration
 	// LocalAddrs lists this host's own addresses, never probed unless
 	// AllowPrivate (an MX pointing back at us). Default: the addresses of
@@ -125,6 +127,10 @@ type Config struct {
 	// SharedTimeout bounds each call of the three (default 200ms).
 	SharedTimeout time.Duration
 }
+
+// DefaultSessionIdle is the usual Config.SessionIdle, Postfix's
+// smtp_connection_cache_time_limit.
+const DefaultSessionIdle = 2 * time.Second
 
 // Provider rules built in; a configuration that sets the key replaces them.
 var (
@@ -179,7 +185,6 @@ func New(cfg Config) (*Verifier, error) {
 	setDefault(&cfg.CacheSize, 64<<20)
 	setDefault(&cfg.PerHost, 4)
 	setDefault(&cfg.MaxRcpts, 20)
-	setDefault(&cfg.SessionIdle, 2*time.Second)
 	setDefault(&cfg.PerDomainRate, 30)
 	setDefault(&cfg.PerHostRate, 300)
 	setDefault(&cfg.PerDomainRcptRate, 120)
@@ -205,24 +210,11 @@ func New(cfg Config) (*Verifier, error) {
 		}
 		cfg.Helo = h
 	}
-	if cfg.Port < 1 || cfg.Port > 65535 {
-		return nil, fmt.Errorf("callout: port %d out of range", cfg.Port)
-	}
-	if strings.ContainsAny(cfg.Helo, " \t\r\n\x00") {
-		return nil, fmt.Errorf("callout: helo %q contains white space or control characters", cfg.Helo)
-	}
-	if cfg.MailFrom != "" {
-		if _, err := ParseAddress(cfg.MailFrom); err != nil {
-			return nil, fmt.Errorf("callout: mail_from: %w", err)
-		}
-	}
-	for _, d := range []struct {
-		name string
-		v    time.Duration
-	}{{"timeout", cfg.Timeout}, {"positive_ttl", cfg.PositiveTTL}, {"negative_ttl", cfg.NegativeTTL}, {"unknown_ttl", cfg.UnknownTTL}} {
-		if d.v < 0 {
-			return nil, fmt.Errorf("callout: %s must not be negative", d.name)
-		}
+	// The values themselves are checked where they are read, with the
+	// key that set them (cmd/rcptguard's configuration); what is left
+	// here are the invariants the protocol code relies on.
+	if strings.ContainsAny(cfg.Helo+cfg.MailFrom, " \t\r\n\x00") {
+		return nil, fmt.Errorf("callout: helo %q or mail_from %q contains white space or control characters", cfg.Helo, cfg.MailFrom)
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)

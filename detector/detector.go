@@ -234,38 +234,23 @@ func New(cfg Config) (*Detector, error) {
 }
 
 func newPolicyConfig(cfg Config) (*policyConfig, error) {
-	if cfg.Limit < 0 {
-		return nil, fmt.Errorf("detector: limit %d is negative", cfg.Limit)
-	}
+	// The values are checked where they are read, with the key that set
+	// them (cmd/rcptguard's configuration); what is left here are the
+	// invariants the counting relies on.
 	if cfg.MaxIdentities < 0 {
 		return nil, fmt.Errorf("detector: max identities %d is negative", cfg.MaxIdentities)
-	}
-	if cfg.WarnAt < 0 || cfg.WarnAt > 1 {
-		return nil, fmt.Errorf("detector: warn_at %v is not between 0 and 1", cfg.WarnAt)
 	}
 	if cfg.Action == "" {
 		cfg.Action = "HOLD"
 	}
-	if cfg.Mode == "" {
-		cfg.Mode = ModeEnforce
-	}
-	if cfg.Mode != ModeEnforce && cfg.Mode != ModeMonitor {
-		return nil, fmt.Errorf("detector: mode %q is not enforce or monitor", cfg.Mode)
+	if cfg.Mode != ModeMonitor {
+		cfg.Mode = ModeEnforce // what is not monitoring blocks
 	}
 	if cfg.Wait <= 0 {
 		cfg.Wait = 5 * time.Second
 	}
 	if cfg.LongPeriod < 0 || (cfg.LongPeriod > 0 && cfg.LongPeriod <= cfg.Period) {
 		return nil, fmt.Errorf("detector: long_period %s is not longer than period %s", cfg.LongPeriod, cfg.Period)
-	}
-	if cfg.LongLimit < 0 {
-		return nil, fmt.Errorf("detector: long_limit %d is negative", cfg.LongLimit)
-	}
-	if cfg.Ratio < 0 || cfg.Ratio > 1 {
-		return nil, fmt.Errorf("detector: ratio %v is not between 0 and 1", cfg.Ratio)
-	}
-	if cfg.RatioMin < 0 || (cfg.Ratio > 0 && cfg.RatioMin < 1) {
-		return nil, fmt.Errorf("detector: ratio_min %d must be at least 1 when ratio is on", cfg.RatioMin)
 	}
 	pc := &policyConfig{
 		limit:    cfg.Limit,

@@ -13,7 +13,6 @@ import (
 	"net/netip"
 	"os"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -172,6 +171,17 @@ type memMsg struct {
 // pruned.
 const minWarnedPrune = 1024
 
+// ParseAddress is the rule for the report's sender and recipients
+// (Config.From, Config.To): an RFC 5322 address, ASCII, at most 254
+// octets. It returns the bare address.
+func ParseAddress(s string) (string, error) {
+	a, err := parseAddress(s)
+	if err != nil {
+		return "", err
+	}
+	return a.Address, nil
+}
+
 // New checks cfg, fills its defaults and creates the spool directory.
 func New(cfg Config) (*Mailer, error) {
 	var errs []error
@@ -237,20 +247,16 @@ func New(cfg Config) (*Mailer, error) {
 		}
 		m.to = append(m.to, a.Address)
 	}
-	host, port, err := net.SplitHostPort(cfg.Relay)
+	host, _, err := net.SplitHostPort(cfg.Relay)
 	if err != nil {
 		bad("relay: %v", err)
-	} else if p, err := strconv.Atoi(port); err != nil || p < 1 || p > 65535 || host == "" {
-		bad("relay: %q is not host:port", cfg.Relay)
 	}
 	m.host = host
-	switch cfg.StartTLS {
-	case StartTLSRequired, StartTLSOpportunistic, StartTLSOff:
-	default:
-		bad("starttls: must be %q, %q or %q, got %q", StartTLSRequired, StartTLSOpportunistic, StartTLSOff, cfg.StartTLS)
-	}
-	if cfg.Username != "" && cfg.Password == "" {
-		bad("password: required when a username is set")
+	// The values are checked where they are read, with the key that set
+	// them (cmd/rcptguard's configuration). An unknown TLS policy is the
+	// strictest one, never a quiet downgrade.
+	if cfg.StartTLS != StartTLSOpportunistic && cfg.StartTLS != StartTLSOff {
+		cfg.StartTLS = StartTLSRequired
 	}
 	if strings.ContainsAny(cfg.Username, "\x00\r\n") {
 		bad("username: holds control characters")
