@@ -357,87 +357,105 @@ func (d *Detector) Close(grace time.Duration) {
 func (d *Detector) Limiter() *Limiter { return d.limiter }
 
 // Decide answers one policy request. It is the whole decision, top to
-// bottom (DESIGN.md, "Decision, per policy request").
+// bottom (the design's "Decision, per policy request"); decide takes it,
+// and the one exit here logs, counts and returns the answer.
 func (d *Detector) Decide(ctx context.Context, req *Request) Action {
 	req.logDropped(d.log)
+	return d.answer(req, d.decide(ctx, req))
+}
+
+// decision is the answer to one request and what its decision line says.
+type decision struct {
+	action Action
+	id     string
+	res    *callout.Result // the recipient's verdict; nil: none
+	note   string
+	count  int
+	quiet  bool // no decision line: the request is not ours, or its line comes with the late verdict
+}
+
+// dunnoQuiet answers DUNNO with no decision line.
+var dunnoQuiet = decision{action: ActionDunno, quiet: true}
+
+// decide takes the steps of the decision in order; each step that settles
+// the request returns its decision.
+func (d *Detector) decide(ctx context.Context, req *Request) decision {
 	// Only recipient checks are ours.
 	if req.Request != "smtpd_access_policy" || !strings.EqualFold(req.ProtocolState, "RCPT") {
-		d.metrics.answered(answerDunno)
-		return ActionDunno
+		return dunnoQuiet
 	}
 	pc := d.cfg.load()
 
 	// Who is sending: the SASL login, or a client in relay_networks.
 	id, ok := identity(req, pc.relays)
 	if !ok {
-		d.metrics.answered(answerDunno)
-		return ActionDunno
+		return dunnoQuiet
 	}
 	if id == "" {
 		d.log.Warn("identity refused", slog.Any("reason", ident.Check(req.SASLUsername)),
 			slog.String("identity", strconv.Quote(boundString(req.SASLUsername, 200))),
 			slog.String("client", req.ClientAddress), slog.String("queue_id", req.QueueID))
-		d.metrics.answered(answerDunno)
-		return ActionDunno
+		return dunnoQuiet
 	}
 	rcpt := req.Recipient
 
 	// A blocked identity gets the block action, whatever the recipient.
 	if action, blocked := d.block.Blocked(id); blocked {
-		now := d.now()
-		d.limiter.Note(id, now, func(e *evidence) {
+		d.limiter.Note(id, d.now(), func(e *evidence) {
 			e.addClient(req.ClientAddress, req.ClientName)
 			e.addQueueID(req.QueueID)
 		})
 		if pc.mode == ModeMonitor {
-			d.logDecision(req, id, nil, "blocked-monitor", ActionDunno, 0)
-			d.metrics.answered(answerDunno)
-			return ActionDunno
+			return decision{action: ActionDunno, id: id, note: "blocked-monitor"}
 		}
-		d.logDecision(req, id, nil, "blocked", Action(action), 0)
-		d.metrics.answered(answerBlocked)
-		return Action(action)
+		return decision{action: Action(action), id: id, note: "blocked"}
 	}
 
 	// Not counted: exempt identities and local recipients. A null sender
 	// is judged like any other: bounces and auto-replies the server
 	// makes itself are not authenticated and never get here, while a
-	// stolen login can send with MAIL FROM:<> (DESIGN.md).
+	// stolen login can send with MAIL FROM:<> (the design's step 4).
 	switch {
 	case pc.exempt[id]:
-		d.logDecision(req, id, nil, "exempt", ActionDunno, 0)
-		d.metrics.answered(answerDunno)
-		return ActionDunno
+		return decision{action: ActionDunno, id: id, note: "exempt"}
 	case pc.local[recipientDomain(rcpt)]:
-		d.logDecision(req, id, nil, "local-domain", ActionDunno, 0)
-		d.metrics.answered(answerDunno)
-		return ActionDunno
+		return decision{action: ActionDunno, id: id, note: "local-domain"}
 	}
 	lim := pc.limitsFor(id)
 
-	// A verdict at hand is counted now. Only an invalid one can make this
-	// request the one that crosses a limit, and then only if it cannot be
-	// sure that the verifications still in flight will not: then it waits.
-	if res, ok := d.cachedVerdict(rcpt); ok && res.Reason != callout.ReasonRateLimited {
-		d.metrics.verified(res, 0)
-		st := d.shareVerdict(ctx, id, "", &res, d.limiter.Judge(id, &res, d.now(), lim), lim)
-		a, count := d.record(ctx, req, id, res, st, lim)
-		d.limiter.Wake(id)
-		if a != ActionDunno || res.Status != callout.StatusInvalid || st.Safe || pc.mode == ModeMonitor {
-			return d.answer(req, id, &res, "", a, count)
-		}
-		return d.await(ctx, req, id, &res, nil, pc, lim)
+	// A verdict at hand is judged now; any other recipient is a probe.
+	if res, ok := d.cachedVerdict(rcpt); ok && !unjudged(res.Reason) {
+		return d.judgeCached(ctx, req, id, res, pc, lim)
 	}
+	return d.startProbe(ctx, req, id, pc, lim)
+}
 
-	// An uncached recipient is a probe: within the identity's cap, or
-	// deferred (the client retries; nothing is accepted unjudged).
+// judgeCached counts a verdict at hand now. Only an invalid one can make
+// this request the one that crosses a limit, and then only if it cannot be
+// sure that the verifications still in flight will not: then it waits.
+func (d *Detector) judgeCached(ctx context.Context, req *Request, id string, res callout.Result, pc *policyConfig, lim Thresholds) decision {
+	d.metrics.verified(res, 0)
+	st := d.shareVerdict(ctx, id, "", &res, d.limiter.Judge(id, &res, d.now(), lim), lim)
+	a, count := d.record(ctx, req, id, res, st, lim)
+	d.limiter.Wake(id)
+	if a != ActionDunno || res.Status != callout.StatusInvalid || st.Safe || pc.mode == ModeMonitor {
+		return decision{action: a, id: id, res: &res, count: count}
+	}
+	return d.await(ctx, req, id, &res, nil, pc, lim)
+}
+
+// startProbe verifies an uncached recipient in the background: within the
+// identity's probe cap, or deferred (the client retries; nothing is
+// accepted unjudged).
+func (d *Detector) startProbe(ctx context.Context, req *Request, id string, pc *policyConfig, lim Thresholds) decision {
+	rcpt := req.Recipient
 	if !d.limiter.TakeProbe(id, d.now(), pc.probe) {
-		res := callout.Result{Address: rcpt, Status: callout.StatusUnknown, Reason: callout.ReasonRateLimited,
+		res := callout.Result{Address: rcpt, Status: callout.StatusUnknown, Reason: reasonProbeCap,
 			Detail: fmt.Sprintf("more than %d verifications within a minute for this identity (callout.per_identity_rate)", pc.probe)}
 		if pc.mode == ModeMonitor {
-			return d.answer(req, id, &res, "probe-rate-monitor", ActionDunno, 0)
+			return decision{action: ActionDunno, id: id, res: &res, note: "probe-rate-monitor"}
 		}
-		return d.answer(req, id, &res, "probe-rate", DeferAction, 0)
+		return decision{action: DeferAction, id: id, res: &res, note: "probe-rate"}
 	}
 	p := &probe{done: make(chan struct{})}
 	st := d.shareReserve(ctx, id, p, d.limiter.Reserve(id, d.now(), lim), lim)
@@ -452,8 +470,7 @@ func (d *Detector) Decide(ctx context.Context, req *Request) Action {
 	if early {
 		// The verdict counts when it arrives. Its decision line is
 		// written then, with the verdict (note "late").
-		d.metrics.answered(answerDunno)
-		return ActionDunno
+		return dunnoQuiet
 	}
 	return d.await(ctx, req, id, nil, p, pc, lim)
 }
@@ -514,8 +531,13 @@ func (p *probe) owed(res callout.Result) bool {
 	return false
 }
 
-// unjudged reports whether a verification could not be made because of a
-// cap: no verdict at all.
+// reasonProbeCap is the reason of a recipient not verified because its
+// identity passed callout.per_identity_rate; the verifier's own caps give
+// callout.ReasonRateLimited.
+const reasonProbeCap callout.Reason = "probe-cap"
+
+// unjudged reports whether a verification could not be made because of one
+// of the verifier's caps: no verdict at all.
 func unjudged(r callout.Reason) bool { return r == callout.ReasonRateLimited }
 
 // run verifies rcpt for req in the background, counts the verdict and
@@ -576,13 +598,13 @@ func (d *Detector) run(req Request, id, rcpt string, p *probe, lim Thresholds) {
 // pc.wait, or when its recipient could not be verified, the answer is
 // DeferAction: the client retries, and the verification still counts.
 // own is the request's verdict when it was at hand, p its verification.
-func (d *Detector) await(ctx context.Context, req *Request, id string, own *callout.Result, p *probe, pc *policyConfig, lim Thresholds) Action {
+func (d *Detector) await(ctx context.Context, req *Request, id string, own *callout.Result, p *probe, pc *policyConfig, lim Thresholds) decision {
 	if pc.mode == ModeMonitor {
 		// Monitor mode never blocks nor defers: nothing to wait for.
 		if own == nil && !p.accept() {
 			own = &p.res
 		}
-		return d.answer(req, id, own, "", ActionDunno, 0)
+		return decision{action: ActionDunno, id: id, res: own}
 	}
 	t := time.NewTimer(pc.wait)
 	defer t.Stop()
@@ -590,10 +612,10 @@ func (d *Detector) await(ctx context.Context, req *Request, id string, own *call
 	defer poll.Stop()
 	for {
 		ch := d.limiter.Changed(id)
-		a, done := d.settled(req, id, own, p, lim)
+		dec, done := d.settled(id, own, p, lim)
 		if done {
 			d.limiter.Unwait(id)
-			return a
+			return dec
 		}
 		select {
 		case <-ch:
@@ -602,21 +624,21 @@ func (d *Detector) await(ctx context.Context, req *Request, id string, own *call
 			d.limiter.Unwait(id) // the other servers' verdicts wake nobody here: look again
 		case <-t.C:
 			d.limiter.Unwait(id)
-			return d.timedOut(req, id, own, p, lim, "wait-exceeded")
+			return d.timedOut(id, own, p, lim, "wait-exceeded")
 		case <-ctx.Done():
 			d.limiter.Unwait(id)
-			return d.timedOut(req, id, own, p, lim, "request-ended")
+			return d.timedOut(id, own, p, lim, "request-ended")
 		}
 	}
 }
 
 // settled looks whether a waiting request can be answered.
-func (d *Detector) settled(req *Request, id string, own *callout.Result, p *probe, lim Thresholds) (Action, bool) {
+func (d *Detector) settled(id string, own *callout.Result, p *probe, lim Thresholds) (decision, bool) {
 	if a, ok := d.blockedAction(id); ok {
 		if p != nil {
 			p.refuse()
 		}
-		return d.answer(req, id, own, "crossed", Action(a), 0), true
+		return decision{action: Action(a), id: id, res: own, note: "crossed"}, true
 	}
 	if own == nil && p != nil {
 		select {
@@ -628,33 +650,32 @@ func (d *Detector) settled(req *Request, id string, own *callout.Result, p *prob
 	if own != nil {
 		switch {
 		case unjudged(own.Reason) || own.Reason == callout.ReasonCanceled || own.Reason == callout.ReasonShutdown:
-			return d.answer(req, id, own, "not-verified", DeferAction, 0), true
+			return decision{action: DeferAction, id: id, res: own, note: "not-verified"}, true
 		case own.Status != callout.StatusInvalid:
-			return d.answer(req, id, own, "", ActionDunno, 0), true
+			return decision{action: ActionDunno, id: id, res: own}, true
 		}
 	}
 	st := d.shareReserve(d.ctx, id, nil, d.limiter.Standing(id, d.now(), lim), lim)
 	if st.Safe && own != nil {
-		return d.answer(req, id, own, "waited", ActionDunno, st.Count), true
+		return decision{action: ActionDunno, id: id, res: own, note: "waited", count: st.Count}, true
 	}
 	if st.Safe && p.accept() {
 		// Its decision line comes with the verdict (note "late").
-		d.metrics.answered(answerDunno)
-		return ActionDunno, true
+		return dunnoQuiet, true
 	}
-	return "", false
+	return decision{}, false
 }
 
 // timedOut answers a request whose wait ran out: the verdict, if it came
 // in just now, else a defer.
-func (d *Detector) timedOut(req *Request, id string, own *callout.Result, p *probe, lim Thresholds, note string) Action {
-	if a, done := d.settled(req, id, own, p, lim); done {
-		return a
+func (d *Detector) timedOut(id string, own *callout.Result, p *probe, lim Thresholds, note string) decision {
+	if dec, done := d.settled(id, own, p, lim); done {
+		return dec
 	}
 	if p != nil {
 		p.refuse()
 	}
-	return d.answer(req, id, own, note, DeferAction, 0)
+	return decision{action: DeferAction, id: id, res: own, note: note}
 }
 
 // blockedAction returns the action of an identity blocked in enforce mode.
@@ -668,18 +689,21 @@ func (d *Detector) blockedAction(id string) (string, bool) {
 	return d.block.Blocked(id)
 }
 
-// answer logs the decision and counts the answer.
-func (d *Detector) answer(req *Request, id string, res *callout.Result, note string, a Action, count int) Action {
-	d.logDecision(req, id, res, note, a, count)
-	switch {
-	case a == ActionDunno:
+// answer is the one exit of a decision: it writes the decision line
+// (unless quiet), counts the answer and returns it.
+func (d *Detector) answer(req *Request, dec decision) Action {
+	if !dec.quiet {
+		d.logDecision(req, dec.id, dec.res, dec.note, dec.action, dec.count)
+	}
+	switch dec.action {
+	case ActionDunno:
 		d.metrics.answered(answerDunno)
-	case a == DeferAction:
+	case DeferAction:
 		d.metrics.answered(answerDeferred)
 	default:
 		d.metrics.answered(answerBlocked)
 	}
-	return a
+	return dec.action
 }
 
 // InFlight returns the verifications running in the background.
