@@ -16,6 +16,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/rcptguard/rcptguard/blocklist/atomicfile"
 )
 
 // racyWindow is how long after a file's modification time its stat data is
@@ -709,64 +711,21 @@ func (f *File) removeStaleTemps() {
 	}
 }
 
-// writeAtomic replaces the file at path with data: it writes a temporary
-// file in the same directory, syncs it, renames it over path and syncs the
-// directory. It returns the stamp of the new file (without hash).
+// writeAtomic replaces the file at path with data (package atomicfile)
+// and syncs the directory. It returns the stamp of the new file (without
+// hash).
 func writeAtomic(path, data string) (st stamp, err error) {
-	dir, base := filepath.Split(path)
-	if dir == "" {
-		dir = "."
-	}
-	tmp, err := os.CreateTemp(dir, "."+base+".tmp-*")
-	if err != nil {
-		return st, err
-	}
-	renamed := false
-	defer func() {
-		if err != nil && !renamed {
-			tmp.Close()
-			os.Remove(tmp.Name())
-		}
-	}()
-	if _, err = io.WriteString(tmp, data); err != nil {
-		return st, err
-	}
 	// Postfix (and `rcptguard list` run by anyone) must be able to read it.
-	if err = tmp.Chmod(0o644); err != nil {
-		return st, err
-	}
-	if err = tmp.Sync(); err != nil {
-		return st, err
-	}
-	// The stamp comes from the file we wrote, not from path after the
-	// rename, which another writer may already have replaced.
-	fi, err := tmp.Stat()
+	fi, err := atomicfile.Write(path, "."+filepath.Base(path)+".tmp-*", 0o644, []byte(data))
 	if err != nil {
 		return st, err
 	}
-	if err = tmp.Close(); err != nil {
-		return st, err
-	}
-	if err = os.Rename(tmp.Name(), path); err != nil {
-		return st, err
-	}
-	renamed = true
 	dev, ino := fileID(fi)
 	st = stamp{exists: true, size: fi.Size(), mtime: fi.ModTime().UnixNano(), dev: dev, ino: ino, racy: true}
-	if err = syncDir(dir); err != nil {
+	if err = atomicfile.SyncDir(filepath.Dir(path)); err != nil {
 		// The file is in place but may not survive a crash. Say so; the
 		// changes stay pending, and the next write finds them on disk.
-		return st, fmt.Errorf("sync directory %s: %w", dir, err)
+		return st, fmt.Errorf("sync directory: %w", err)
 	}
 	return st, nil
-}
-
-// syncDir makes a rename in dir durable.
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }
