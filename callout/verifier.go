@@ -133,9 +133,9 @@ type Verifier struct {
 	cfg   Config
 	log   *slog.Logger
 	cache *ristretto.Cache[string, cacheEntry]
-	facts *facts    // catch-all, refusing hosts, dead domains: kept, never dropped by admission
-	hosts hostSlots // concurrent connections per MX address
-	win   *window   // sessions, connections and RCPTs in the last minute, per cap key
+	facts *facts       // catch-all, refusing hosts, dead domains: kept, never dropped by admission
+	hosts hostSlots    // concurrent connections per MX address
+	win   *keyedWindow // sessions, connections and RCPTs in the last minute, per cap key
 	local map[netip.Addr]bool
 	stats struct{ sessions, rateLimited, probes atomic.Uint64 }
 

@@ -11,6 +11,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/rcptguard/rcptguard/callout"
+	"github.com/rcptguard/rcptguard/callout/window"
 )
 
 // Limiter counts, per identity, the distinct invalid recipients that fall
@@ -66,7 +67,7 @@ type limiterShard struct {
 // track fits in 80 bytes.
 type track struct {
 	hits    []hit   // distinct invalid recipients in the longer window, oldest first
-	probes  []int64 // times of the uncached probes of the last minute, oldest first
+	probes  window.Events // the uncached probes of the last minute
 	valid   *validRing
 	x       *trackExtra // nil: none of it
 	last    uint32      // time of the last activity, unix seconds (to 2106)
@@ -603,10 +604,7 @@ func (l *Limiter) Sweep(now time.Time) int {
 			if len(tr.hits) == 0 && cap(tr.hits) > 4 {
 				tr.hits = nil
 			}
-			tr.expireProbes(now.UnixNano())
-			if len(tr.probes) == 0 {
-				tr.probes = nil
-			}
+			tr.probes.Expire(now.UnixNano() - int64(probeWindow))
 		}
 		n += len(s.m)
 		s.mu.Unlock()
@@ -944,7 +942,7 @@ func (tr *track) wake() {
 }
 
 // probeWindow is the sliding window of the per-identity probe cap.
-const probeWindow = int64(time.Minute)
+const probeWindow = time.Minute
 
 // TakeProbe counts one uncached verification for id at now and reports
 // whether it stays within perMinute in the minute ending at now (a sliding
@@ -959,25 +957,5 @@ func (l *Limiter) TakeProbe(id string, now time.Time, perMinute int) bool {
 	defer s.mu.Unlock()
 	tr := l.track(s, id, t)
 	tr.touch(t)
-	tr.expireProbes(t)
-	if len(tr.probes) >= perMinute {
-		return false
-	}
-	i := len(tr.probes)
-	for i > 0 && tr.probes[i-1] > t {
-		i--
-	}
-	tr.probes = slices.Insert(tr.probes, i, t)
-	return true
-}
-
-// expireProbes drops probes that left the minute ending at t.
-func (tr *track) expireProbes(t int64) {
-	n := 0
-	for n < len(tr.probes) && tr.probes[n] <= t-probeWindow {
-		n++
-	}
-	if n > 0 {
-		tr.probes = slices.Delete(tr.probes, 0, n)
-	}
+	return tr.probes.Take(t, probeWindow, perMinute)
 }
