@@ -18,6 +18,8 @@ import (
 	"time"
 	"unicode"
 	"unicode/utf8"
+
+	"github.com/rcptguard/rcptguard/callout/textfmt"
 )
 
 // Dialer opens network connections; *net.Dialer satisfies it and tests
@@ -452,7 +454,7 @@ func (s *session) readReply() (Reply, []string, error) {
 		// RFC 5321 §4.2: three digits, the first 2 to 5, then a space, a
 		// hyphen (more lines follow) or nothing.
 		if len(line) < 3 || !isDigits(line[:3]) || line[0] < '2' || line[0] > '5' || len(line) > 3 && line[3] != ' ' && line[3] != '-' {
-			return Reply{}, nil, &replyError{fmt.Sprintf("%q", boundText(line, 80))}
+			return Reply{}, nil, &replyError{fmt.Sprintf("%q", textfmt.Cut(line, 80))}
 		}
 		c, _ := strconv.Atoi(line[:3])
 		if code != 0 && c != code {
@@ -579,7 +581,7 @@ func (t *transcript) note(s string) { t.line("*:", s) }
 // printable replaces control and format characters and invalid UTF-8 in s
 // with '?', and cuts it to maxReplyLine bytes.
 func printable(s string) string {
-	s = boundText(s, maxReplyLine)
+	s = textfmt.Cut(s, maxReplyLine)
 	clean := true
 	for _, r := range s {
 		if r == utf8.RuneError || unicode.IsControl(r) || unicode.Is(unicode.Cf, r) {

@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/dgraph-io/ristretto/v2"
+
+	"github.com/rcptguard/rcptguard/callout/textfmt"
 )
 
 // ReasonAddressLiteral is the reason for recipients at an address literal
@@ -296,7 +298,7 @@ func (v *Verifier) Verify(ctx context.Context, address string) Result {
 		}
 	}
 	if err != nil {
-		return Result{Address: boundText(fast, 320), Status: StatusInvalid, Reason: ReasonBadSyntax, Detail: err.Error()}
+		return Result{Address: textfmt.Cut(fast, 320), Status: StatusInvalid, Reason: ReasonBadSyntax, Detail: err.Error()}
 	}
 	key := a.Key()
 	if key != fast {
@@ -443,14 +445,6 @@ func joinIPs(ips []netip.Addr) string {
 		s[i] = ip.String()
 	}
 	return strings.Join(s, ", ")
-}
-
-// boundText cuts s to at most n bytes for logs and results.
-func boundText(s string, n int) string {
-	if len(s) <= n {
-		return s
-	}
-	return s[:n]
 }
 
 // Stats are counts since New, for metrics.

@@ -15,6 +15,7 @@ import (
 
 	ident "github.com/rcptguard/rcptguard/blocklist/identity"
 	"github.com/rcptguard/rcptguard/callout"
+	"github.com/rcptguard/rcptguard/callout/textfmt"
 )
 
 // Verifier gives the verdict on one recipient. It must keep verifying
@@ -393,7 +394,7 @@ func (d *Detector) decide(ctx context.Context, req *Request) decision {
 	}
 	if id == "" {
 		d.log.Warn("identity refused", slog.Any("reason", ident.Check(req.SASLUsername)),
-			slog.String("identity", strconv.Quote(boundString(req.SASLUsername, 200))),
+			slog.String("identity", strconv.Quote(textfmt.Cut(req.SASLUsername, 200))),
 			slog.String("client", req.ClientAddress), slog.String("queue_id", req.QueueID))
 		return dunnoQuiet
 	}
@@ -575,7 +576,7 @@ func (d *Detector) run(req Request, id, rcpt string, p *probe, lim Thresholds) {
 			p.finish(res)
 			if d.ctx.Err() == nil {
 				d.log.Warn("recipient accepted and never verified: the verifier's caps held for a whole period",
-					slog.String("identity", id), slog.String("recipient", boundString(rcpt, 320)), slog.String("queue_id", req.QueueID))
+					slog.String("identity", id), slog.String("recipient", textfmt.Cut(rcpt, 320)), slog.String("queue_id", req.QueueID))
 			}
 			d.limiter.Wake(id)
 			return
@@ -885,13 +886,6 @@ func recipientDomain(addr string) string {
 	return strings.ToLower(strings.TrimSuffix(addr[at+1:], "."))
 }
 
-func boundString(s string, n int) string {
-	if len(s) > n {
-		return s[:n]
-	}
-	return s
-}
-
 // logDecision writes the one line per tracked decision, with the fields
 // that join it to Postfix's mail.log (queue_id) and the verdict.
 func (d *Detector) logDecision(req *Request, id string, res *callout.Result, note string, a Action, count int) {
@@ -903,7 +897,7 @@ func (d *Detector) logDecision(req *Request, id string, res *callout.Result, not
 	var buf [14]slog.Attr
 	attrs := append(buf[:0],
 		slog.String("identity", id),
-		slog.String("recipient", boundString(req.Recipient, 320)),
+		slog.String("recipient", textfmt.Cut(req.Recipient, 320)),
 		slog.String("queue_id", req.QueueID),
 		slog.String("client", req.ClientAddress),
 	)
@@ -929,15 +923,6 @@ func (d *Detector) logDecision(req *Request, id string, res *callout.Result, not
 	d.log.LogAttrs(context.Background(), slog.LevelInfo, "decision", attrs...)
 }
 
-// FormatPeriod writes a duration the way people say it: "1h", "90m", "2d".
-func FormatPeriod(p time.Duration) string {
-	switch {
-	case p >= 24*time.Hour && p%(24*time.Hour) == 0:
-		return strconv.FormatInt(int64(p/(24*time.Hour)), 10) + "d"
-	case p >= time.Hour && p%time.Hour == 0:
-		return strconv.FormatInt(int64(p/time.Hour), 10) + "h"
-	case p >= time.Minute && p%time.Minute == 0:
-		return strconv.FormatInt(int64(p/time.Minute), 10) + "m"
-	}
-	return p.String()
-}
+// FormatPeriod is textfmt.FormatPeriod, for the wiring, which names it so
+// (one function, one format: "90s", "90m", "1h", "2d").
+var FormatPeriod = textfmt.FormatPeriod

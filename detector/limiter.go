@@ -66,7 +66,7 @@ type limiterShard struct {
 // (a warning, a block, requests waiting; evidence) is apart, so that a
 // track fits in 80 bytes.
 type track struct {
-	hits    []hit   // distinct invalid recipients in the longer window, oldest first
+	hits    []hit         // distinct invalid recipients in the longer window, oldest first
 	probes  window.Events // the uncached probes of the last minute
 	valid   *validRing
 	x       *trackExtra // nil: none of it

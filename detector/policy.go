@@ -11,6 +11,8 @@ import (
 	"strconv"
 	"strings"
 	"unicode/utf8"
+
+	"github.com/rcptguard/rcptguard/callout/textfmt"
 )
 
 // Default limits for reading policy requests. A real Postfix 3.x request
@@ -335,7 +337,7 @@ func (r *Request) dropMalformed() {
 		if *p == "" || ok(*p) {
 			return
 		}
-		r.Dropped = append(r.Dropped, DroppedValue{Name: name, Value: boundString(*p, maxDroppedValue)})
+		r.Dropped = append(r.Dropped, DroppedValue{Name: name, Value: textfmt.Cut(*p, maxDroppedValue)})
 		*p = ""
 	}
 	check("queue_id", &r.QueueID, validQueueID)

@@ -16,6 +16,8 @@ import (
 	"strings"
 	"time"
 	"unicode/utf8"
+
+	"github.com/rcptguard/rcptguard/callout/textfmt"
 )
 
 // jsonVersion is the "version" of the JSON part. It changes only when a
@@ -303,9 +305,9 @@ func subject(r Report) string {
 		if r.Recovered {
 			return fmt.Sprintf("[rcptguard] blocked %s (report recovered at start-up)", id)
 		}
-		return fmt.Sprintf("[rcptguard] blocked %s: %d invalid recipients in %s", id, r.Count, formatPeriod(r.Period))
+		return fmt.Sprintf("[rcptguard] blocked %s: %d invalid recipients in %s", id, r.Count, textfmt.FormatPeriod(r.Period))
 	case KindWouldBlock:
-		return fmt.Sprintf("[rcptguard] would block %s: %d invalid recipients in %s", id, r.Count, formatPeriod(r.Period))
+		return fmt.Sprintf("[rcptguard] would block %s: %d invalid recipients in %s", id, r.Count, textfmt.FormatPeriod(r.Period))
 	case KindHeld:
 		return fmt.Sprintf("[rcptguard] held %s already queued of %s", plural(heldCount(r), "message", "messages"), id)
 	default:
@@ -323,7 +325,7 @@ func reportJSON(r Report) ([]byte, error) {
 		Mode:          field(r.Mode),
 		Count:         r.Count,
 		Limit:         r.Limit,
-		Period:        formatPeriod(r.Period),
+		Period:        textfmt.FormatPeriod(r.Period),
 		PeriodSeconds: int64(r.Period / time.Second),
 		Action:        field(r.Action),
 		Hostname:      field(r.Hostname),
@@ -460,7 +462,7 @@ func reportText(r Report) string {
 	if isIP(r.Identity) {
 		who = "the client address " + id
 	}
-	period := formatPeriod(r.Period)
+	period := textfmt.FormatPeriod(r.Period)
 	tried := fmt.Sprintf("In the last %s it sent mail to %s that do not exist", humanPeriod(r.Period), plural(r.Count, "address", "addresses"))
 
 	switch r.Kind {

@@ -189,24 +189,6 @@ func (r Report) UserAddress() (addr string, ok bool) {
 	return a.Address, true
 }
 
-// formatPeriod writes a window length the way the configuration does:
-// "1h", "90m", "2d", "45s"; other lengths in Go's duration syntax.
-func formatPeriod(d time.Duration) string {
-	switch {
-	case d == 0:
-		return "0s"
-	case d%(24*time.Hour) == 0:
-		return strconv.FormatInt(int64(d/(24*time.Hour)), 10) + "d"
-	case d%time.Hour == 0:
-		return strconv.FormatInt(int64(d/time.Hour), 10) + "h"
-	case d%time.Minute == 0:
-		return strconv.FormatInt(int64(d/time.Minute), 10) + "m"
-	case d%time.Second == 0:
-		return strconv.FormatInt(int64(d/time.Second), 10) + "s"
-	}
-	return d.String()
-}
-
 // humanPeriod says a window length in words: "hour", "90 minutes", "2 days".
 func humanPeriod(d time.Duration) string {
 	unit := func(n int64, one, many string) string {
