@@ -258,7 +258,7 @@ func TestStandingGathers(t *testing.T) {
 
 // TestReportEvidenceNearTheLimit: an identity far from its limits keeps
 // no evidence, and the reports of its warning and block still have the
-// MaxRecipients most recent recipients and their clients: for the count
+// maxRecipients most recent recipients and their clients: for the count
 // trigger (warning at 75, block at 101) and the ratio (block at 30).
 func TestReportEvidenceNearTheLimit(t *testing.T) {
 	for _, tc := range []struct {
@@ -289,16 +289,16 @@ func TestReportEvidenceNearTheLimit(t *testing.T) {
 			}
 			for _, ev := range h.n.events {
 				rs, cs := ev.Evidence.Recipients, ev.Evidence.Clients
-				if len(rs) != MaxRecipients || len(cs) != MaxRecipients {
-					t.Fatalf("%s report: %d recipients, %d clients, want %d", ev.Kind, len(rs), len(cs), MaxRecipients)
+				if len(rs) != maxRecipients || len(cs) != maxRecipients {
+					t.Fatalf("%s report: %d recipients, %d clients, want %d", ev.Kind, len(rs), len(cs), maxRecipients)
 				}
 				for j := range rs {
-					n := ev.Count - MaxRecipients + j // the recipient sent at this count
+					n := ev.Count - maxRecipients + j // the recipient sent at this count
 					if want := "nobody" + strconv.Itoa(n) + "@elsewhere.example"; rs[j].Address != want {
 						t.Fatalf("%s report: recipient %d is %s, want %s", ev.Kind, j, rs[j].Address, want)
 					}
 				}
-				// The clients are the first MaxClients of the requests
+				// The clients are the first maxClients of the requests
 				// near a limit.
 				for j, c := range cs {
 					if n, _ := strconv.Atoi(strings.TrimPrefix(c.Address, "198.51.100.")); n != tc.first+j {

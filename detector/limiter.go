@@ -12,6 +12,7 @@ import (
 
 	"github.com/rcptguard/rcptguard/callout"
 	"github.com/rcptguard/rcptguard/callout/window"
+	"github.com/rcptguard/rcptguard/notify"
 )
 
 // Limiter counts, per identity, the distinct invalid recipients that fall
@@ -138,7 +139,7 @@ const validBuckets = 12
 
 // Evidence is what a report tells about an identity: where it connected
 // from, which invalid recipients it tried (the most recent, at most
-// MaxRecipients, oldest first) and the queue IDs of its mail that was held.
+// maxRecipients, oldest first) and the queue IDs of its mail that was held.
 type Evidence struct {
 	Clients    []ClientSeen
 	Recipients []InvalidRecipient
@@ -199,11 +200,12 @@ func reasonIndex(r callout.Reason) uint8 {
 	return 0
 }
 
-// Evidence bounds: what a report shows.
+// Evidence bounds: what a report shows (package notify's, so the evidence,
+// the report and its JSON part have one set).
 const (
-	MaxRecipients = 20
-	MaxClients    = 20
-	MaxQueueIDs   = 100
+	maxRecipients = notify.MaxRecipients
+	maxClients    = notify.MaxClients
+	maxQueueIDs   = notify.MaxQueueIDs
 )
 
 // Evidence bounds in bytes, so that what a sender or a recipient's MX
@@ -645,11 +647,11 @@ func (l *Limiter) Len() int {
 }
 
 // addRecipient records an invalid recipient with the verdict that said
-// so, keeping the most recent MaxRecipients and one entry per address.
+// so, keeping the most recent maxRecipients and one entry per address.
 func (e *evidence) addRecipient(res callout.Result, now time.Time) {
 	e.rcpts = slices.DeleteFunc(e.rcpts, func(x evRecipient) bool { return x.addr == res.Address })
-	if len(e.rcpts) >= MaxRecipients {
-		e.rcpts = slices.Delete(e.rcpts, 0, len(e.rcpts)-MaxRecipients+1)
+	if len(e.rcpts) >= maxRecipients {
+		e.rcpts = slices.Delete(e.rcpts, 0, len(e.rcpts)-maxRecipients+1)
 	}
 	r := evRecipient{addr: evidenceString(res.Address), t: uint32(max(now.Unix(), 0)), reason: reasonIndex(res.Reason),
 		mx: evidenceString(res.Host), code: uint16(min(max(res.Reply.Code, 0), 999)), text: evidenceString(res.Reply.Text)}
@@ -689,7 +691,7 @@ func (e *evidence) addClient(addr, name string) {
 		size -= len(name)
 		name = ""
 	}
-	if len(e.clients) < MaxClients && size <= maxClientBytes {
+	if len(e.clients) < maxClients && size <= maxClientBytes {
 		if e.clients == nil {
 			e.clients = make([]ClientSeen, 0, 1)
 		}
@@ -714,7 +716,7 @@ func (e *evidence) addQueueID(id string) {
 	if e.queueIDs == nil {
 		e.queueIDs = new([]string)
 	}
-	if slices.Contains(*e.queueIDs, id) || len(*e.queueIDs) >= MaxQueueIDs {
+	if slices.Contains(*e.queueIDs, id) || len(*e.queueIDs) >= maxQueueIDs {
 		return
 	}
 	*e.queueIDs = append(*e.queueIDs, id)
@@ -790,13 +792,13 @@ func (l *Limiter) standing(tr *track, t int64, lim Thresholds) Standing {
 
 // Gathers reports whether the evidence of the invalid verdict that brought
 // an identity to st is worth keeping: whether it could be among the
-// MaxRecipients most recent when a report is made, a block at lim or a
+// maxRecipients most recent when a report is made, a block at lim or a
 // warning at warn invalid recipients (0: none). Each recipient between st
 // and a limit is an invalid verdict of its own, so one more than
-// MaxRecipients away from every limit never shows. Keeping evidence only
+// maxRecipients away from every limit never shows. Keeping evidence only
 // near a limit spares most tracked identities its cost.
 func (st Standing) Gathers(lim Thresholds, warn int) bool {
-	near := func(n, limit int) bool { return limit > 0 && n+MaxRecipients > limit }
+	near := func(n, limit int) bool { return limit > 0 && n+maxRecipients > limit }
 	return st.Crossed != TriggerNone || near(st.Count, lim.Count) || near(st.Count+1, warn) ||
 		near(st.Long, lim.Long) || lim.Ratio > 0 && near(st.Invalid+1, lim.RatioMin)
 }

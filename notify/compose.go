@@ -342,7 +342,7 @@ func reportJSON(r Report) ([]byte, error) {
 	if !r.BlockTime.IsZero() {
 		j.BlockedAt = r.BlockTime.Format(time.RFC3339)
 	}
-	for _, h := range head(r.Held, maxQueueIDs) {
+	for _, h := range head(r.Held, MaxQueueIDs) {
 		j.Held = append(j.Held, jsonHeld{QueueID: h.QueueID, Arrival: timeOrEmpty(h.Arrival), Size: h.Size, Recipients: h.Recipients})
 	}
 	if q := r.QueueSpace; q != nil {
@@ -351,13 +351,13 @@ func reportJSON(r Report) ([]byte, error) {
 	for name, argv := range commands(r) {
 		j.Commands[name] = argv
 	}
-	for _, c := range head(r.Clients, maxClients) {
+	for _, c := range head(r.Clients, MaxClients) {
 		j.Clients = append(j.Clients, jsonClient{Address: field(c.Address), Name: field(c.Name), Count: c.Count})
 	}
-	for _, rc := range head(r.Recipients, maxRecipients) {
+	for _, rc := range head(r.Recipients, MaxRecipients) {
 		j.Recipients = append(j.Recipients, jsonRecipient{Address: field(rc.Address), Time: timeOrEmpty(rc.Time), Reason: field(rc.Reason), MX: field(rc.MX), Reply: field(rc.Reply)})
 	}
-	for _, q := range head(r.QueueIDs, maxQueueIDs) {
+	for _, q := range head(r.QueueIDs, MaxQueueIDs) {
 		j.QueueIDs = append(j.QueueIDs, field(q))
 	}
 	var b bytes.Buffer
@@ -579,7 +579,7 @@ func reportText(r Report) string {
 // writeEvidence writes the clients, the invalid recipients and the queue
 // IDs answered HOLD of a block, would-block or warning report.
 func writeEvidence(w *textWriter, r Report) {
-	clients := head(r.Clients, maxClients)
+	clients := head(r.Clients, MaxClients)
 	if len(clients) == 0 {
 		w.para("No client address was recorded.")
 	} else {
@@ -599,7 +599,7 @@ func writeEvidence(w *textWriter, r Report) {
 		w.line("")
 	}
 
-	rcpts := head(r.Recipients, maxRecipients)
+	rcpts := head(r.Recipients, MaxRecipients)
 	if len(rcpts) == 0 {
 		w.para("No invalid recipient was recorded.")
 	} else {
@@ -629,7 +629,7 @@ func writeEvidence(w *textWriter, r Report) {
 		w.line("")
 	}
 
-	qids := head(r.QueueIDs, maxQueueIDs)
+	qids := head(r.QueueIDs, MaxQueueIDs)
 	if len(qids) == 0 {
 		if r.Kind == KindBlock {
 			w.para("No message has been held yet.")
@@ -651,7 +651,7 @@ func writeEvidence(w *textWriter, r Report) {
 
 // writeHeld writes the list of a KindHeld report.
 func writeHeld(w *textWriter, r Report) {
-	held := head(r.Held, maxQueueIDs)
+	held := head(r.Held, MaxQueueIDs)
 	if len(held) == 0 {
 		w.para("No message was held.")
 		return
@@ -777,10 +777,10 @@ func humanBytes(n uint64) string {
 // address (no SASL login in its queue files) or one no command can name.
 // arg is the shell quoted identity, "" when no command may name it.
 func writeHoldCommands(w *textWriter, r Report, step int, arg string) {
-	qids := head(r.QueueIDs, maxQueueIDs)
+	qids := head(r.QueueIDs, MaxQueueIDs)
 	if r.Kind == KindHeld {
 		qids = nil
-		for _, h := range head(r.Held, maxQueueIDs) {
+		for _, h := range head(r.Held, MaxQueueIDs) {
 			qids = append(qids, h.QueueID)
 		}
 	}

@@ -110,14 +110,19 @@ type Recipient struct {
 	Reply   string // the MX reply line, e.g. "550 5.1.1 <x@example.com>: no such user"
 }
 
-// Bounds on what a report shows, so that no report grows without limit.
+// Bounds on what a report shows, so that no report grows without limit:
+// the one set for the evidence the detector keeps, the report's text and
+// its JSON part.
 const (
-	maxRecipients = 20
-	maxClients    = 50
-	maxQueueIDs   = 100
-	maxIdentity   = 1000 // runes of the identity shown in the body
-	maxField      = 512  // runes of any other value (RFC 5321 reply lines are shorter)
-	maxSubjectID  = 100  // runes of the identity in the Subject and X- header
+	MaxRecipients = 20  // invalid recipients, the most recent
+	MaxClients    = 20  // client addresses, the first seen
+	MaxQueueIDs   = 100 // queue IDs of held mail
+)
+
+const (
+	maxIdentity  = 1000 // runes of the identity shown in the body
+	maxField     = 512  // runes of any other value (RFC 5321 reply lines are shorter)
+	maxSubjectID = 100  // runes of the identity in the Subject and X- header
 )
 
 // SampleReport returns a realistic block report for `rcptguard notify-test`:
