@@ -72,7 +72,7 @@
 // The field names are stable; "version" changes only when a field changes
 // meaning or goes away. Every field is always present; unknown values are
 // "". Strings are valid UTF-8 (invalid bytes become U+FFFD); all but the
-// identity are cut at 512 characters. Lists hold at most 50 clients, 20
+// identity are cut at 512 characters. Lists hold at most 20 clients, 20
 // recipients and 100 queue IDs, as the text does.
 //
 //	version         number  1
