@@ -164,7 +164,7 @@ func Open(cfg Config) (*File, []Problem, error) {
 	f.install(d, st, loadOpen)
 	<-f.writeMu
 	f.removeStaleTemps()
-	f.log.Info("blocklist loaded", "path", f.path, "entries", len(d.entries), "problems", len(d.problems))
+	f.log.Info("blocklist loaded", slog.String("path", f.path), slog.Int("entries", len(d.entries)), slog.Int("problems", len(d.problems)))
 	return f, d.problems, nil
 }
 
@@ -488,11 +488,11 @@ func (f *File) poll(ctx context.Context, interval time.Duration) {
 	err := f.flushLocked(ctx)
 	switch {
 	case err != nil && !f.failing:
-		f.log.Warn("blocklist write failed, will retry", "path", f.path, "pending", n, "error", err)
+		f.log.Warn("blocklist write failed, will retry", slog.String("path", f.path), slog.Int("pending", n), slog.Any("error", err))
 	case err != nil:
-		f.log.Debug("blocklist write failed again", "path", f.path, "pending", n, "error", err)
+		f.log.Debug("blocklist write failed again", slog.String("path", f.path), slog.Int("pending", n), slog.Any("error", err))
 	case f.failing:
-		f.log.Info("blocklist written after failures", "path", f.path, "changes", n)
+		f.log.Info("blocklist written after failures", slog.String("path", f.path), slog.Int("changes", n))
 	}
 	f.failing = err != nil
 }
@@ -505,11 +505,11 @@ func (f *File) refresh() {
 	err := f.refreshLocked()
 	switch {
 	case err != nil && !f.broken:
-		f.log.Warn("blocklist check failed", "path", f.path, "error", err)
+		f.log.Warn("blocklist check failed", slog.String("path", f.path), slog.Any("error", err))
 	case err != nil:
-		f.log.Debug("blocklist check failed again", "path", f.path, "error", err)
+		f.log.Debug("blocklist check failed again", slog.String("path", f.path), slog.Any("error", err))
 	case f.broken:
-		f.log.Info("blocklist check works again", "path", f.path)
+		f.log.Info("blocklist check works again", slog.String("path", f.path))
 	}
 	f.broken = err != nil
 }
@@ -625,8 +625,8 @@ func (f *File) install(d document, st stamp, how loadKind) {
 	slices.Sort(added)
 	slices.Sort(removed)
 	f.logProblems(d.problems)
-	f.log.Info("blocklist reloaded", "path", f.path, "entries", len(cur),
-		"added", len(added), "removed", len(removed), "problems", len(d.problems))
+	f.log.Info("blocklist reloaded", slog.String("path", f.path), slog.Int("entries", len(cur)),
+		slog.Int("added", len(added)), slog.Int("removed", len(removed)), slog.Int("problems", len(d.problems)))
 	if f.onChange != nil && (len(added) > 0 || len(removed) > 0) {
 		f.changes = append(f.changes, change{added, removed})
 	}
@@ -659,10 +659,10 @@ func (f *File) unlockWrite() {
 func (f *File) logProblems(ps []Problem) {
 	for i, p := range ps {
 		if i == maxLoggedProblems {
-			f.log.Warn("blocklist has more bad lines", "path", f.path, "more", len(ps)-i)
+			f.log.Warn("blocklist has more bad lines", slog.String("path", f.path), slog.Int("more", len(ps)-i))
 			return
 		}
-		f.log.Warn("blocklist line skipped", "path", f.path, "line", p.Line, "error", p.Err, "text", p.Text)
+		f.log.Warn("blocklist line skipped", slog.String("path", f.path), slog.Int("line", p.Line), slog.String("error", p.Err), slog.String("text", p.Text))
 	}
 }
 
@@ -706,7 +706,7 @@ func (f *File) removeStaleTemps() {
 			continue
 		}
 		if err := os.Remove(n); err == nil {
-			f.log.Info("blocklist: removed a temporary file left by an interrupted write", "path", n)
+			f.log.Info("blocklist temporary file removed, left by an interrupted write", slog.String("path", n))
 		}
 	}
 }

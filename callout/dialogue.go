@@ -478,7 +478,7 @@ func (s *session) readReply() (Reply, []string, error) {
 
 // newReply makes a Reply of the lines of one reply: the enhanced code is
 // taken from the first line and dropped where the other lines repeat it,
-// the text is made safe (see ReplyFromError).
+// the text is made safe (see replyFromError).
 func newReply(code int, lines []string) Reply {
 	if len(lines) > 1 {
 		first, _, ok := classifyLeadingEnhanced(lines[0])
@@ -491,7 +491,7 @@ func newReply(code int, lines []string) Reply {
 		}
 		lines = joined
 	}
-	r, ok := ReplyFromError(&textproto.Error{Code: code, Msg: strings.Join(lines, "\n")})
+	r, ok := replyFromError(&textproto.Error{Code: code, Msg: strings.Join(lines, "\n")})
 	if !ok {
 		return Reply{Code: code}
 	}

@@ -350,7 +350,7 @@ func (p *hostProbe) ask(s *session) step {
 		s.started = false
 		return stepAgain
 	}
-	st, reason := Classify(StageRcpt, r)
+	st, reason := classify(StageRcpt, r)
 	res := Result{Status: st, Reason: reason, Host: p.h.Name, Reply: r}
 	if c == nil {
 		v.learnProbe(w.domain, p.h, w.primary, rcpt, res)
@@ -556,7 +556,7 @@ func (v *Verifier) sessionFailure(ctx context.Context, h Host, err error) Result
 	var se *stageError
 	if errors.As(err, &se) && !se.reply.IsZero() {
 		res.Reply = se.reply
-		res.Status, res.Reason = Classify(se.stage, se.reply)
+		res.Status, res.Reason = classify(se.stage, se.reply)
 		return res
 	}
 	res.Reason = v.failureReason(ctx, ReasonUnreachable)

@@ -409,7 +409,7 @@ func matchDomain(patterns []string, name string) bool {
 func (v *Verifier) safeIPs(ips []netip.Addr) []netip.Addr {
 	var out []netip.Addr
 	for _, ip := range ips {
-		if SafeAddr(ip) && !v.local[ip.Unmap()] {
+		if safeAddr(ip) && !v.local[ip.Unmap()] {
 			out = append(out, ip)
 		}
 	}

@@ -228,7 +228,7 @@ func New(cfg Config) (*Detector, error) {
 		ctx:     ctx,
 		cancel:  cancel,
 	}
-	d.limiter.SetMaxIdentities(cfg.MaxIdentities, cfg.Logger, cfg.Metrics)
+	d.limiter.setMaxIdentities(cfg.MaxIdentities, cfg.Logger, cfg.Metrics)
 	d.cached, _ = cfg.Verifier.(CachedVerifier)
 	d.cfg.c = pc
 	return d, nil
@@ -436,9 +436,9 @@ func (d *Detector) decide(ctx context.Context, req *Request) decision {
 // sure that the verifications still in flight will not: then it waits.
 func (d *Detector) judgeCached(ctx context.Context, req *Request, id string, res callout.Result, pc *policyConfig, lim Thresholds) decision {
 	d.metrics.verified(res, 0)
-	st := d.shareVerdict(ctx, id, "", &res, d.limiter.Judge(id, &res, d.now(), lim), lim)
+	st := d.shareVerdict(ctx, id, "", &res, d.limiter.judge(id, &res, d.now(), lim), lim)
 	a, count := d.record(ctx, req, id, res, st, lim)
-	d.limiter.Wake(id)
+	d.limiter.wake(id)
 	if a != ActionDunno || res.Status != callout.StatusInvalid || st.Safe || pc.mode == ModeMonitor {
 		return decision{action: a, id: id, res: &res, count: count}
 	}
@@ -450,7 +450,7 @@ func (d *Detector) judgeCached(ctx context.Context, req *Request, id string, res
 // accepted unjudged).
 func (d *Detector) startProbe(ctx context.Context, req *Request, id string, pc *policyConfig, lim Thresholds) decision {
 	rcpt := req.Recipient
-	if !d.limiter.TakeProbe(id, d.now(), pc.probe) {
+	if !d.limiter.takeProbe(id, d.now(), pc.probe) {
 		res := callout.Result{Address: rcpt, Status: callout.StatusUnknown, Reason: reasonProbeCap,
 			Detail: fmt.Sprintf("more than %d verifications within a minute for this identity (callout.per_identity_rate)", pc.probe)}
 		if pc.mode == ModeMonitor {
@@ -556,14 +556,14 @@ func (d *Detector) run(req Request, id, rcpt string, p *probe, lim Thresholds) {
 		if res.Reason == callout.ReasonCanceled || res.Reason == callout.ReasonShutdown {
 			d.settleNone(id, p, lim)
 			p.finish(res)
-			d.limiter.Wake(id)
+			d.limiter.wake(id)
 			return // shutting down
 		}
 		if unjudged(res.Reason) {
 			if !p.owed(res) {
 				// Not accepted: the waiting request defers.
 				d.settleNone(id, p, lim)
-				d.limiter.Wake(id)
+				d.limiter.wake(id)
 				return
 			}
 			// Accepted already: the verdict is owed. Try again later,
@@ -578,16 +578,16 @@ func (d *Detector) run(req Request, id, rcpt string, p *probe, lim Thresholds) {
 				d.log.Warn("recipient accepted and never verified: the verifier's caps held for a whole period",
 					slog.String("identity", id), slog.String("recipient", textfmt.Cut(rcpt, 320)), slog.String("queue_id", req.QueueID))
 			}
-			d.limiter.Wake(id)
+			d.limiter.wake(id)
 			return
 		}
 		d.metrics.verified(res, time.Since(start))
-		st := d.shareVerdict(d.ctx, id, p.key, &res, d.limiter.Settle(id, &res, d.now(), lim), lim)
+		st := d.shareVerdict(d.ctx, id, p.key, &res, d.limiter.settle(id, &res, d.now(), lim), lim)
 		a, count := d.record(d.ctx, &req, id, res, st, lim)
 		if p.finish(res) {
 			d.logDecision(&req, id, &res, "late", a, count)
 		}
-		d.limiter.Wake(id)
+		d.limiter.wake(id)
 		return
 	}
 }
@@ -612,22 +612,22 @@ func (d *Detector) await(ctx context.Context, req *Request, id string, own *call
 	poll := d.sharedPoll()
 	defer poll.Stop()
 	for {
-		ch := d.limiter.Changed(id)
+		ch := d.limiter.changed(id)
 		dec, done := d.settled(id, own, p, lim)
 		if done {
-			d.limiter.Unwait(id)
+			d.limiter.unwait(id)
 			return dec
 		}
 		select {
 		case <-ch:
-			d.limiter.Unwait(id)
+			d.limiter.unwait(id)
 		case <-poll.C:
-			d.limiter.Unwait(id) // the other servers' verdicts wake nobody here: look again
+			d.limiter.unwait(id) // the other servers' verdicts wake nobody here: look again
 		case <-t.C:
-			d.limiter.Unwait(id)
+			d.limiter.unwait(id)
 			return d.timedOut(id, own, p, lim, "wait-exceeded")
 		case <-ctx.Done():
-			d.limiter.Unwait(id)
+			d.limiter.unwait(id)
 			return d.timedOut(id, own, p, lim, "request-ended")
 		}
 	}
@@ -731,7 +731,7 @@ func (d *Detector) record(ctx context.Context, req *Request, id string, res call
 	}
 	pc := d.cfg.load()
 	now := d.now()
-	if st.Gathers(lim, int(math.Ceil(pc.warnAt*float64(lim.Count)))) {
+	if st.gathers(lim, int(math.Ceil(pc.warnAt*float64(lim.Count)))) {
 		d.limiter.Note(id, now, func(e *evidence) {
 			e.addClient(req.ClientAddress, req.ClientName)
 			e.addRecipient(res, now)

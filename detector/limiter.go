@@ -24,7 +24,7 @@ import (
 // silently drop a counter, and a dropped counter is an abuser let through.
 //
 // Its size is bounded all the same: past a ceiling of tracked identities
-// (SetMaxIdentities) the least recently active identities are dropped,
+// (setMaxIdentities) the least recently active identities are dropped,
 // never one that is blocked or has a verification in flight or a request
 // waiting, and each drop is counted and logged.
 //
@@ -248,11 +248,11 @@ func newLimiter(period, long time.Duration) *Limiter {
 	for i := range l.shards {
 		l.shards[i].m = make(map[string]*track)
 	}
-	l.SetMaxIdentities(DefaultMaxIdentities, nil, nil)
+	l.setMaxIdentities(DefaultMaxIdentities, nil, nil)
 	return l
 }
 
-// SetMaxIdentities sets the ceiling of tracked identities (n <= 0: the
+// setMaxIdentities sets the ceiling of tracked identities (n <= 0: the
 // default) and where drops at the ceiling are logged and counted (nil:
 // nowhere). A new identity that finds n tracked makes room in its own
 // shard: the identities are spread evenly over the shards, so the oldest
@@ -260,7 +260,7 @@ func newLimiter(period, long time.Duration) *Limiter {
 // except for identities that cannot be dropped: blocked, or with a
 // verification in flight or a request waiting. Call it before the
 // Limiter is used; setMax changes the ceiling later.
-func (l *Limiter) SetMaxIdentities(n int, log *slog.Logger, m *Metrics) {
+func (l *Limiter) setMaxIdentities(n int, log *slog.Logger, m *Metrics) {
 	l.setMax(n)
 	l.log, l.metrics = log, m
 }
@@ -529,8 +529,8 @@ func (l *Limiter) Warn(id string, now time.Time) bool {
 	return true
 }
 
-// Wake wakes the requests waiting for a change of id.
-func (l *Limiter) Wake(id string) {
+// wake wakes the requests waiting for a change of id.
+func (l *Limiter) wake(id string) {
 	s := l.shard(id)
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -790,14 +790,14 @@ func (l *Limiter) standing(tr *track, t int64, lim Thresholds) Standing {
 	return st
 }
 
-// Gathers reports whether the evidence of the invalid verdict that brought
+// gathers reports whether the evidence of the invalid verdict that brought
 // an identity to st is worth keeping: whether it could be among the
 // maxRecipients most recent when a report is made, a block at lim or a
 // warning at warn invalid recipients (0: none). Each recipient between st
 // and a limit is an invalid verdict of its own, so one more than
 // maxRecipients away from every limit never shows. Keeping evidence only
 // near a limit spares most tracked identities its cost.
-func (st Standing) Gathers(lim Thresholds, warn int) bool {
+func (st Standing) gathers(lim Thresholds, warn int) bool {
 	near := func(n, limit int) bool { return limit > 0 && n+maxRecipients > limit }
 	return st.Crossed != TriggerNone || near(st.Count, lim.Count) || near(st.Count+1, warn) ||
 		near(st.Long, lim.Long) || lim.Ratio > 0 && near(st.Invalid+1, lim.RatioMin)
@@ -823,11 +823,11 @@ func (l *Limiter) Reserve(id string, now time.Time, lim Thresholds) Standing {
 	return l.standing(tr, t, lim)
 }
 
-// Settle ends a reservation with its verdict: an invalid one is counted
+// settle ends a reservation with its verdict: an invalid one is counted
 // (a dead domain once for the ratio), a valid one counts for the ratio,
 // any other only ends the reservation; res nil ends it without a verdict.
-// It returns the new standing; the caller acts on it, then calls Wake.
-func (l *Limiter) Settle(id string, res *callout.Result, now time.Time, lim Thresholds) Standing {
+// It returns the new standing; the caller acts on it, then calls wake.
+func (l *Limiter) settle(id string, res *callout.Result, now time.Time, lim Thresholds) Standing {
 	t := now.UnixNano()
 	s := l.shard(id)
 	s.mu.Lock()
@@ -854,9 +854,9 @@ func (l *Limiter) act(tr *track, st Standing, res *callout.Result, lim Threshold
 	return st
 }
 
-// Judge counts a verdict that needed no reservation (one from the cache)
-// and returns the standing with it; the caller acts on it, then calls Wake.
-func (l *Limiter) Judge(id string, res *callout.Result, now time.Time, lim Thresholds) Standing {
+// judge counts a verdict that needed no reservation (one from the cache)
+// and returns the standing with it; the caller acts on it, then calls wake.
+func (l *Limiter) judge(id string, res *callout.Result, now time.Time, lim Thresholds) Standing {
 	t := now.UnixNano()
 	s := l.shard(id)
 	s.mu.Lock()
@@ -899,9 +899,9 @@ func (l *Limiter) Standing(id string, now time.Time, lim Thresholds) Standing {
 	return l.standing(tr, now.UnixNano(), lim)
 }
 
-// Changed returns a channel closed at the next change of id's counts; the
-// caller must call Unwait(id) once done waiting.
-func (l *Limiter) Changed(id string) <-chan struct{} {
+// changed returns a channel closed at the next change of id's counts; the
+// caller must call unwait(id) once done waiting.
+func (l *Limiter) changed(id string) <-chan struct{} {
 	s := l.shard(id)
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -914,8 +914,8 @@ func (l *Limiter) Changed(id string) <-chan struct{} {
 	return x.change
 }
 
-// Unwait ends one Changed.
-func (l *Limiter) Unwait(id string) {
+// unwait ends one Changed.
+func (l *Limiter) unwait(id string) {
 	s := l.shard(id)
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -924,8 +924,8 @@ func (l *Limiter) Unwait(id string) {
 	}
 }
 
-// Waiting returns the requests of id waiting for a change.
-func (l *Limiter) Waiting(id string) int {
+// waiting returns the requests of id waiting for a change.
+func (l *Limiter) waiting(id string) int {
 	s := l.shard(id)
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -946,10 +946,10 @@ func (tr *track) wake() {
 // probeWindow is the sliding window of the per-identity probe cap.
 const probeWindow = time.Minute
 
-// TakeProbe counts one uncached verification for id at now and reports
+// takeProbe counts one uncached verification for id at now and reports
 // whether it stays within perMinute in the minute ending at now (a sliding
 // window); perMinute <= 0 means no cap. A refused probe is not counted.
-func (l *Limiter) TakeProbe(id string, now time.Time, perMinute int) bool {
+func (l *Limiter) takeProbe(id string, now time.Time, perMinute int) bool {
 	if perMinute <= 0 {
 		return true
 	}
