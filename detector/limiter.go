@@ -294,6 +294,27 @@ func (l *Limiter) track(s *limiterShard, id string, t int64) *track {
 	return tr
 }
 
+// update runs fn under the identity's lock with its state, created when
+// missing and marked active at now (t is now in Unix nanoseconds).
+func update[T any](l *Limiter, id string, now time.Time, fn func(tr *track, t int64) T) T {
+	t := now.UnixNano()
+	s := l.shard(id)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	tr := l.track(s, id, t)
+	tr.touch(t)
+	return fn(tr, t)
+}
+
+// peek runs fn under the identity's lock with its state, nil when there
+// is none (none is created).
+func peek[T any](l *Limiter, id string, fn func(tr *track) T) T {
+	s := l.shard(id)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return fn(s.m[id])
+}
+
 // droppable reports whether the ceiling may drop tr: not blocked (nor
 // holding the queue IDs of a blocked identity's mail), no verification in
 // flight (its verdict must find the count it was reserved against, so the
@@ -398,14 +419,10 @@ func (l *Limiter) Dropped() int64 { return l.dropped.Load() }
 // A recipient already in the window is not counted again; its time moves
 // to now. rcpt is compared as given: the caller normalises it.
 func (l *Limiter) Add(id, rcpt string, now time.Time) int {
-	t := now.UnixNano()
-	s := l.shard(id)
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	tr := l.track(s, id, t)
-	tr.touch(t)
-	l.addHit(tr, maphash.String(l.seed, rcpt), 0, t)
-	return tr.countSince(t - l.period)
+	return update(l, id, now, func(tr *track, t int64) int {
+		l.addHit(tr, maphash.String(l.seed, rcpt), 0, t)
+		return tr.countSince(t - l.period)
+	})
 }
 
 // addHit records one invalid recipient (hash h, dead domain hash dom or 0)
@@ -502,71 +519,62 @@ func (tr *track) expire(cutoff int64) {
 // Count returns the distinct invalid recipients of id in the window ending
 // at now.
 func (l *Limiter) Count(id string, now time.Time) int {
-	s := l.shard(id)
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	tr := s.m[id]
-	if tr == nil {
-		return 0
-	}
-	return tr.countSince(now.UnixNano() - l.period)
+	return peek(l, id, func(tr *track) int {
+		if tr == nil {
+			return 0
+		}
+		return tr.countSince(now.UnixNano() - l.period)
+	})
 }
 
 // Warn reports whether a warning for id is due at now: true at most once
 // per period. It records that one was given.
 func (l *Limiter) Warn(id string, now time.Time) bool {
-	t := now.UnixNano()
-	s := l.shard(id)
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	tr := l.track(s, id, t)
-	tr.touch(t)
-	x := tr.extra()
-	if x.warned != 0 && t-x.warned < l.period {
-		return false
-	}
-	x.warned = t
-	return true
+	return update(l, id, now, func(tr *track, t int64) bool {
+		x := tr.extra()
+		if x.warned != 0 && t-x.warned < l.period {
+			return false
+		}
+		x.warned = t
+		return true
+	})
 }
 
 // wake wakes the requests waiting for a change of id.
 func (l *Limiter) wake(id string) {
-	s := l.shard(id)
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if tr := s.m[id]; tr != nil {
-		tr.wake()
-	}
+	peek(l, id, func(tr *track) struct{} {
+		if tr != nil {
+			tr.wake()
+		}
+		return struct{}{}
+	})
 }
 
 // Note updates the evidence kept for id: fn runs with the identity's
 // evidence under the identity's lock, so it must be quick and must not
 // call back into the Limiter.
 func (l *Limiter) Note(id string, now time.Time, fn func(*evidence)) {
-	s := l.shard(id)
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	tr := l.track(s, id, now.UnixNano())
-	tr.touch(now.UnixNano())
-	if tr.ev == nil {
-		tr.ev = &evidence{}
-	}
-	fn(tr.ev)
+	update(l, id, now, func(tr *track, _ int64) struct{} {
+		if tr.ev == nil {
+			tr.ev = &evidence{}
+		}
+		fn(tr.ev)
+		return struct{}{}
+	})
 }
 
 // Evidence returns what is known about id, for a report.
 func (l *Limiter) Evidence(id string) Evidence {
-	s := l.shard(id)
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	tr := s.m[id]
-	if tr == nil {
-		return Evidence{}
-	}
-	e := tr.ev
-	if e == nil {
-		return Evidence{}
-	}
+	return peek(l, id, func(tr *track) Evidence {
+		if tr == nil || tr.ev == nil {
+			return Evidence{}
+		}
+		return tr.ev.export()
+	})
+}
+
+// export copies the evidence out, for a report.
+func (e *evidence) export() Evidence {
 	out := Evidence{Clients: slices.Clone(e.clients)}
 	if e.queueIDs != nil {
 		out.QueueIDs = slices.Clone(*e.queueIDs)
@@ -813,14 +821,10 @@ func ratioCrossed(lim Thresholds, invalid, valid int) bool {
 // Reserve records that a verification for id starts whose verdict may
 // count, and returns the identity's standing with it included.
 func (l *Limiter) Reserve(id string, now time.Time, lim Thresholds) Standing {
-	t := now.UnixNano()
-	s := l.shard(id)
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	tr := l.track(s, id, t)
-	tr.touch(t)
-	tr.pending++
-	return l.standing(tr, t, lim)
+	return update(l, id, now, func(tr *track, t int64) Standing {
+		tr.pending++
+		return l.standing(tr, t, lim)
+	})
 }
 
 // settle ends a reservation with its verdict: an invalid one is counted
@@ -828,17 +832,12 @@ func (l *Limiter) Reserve(id string, now time.Time, lim Thresholds) Standing {
 // any other only ends the reservation; res nil ends it without a verdict.
 // It returns the new standing; the caller acts on it, then calls wake.
 func (l *Limiter) settle(id string, res *callout.Result, now time.Time, lim Thresholds) Standing {
-	t := now.UnixNano()
-	s := l.shard(id)
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	tr := l.track(s, id, t)
-	tr.touch(t)
-	if tr.pending > 0 {
-		tr.pending--
-	}
-	l.count(tr, res, t)
-	return l.act(tr, l.standing(tr, t, lim), res, lim)
+	return update(l, id, now, func(tr *track, t int64) Standing {
+		if tr.pending > 0 {
+			tr.pending--
+		}
+		return l.count(tr, res, t, lim)
+	})
 }
 
 // act marks the track blocked in lim.Act when an invalid verdict finds it
@@ -857,17 +856,12 @@ func (l *Limiter) act(tr *track, st Standing, res *callout.Result, lim Threshold
 // judge counts a verdict that needed no reservation (one from the cache)
 // and returns the standing with it; the caller acts on it, then calls wake.
 func (l *Limiter) judge(id string, res *callout.Result, now time.Time, lim Thresholds) Standing {
-	t := now.UnixNano()
-	s := l.shard(id)
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	tr := l.track(s, id, t)
-	tr.touch(t)
-	l.count(tr, res, t)
-	return l.act(tr, l.standing(tr, t, lim), res, lim)
+	return update(l, id, now, func(tr *track, t int64) Standing { return l.count(tr, res, t, lim) })
 }
 
-func (l *Limiter) count(tr *track, res *callout.Result, t int64) {
+// count counts a verdict at t and returns the standing with it, marked
+// First when it is the one that crosses (see act).
+func (l *Limiter) count(tr *track, res *callout.Result, t int64, lim Thresholds) Standing {
 	switch {
 	case res == nil:
 	case res.Status == callout.StatusInvalid:
@@ -875,6 +869,7 @@ func (l *Limiter) count(tr *track, res *callout.Result, t int64) {
 	case res.Status == callout.StatusValid:
 		tr.addValid(t, max(l.period/validBuckets, 1))
 	}
+	return l.act(tr, l.standing(tr, t, lim), res, lim)
 }
 
 // deadDomain returns the hash (never 0) of the recipient's domain when the
@@ -889,14 +884,12 @@ func (l *Limiter) deadDomain(res *callout.Result) uint32 {
 
 // Standing returns the standing of id at now.
 func (l *Limiter) Standing(id string, now time.Time, lim Thresholds) Standing {
-	s := l.shard(id)
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	tr := s.m[id]
-	if tr == nil {
-		return Standing{Safe: true}
-	}
-	return l.standing(tr, now.UnixNano(), lim)
+	return peek(l, id, func(tr *track) Standing {
+		if tr == nil {
+			return Standing{Safe: true}
+		}
+		return l.standing(tr, now.UnixNano(), lim)
+	})
 }
 
 // changed returns a channel closed at the next change of id's counts; the
@@ -916,23 +909,22 @@ func (l *Limiter) changed(id string) <-chan struct{} {
 
 // unwait ends one Changed.
 func (l *Limiter) unwait(id string) {
-	s := l.shard(id)
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if tr := s.m[id]; tr != nil && tr.waiters() > 0 {
-		tr.x.waiters--
-	}
+	peek(l, id, func(tr *track) struct{} {
+		if tr != nil && tr.waiters() > 0 {
+			tr.x.waiters--
+		}
+		return struct{}{}
+	})
 }
 
 // waiting returns the requests of id waiting for a change.
 func (l *Limiter) waiting(id string) int {
-	s := l.shard(id)
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if tr := s.m[id]; tr != nil {
+	return peek(l, id, func(tr *track) int {
+		if tr == nil {
+			return 0
+		}
 		return int(tr.waiters())
-	}
-	return 0
+	})
 }
 
 // wake closes the change channel for those waiting on it.
@@ -953,11 +945,5 @@ func (l *Limiter) takeProbe(id string, now time.Time, perMinute int) bool {
 	if perMinute <= 0 {
 		return true
 	}
-	t := now.UnixNano()
-	s := l.shard(id)
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	tr := l.track(s, id, t)
-	tr.touch(t)
-	return tr.probes.Take(t, probeWindow, perMinute)
+	return update(l, id, now, func(tr *track, t int64) bool { return tr.probes.Take(t, probeWindow, perMinute) })
 }
