@@ -180,11 +180,7 @@ func (s *DNSServer) Set(zone string) {
 // Queries returns the number of queries answered or dropped so far, over
 // UDP and TCP together. A query is counted before it is answered, so the
 // count includes every query a client has received an answer to.
-func (s *DNSServer) Queries() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.total
-}
+func (s *DNSServer) Queries() int { return locked(&s.mu, func() int { return s.total }) }
 
 // QueriesFor returns the number of queries for name and qtype (such as
 // dns.TypeMX) answered or dropped so far, over UDP and TCP together.

@@ -158,11 +158,7 @@ func (m *MX) Set(cfg MXConfig) {
 }
 
 // Conns is the number of connections accepted so far.
-func (m *MX) Conns() int {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.conns
-}
+func (m *MX) Conns() int { return locked(&m.mu, func() int { return m.conns }) }
 
 // Sessions returns a copy of what every connection did so far, in the
 // order they were accepted.
@@ -180,45 +176,27 @@ func (m *MX) Sessions() []MXSession {
 
 // Rcpts lists every RCPT TO argument received so far, in order.
 func (m *MX) Rcpts() []string {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return append([]string(nil), m.rcpts...)
+	return locked(&m.mu, func() []string { return append([]string(nil), m.rcpts...) })
 }
 
 // Mails lists every MAIL FROM argument received so far, in order.
 func (m *MX) Mails() []string {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return append([]string(nil), m.mails...)
+	return locked(&m.mu, func() []string { return append([]string(nil), m.mails...) })
 }
 
 // Helos lists the EHLO/HELO names clients introduced themselves with.
 func (m *MX) Helos() []string {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return append([]string(nil), m.helos...)
+	return locked(&m.mu, func() []string { return append([]string(nil), m.helos...) })
 }
 
 // Datas counts DATA commands that reached the backend: a prober must never
 // send one.
-func (m *MX) Datas() int {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.datas
-}
+func (m *MX) Datas() int { return locked(&m.mu, func() int { return m.datas }) }
 
 // TLSSessions counts sessions that issued MAIL FROM over TLS.
-func (m *MX) TLSSessions() int {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.tlsUsed
-}
+func (m *MX) TLSSessions() int { return locked(&m.mu, func() int { return m.tlsUsed }) }
 
-func (m *MX) config() MXConfig {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.cfg
-}
+func (m *MX) config() MXConfig { return locked(&m.mu, func() MXConfig { return m.cfg }) }
 
 // pause waits d, or less when the server stops.
 func (m *MX) pause(d time.Duration) {
