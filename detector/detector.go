@@ -738,61 +738,7 @@ func (d *Detector) record(ctx context.Context, req *Request, id string, res call
 		})
 	}
 	if st.Crossed != TriggerNone {
-		ev := Event{Kind: EventBlock, Identity: id, Time: now, Mode: pc.mode, Trigger: st.Crossed,
-			Count: st.Count, Limit: lim.Count, Period: pc.period}
-		what := fmt.Sprintf("%d invalid recipients within %s", st.Count, pc.periodTx)
-		switch st.Crossed {
-		case TriggerLong:
-			ev.Count, ev.Limit, ev.Period = st.Long, lim.Long, pc.long
-			what = fmt.Sprintf("%d invalid recipients within %s", st.Long, pc.longTx)
-		case TriggerRatio:
-			ev.Count, ev.Limit, ev.Judged = st.Invalid, lim.RatioMin, st.Invalid+st.Valid
-			what = fmt.Sprintf("%d of %d verified recipients within %s do not exist", st.Invalid, st.Invalid+st.Valid, pc.periodTx)
-		}
-		word, own, _ := strings.Cut(pc.action, " ")
-		text := strings.TrimSpace(own + " rcptguard: " + id + " blocked: " + what)
-		action := word + " " + text
-		if !st.First {
-			// Another verdict crossed first: answer like it, once its
-			// entry is written (the blocklist waits for that, bounded).
-			if a, ok := d.block.Blocked(id); ok && pc.mode == ModeEnforce {
-				return Action(a), ev.Count
-			}
-			if d.shared != nil && pc.mode == ModeEnforce {
-				// Another server crossed first: block here too, at once,
-				// without a report (it sends the one report).
-				// The text says so, so that no start-up takes it for a
-				// block of its own whose report a crash lost.
-				if err := d.block.Block(context.WithoutCancel(ctx), id, word, text+" "+FleetMark); err != nil {
-					d.log.Error("blocklist write failed; the block holds in memory and is written when possible",
-						slog.String("identity", id), slog.Any("error", err))
-				}
-				return Action(action), ev.Count
-			}
-			return ActionDunno, ev.Count
-		}
-		if pc.mode == ModeMonitor {
-			ev.Kind = EventWouldBlock
-			d.log.Warn("rcptguard would block (monitor mode)", slog.String("identity", id), slog.String("trigger", string(st.Crossed)),
-				slog.Int("count", ev.Count), slog.Int("limit", ev.Limit), slog.String("period", FormatPeriod(ev.Period)))
-			d.tell(ctx, ev)
-			return ActionDunno, ev.Count
-		}
-		ev.Action = action
-		// The blocklist bounds the wait for the disk; past it the block
-		// holds in memory and is written as soon as possible.
-		if err := d.block.Block(context.WithoutCancel(ctx), id, word, text); err != nil {
-			d.log.Error("blocklist write failed; the block holds in memory and is written when possible",
-				slog.String("identity", id), slog.Any("error", err))
-			d.metrics.blocklistError()
-		}
-		d.log.Warn("rcptguard blocked", slog.String("identity", id), slog.String("trigger", string(st.Crossed)),
-			slog.Int("count", ev.Count), slog.Int("limit", ev.Limit), slog.String("period", FormatPeriod(ev.Period)),
-			slog.String("action", pc.action), slog.String("client", req.ClientAddress), slog.String("queue_id", req.QueueID))
-		d.metrics.blocked()
-		d.limiter.Note(id, now, func(e *evidence) { e.addQueueID(req.QueueID) })
-		d.tell(ctx, ev)
-		return Action(action), ev.Count
+		return d.crossed(ctx, req, id, st, lim, pc, now)
 	}
 	count := st.Count
 	if pc.warnAt > 0 && lim.Count > 0 && count >= int(math.Ceil(pc.warnAt*float64(lim.Count))) && d.limiter.Warn(id, now) {
@@ -801,6 +747,67 @@ func (d *Detector) record(ctx context.Context, req *Request, id string, res call
 		d.tell(ctx, Event{Kind: EventWarning, Identity: id, Time: now, Mode: pc.mode, Count: count, Limit: lim.Count, Period: pc.period})
 	}
 	return ActionDunno, count
+}
+
+// crossed acts on a verdict that finds id past a limit: the first such
+// verdict blocks (or, in monitor mode, reports a would-block); a later one
+// answers as the block does.
+func (d *Detector) crossed(ctx context.Context, req *Request, id string, st Standing, lim Thresholds, pc *policyConfig, now time.Time) (Action, int) {
+	ev := Event{Kind: EventBlock, Identity: id, Time: now, Mode: pc.mode, Trigger: st.Crossed,
+		Count: st.Count, Limit: lim.Count, Period: pc.period}
+	what := fmt.Sprintf("%d invalid recipients within %s", st.Count, pc.periodTx)
+	switch st.Crossed {
+	case TriggerLong:
+		ev.Count, ev.Limit, ev.Period = st.Long, lim.Long, pc.long
+		what = fmt.Sprintf("%d invalid recipients within %s", st.Long, pc.longTx)
+	case TriggerRatio:
+		ev.Count, ev.Limit, ev.Judged = st.Invalid, lim.RatioMin, st.Invalid+st.Valid
+		what = fmt.Sprintf("%d of %d verified recipients within %s do not exist", st.Invalid, st.Invalid+st.Valid, pc.periodTx)
+	}
+	word, own, _ := strings.Cut(pc.action, " ")
+	text := strings.TrimSpace(own + " rcptguard: " + id + " blocked: " + what)
+	action := word + " " + text
+	if !st.First {
+		// Another verdict crossed first: answer like it, once its
+		// entry is written (the blocklist waits for that, bounded).
+		if a, ok := d.block.Blocked(id); ok && pc.mode == ModeEnforce {
+			return Action(a), ev.Count
+		}
+		if d.shared != nil && pc.mode == ModeEnforce {
+			// Another server crossed first: block here too, at once,
+			// without a report (it sends the one report).
+			// The text says so, so that no start-up takes it for a
+			// block of its own whose report a crash lost.
+			if err := d.block.Block(context.WithoutCancel(ctx), id, word, text+" "+FleetMark); err != nil {
+				d.log.Error("blocklist write failed; the block holds in memory and is written when possible",
+					slog.String("identity", id), slog.Any("error", err))
+			}
+			return Action(action), ev.Count
+		}
+		return ActionDunno, ev.Count
+	}
+	if pc.mode == ModeMonitor {
+		ev.Kind = EventWouldBlock
+		d.log.Warn("rcptguard would block (monitor mode)", slog.String("identity", id), slog.String("trigger", string(st.Crossed)),
+			slog.Int("count", ev.Count), slog.Int("limit", ev.Limit), slog.String("period", FormatPeriod(ev.Period)))
+		d.tell(ctx, ev)
+		return ActionDunno, ev.Count
+	}
+	ev.Action = action
+	// The blocklist bounds the wait for the disk; past it the block
+	// holds in memory and is written as soon as possible.
+	if err := d.block.Block(context.WithoutCancel(ctx), id, word, text); err != nil {
+		d.log.Error("blocklist write failed; the block holds in memory and is written when possible",
+			slog.String("identity", id), slog.Any("error", err))
+		d.metrics.blocklistError()
+	}
+	d.log.Warn("rcptguard blocked", slog.String("identity", id), slog.String("trigger", string(st.Crossed)),
+		slog.Int("count", ev.Count), slog.Int("limit", ev.Limit), slog.String("period", FormatPeriod(ev.Period)),
+		slog.String("action", pc.action), slog.String("client", req.ClientAddress), slog.String("queue_id", req.QueueID))
+	d.metrics.blocked()
+	d.limiter.Note(id, now, func(e *evidence) { e.addQueueID(req.QueueID) })
+	d.tell(ctx, ev)
+	return Action(action), ev.Count
 }
 
 // tell hands an event, with the evidence so far, to the notifier.
