@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/dgraph-io/ristretto/v2"
+
+	"github.com/rcptguard/rcptguard/callout/textfmt"
 )
 
 // ReasonAddressLiteral is the reason for recipients at an address literal
@@ -145,9 +147,9 @@ type Verifier struct {
 	cfg   Config
 	log   *slog.Logger
 	cache *ristretto.Cache[string, cacheEntry]
-	facts *facts    // catch-all, refusing hosts, dead domains: kept, never dropped by admission
-	hosts hostSlots // concurrent connections per MX address
-	win   *window   // sessions, connections and RCPTs in the last minute, per cap key
+	facts *facts       // catch-all, refusing hosts, dead domains: kept, never dropped by admission
+	hosts hostSlots    // concurrent connections per MX address
+	win   *keyedWindow // sessions, connections and RCPTs in the last minute, per cap key
 	local map[netip.Addr]bool
 	stats struct{ sessions, rateLimited, probes atomic.Uint64 }
 
@@ -295,7 +297,7 @@ func (v *Verifier) Verify(ctx context.Context, address string) Result {
 		}
 	}
 	if err != nil {
-		return Result{Address: boundText(fast, 320), Status: StatusInvalid, Reason: ReasonBadSyntax, Detail: err.Error()}
+		return Result{Address: textfmt.Cut(fast, 320), Status: StatusInvalid, Reason: ReasonBadSyntax, Detail: err.Error()}
 	}
 	key := a.Key()
 	if key != fast {
@@ -406,7 +408,7 @@ func matchDomain(patterns []string, name string) bool {
 func (v *Verifier) safeIPs(ips []netip.Addr) []netip.Addr {
 	var out []netip.Addr
 	for _, ip := range ips {
-		if SafeAddr(ip) && !v.local[ip.Unmap()] {
+		if safeAddr(ip) && !v.local[ip.Unmap()] {
 			out = append(out, ip)
 		}
 	}
@@ -442,14 +444,6 @@ func joinIPs(ips []netip.Addr) string {
 		s[i] = ip.String()
 	}
 	return strings.Join(s, ", ")
-}
-
-// boundText cuts s to at most n bytes for logs and results.
-func boundText(s string, n int) string {
-	if len(s) <= n {
-		return s
-	}
-	return s[:n]
 }
 
 // Stats are counts since New, for metrics.

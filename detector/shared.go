@@ -11,7 +11,7 @@ import (
 )
 
 // SharedCounter counts verdicts with the other servers of a fleet
-// (several servers, one judgement: DESIGN.md). The detector counts every
+// (several servers, one judgement: README, "Several servers"). The detector counts every
 // verdict in its own Limiter too, and falls back on it whenever the
 // shared counter fails: a Redis outage makes a server judge alone, never
 // leaves a request unanswered.
@@ -102,7 +102,7 @@ func (d *Detector) shareReserve(ctx context.Context, id string, p *probe, st Sta
 // settleNone ends a reservation without a verdict, here and with the
 // fleet.
 func (d *Detector) settleNone(id string, p *probe, lim Thresholds) {
-	d.limiter.Settle(id, nil, d.now(), lim)
+	d.limiter.settle(id, nil, d.now(), lim)
 	if p.key != "" {
 		d.shareVerdict(d.ctx, id, p.key, nil, Standing{}, lim)
 	}

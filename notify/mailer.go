@@ -757,7 +757,7 @@ func (m *Mailer) Run(ctx context.Context) error {
 		m.log.Error("partial spool file from an earlier crash moved aside", slog.String("path", p))
 	}
 	if err != nil {
-		m.log.Error("spool: cannot sweep temporary files", slog.Any("error", err))
+		m.log.Error("spool temporary files not swept", slog.Any("error", err))
 	}
 	if n := m.spool.count(); n > 0 {
 		m.log.Info("replaying report spool", slog.Int("pending", n), slog.String("spool", m.spool.dir))
@@ -768,7 +768,7 @@ func (m *Mailer) Run(ctx context.Context) error {
 	// the crash came in the instant between the mark and the relay
 	// reading the end of DATA.
 	if marked, err := m.spool.marked(); err != nil {
-		m.log.Error("spool: cannot look for messages being sent at a crash", slog.Any("error", err))
+		m.log.Error("spool not searched for messages being sent at a crash", slog.Any("error", err))
 	} else {
 		for name := range marked {
 			err := m.spool.remove(name)
@@ -840,7 +840,7 @@ func (m *Mailer) runOnce(ctx context.Context, allDue bool) time.Time {
 	}
 	names, err := m.spool.list()
 	if err != nil {
-		m.log.Error("spool: cannot list", slog.Any("error", err))
+		m.log.Error("spool listing failed", slog.Any("error", err))
 		return m.cfg.Now().Add(time.Minute)
 	}
 	m.forgetExcept(names)
@@ -959,12 +959,12 @@ func (m *Mailer) attempt(ctx context.Context, e spoolEntry) (time.Time, bool) {
 	})
 	if marked {
 		if err := m.spool.unmark(e.name); err != nil {
-			log.Warn("spool: mark of a report being sent not removed", slog.Any("error", err))
+			log.Warn("spool mark of a report being sent not removed", slog.Any("error", err))
 		}
 		if len(failures) > 0 {
 			// Not with the relay: the next start must send it.
 			if err := m.spool.syncDir(); err != nil {
-				log.Warn("spool: mark of a report being sent not removed", slog.Any("error", err))
+				log.Warn("spool mark of a report being sent not removed", slog.Any("error", err))
 			}
 		}
 	}

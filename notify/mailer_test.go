@@ -668,6 +668,7 @@ func TestMailerWarnUserLocalOnly(t *testing.T) {
 			t.Fatalf("after a warning for %s: %d pending, want %d", tt.id, n, tt.pending)
 		}
 	}
+	flush(t, m) // the spool writes end before the test's directory goes
 }
 
 func TestMailerSpoolFiles(t *testing.T) {

@@ -91,7 +91,7 @@ type CalloutConfig struct {
 	NegativeTTL      Duration `toml:"negative_ttl"`
 	UnknownTTL       Duration `toml:"unknown_ttl"`
 	AllowPrivate     bool     `toml:"allow_private"`
-	CatchallProbe    bool     `toml:"catchall_probe"`
+	CatchAllProbe    bool     `toml:"catchall_probe"`
 	CacheSize        int64    `toml:"cache_size"`
 	PerHost          int      `toml:"per_host"`
 	SingleRcptMX     []string `toml:"single_rcpt_mx"`
@@ -192,7 +192,7 @@ func defaultConfig() Config {
 			PositiveTTL:      Duration(24 * time.Hour),
 			NegativeTTL:      Duration(2 * time.Hour),
 			UnknownTTL:       Duration(5 * time.Minute),
-			CatchallProbe:    true,
+			CatchAllProbe:    true,
 			CacheSize:        64 << 20,
 			PerHost:          4,
 			SingleRcptMX:     slices.Clone(callout.DefaultSingleRcptMX),

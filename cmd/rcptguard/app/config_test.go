@@ -28,7 +28,7 @@ func TestDefaultsAreValid(t *testing.T) {
 		t.Fatal(err)
 	}
 	if cfg.Detector.Limit != 100 || cfg.Detector.Period.D() != time.Hour || cfg.Callout.Timeout.D() != 10*time.Second ||
-		cfg.Policy.Listen[0] != "127.0.0.1:10040" || cfg.Detector.Action != "HOLD" || !cfg.Callout.CatchallProbe {
+		cfg.Policy.Listen[0] != "127.0.0.1:10040" || cfg.Detector.Action != "HOLD" || !cfg.Callout.CatchAllProbe {
 		t.Fatalf("unexpected defaults: %+v", cfg)
 	}
 	// An empty file is the defaults too.

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/rcptguard/rcptguard/callout/textfmt"
 	"github.com/rcptguard/rcptguard/detector"
 	"github.com/rcptguard/rcptguard/notify"
 )
@@ -84,7 +85,7 @@ type reportNotifier struct {
 
 func (n reportNotifier) Notify(ctx context.Context, ev detector.Event) error {
 	n.log.Warn("rcptguard report", slog.String("event", string(ev.Kind)), slog.String("identity", ev.Identity),
-		slog.Int("count", ev.Count), slog.Int("limit", ev.Limit), slog.String("period", detector.FormatPeriod(ev.Period)),
+		slog.Int("count", ev.Count), slog.Int("limit", ev.Limit), slog.String("period", textfmt.FormatPeriod(ev.Period)),
 		slog.String("mode", string(ev.Mode)), slog.Int("recipients", len(ev.Evidence.Recipients)),
 		slog.Any("queue_ids", ev.Evidence.QueueIDs), slog.Bool("mailed", n.mailer != nil))
 	if n.mailer == nil {

@@ -25,6 +25,7 @@ import (
 
 	"github.com/rcptguard/rcptguard/blocklist"
 	"github.com/rcptguard/rcptguard/callout"
+	"github.com/rcptguard/rcptguard/callout/textfmt"
 	"github.com/rcptguard/rcptguard/cmd/rcptguard/cluster"
 	"github.com/rcptguard/rcptguard/cmd/rcptguard/queue"
 	"github.com/rcptguard/rcptguard/detector"
@@ -369,7 +370,7 @@ func (s *service) run(ctx context.Context) error {
 	cfg, log := s.cfg, s.log
 	log.Info("rcptguard serving", slog.String("version", versionString()), slog.Any("policy", s.addrs),
 		slog.String("metrics", s.metricsAddr), slog.String("mode", cfg.Detector.Mode), slog.Int("limit", cfg.Detector.Limit),
-		slog.String("period", detector.FormatPeriod(cfg.Detector.Period.D())), slog.String("blocklist", cfg.Blocklist.Path),
+		slog.String("period", textfmt.FormatPeriod(cfg.Detector.Period.D())), slog.String("blocklist", cfg.Blocklist.Path),
 		slog.Int("blocked", s.bl.Len()), slog.String("config", cfg.Path))
 	// SIGHUP is taken before anyone is told we are ready: a reload
 	// signal must never find the process without its handler.

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/rcptguard/rcptguard/blocklist"
+	"github.com/rcptguard/rcptguard/callout/textfmt"
 	"github.com/rcptguard/rcptguard/cmd/rcptguard/queue"
 	"github.com/rcptguard/rcptguard/detector"
 )
@@ -96,7 +97,7 @@ func (t timedBlocklist) Block(ctx context.Context, id, action, text string) erro
 // statusOf is the daemon's status now, with the n identities closest to
 // their limit.
 func statusOf(d *detector.Detector, bl *blocklist.File, times *blockTimes, period time.Duration, n int) statusReport {
-	r := statusReport{Time: time.Now().UTC(), Period: detector.FormatPeriod(period), Tracked: d.Limiter().Len(), Closest: d.Closest(n)}
+	r := statusReport{Time: time.Now().UTC(), Period: textfmt.FormatPeriod(period), Tracked: d.Limiter().Len(), Closest: d.Closest(n)}
 	for _, e := range bl.Entries() {
 		r.Blocked = append(r.Blocked, blockedStatus{Counted: d.CountOf(e.Identity), Since: times.get(e.Identity)})
 	}
@@ -179,7 +180,7 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 			return ctx.Err()
 		}
 		fmt.Fprintf(stderr, "rcptguard: no answer from the daemon on %s (%v): blocked identities only, without counts; run as root or the daemon's user\n", sock, err)
-		live = statusReport{Period: detector.FormatPeriod(cfg.Detector.Period.D()), Tracked: -1}
+		live = statusReport{Period: textfmt.FormatPeriod(cfg.Detector.Period.D()), Tracked: -1}
 	}
 	*n = max(*n, 0)
 	if len(live.Closest) > *n {

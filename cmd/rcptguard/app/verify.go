@@ -86,7 +86,7 @@ func calloutConfig(cfg *Config, res callout.MXResolver, logger *slog.Logger, tra
 		UnknownTTL:       co.UnknownTTL.D(),
 		CacheSize:        co.CacheSize,
 		AllowPrivate:     co.AllowPrivate,
-		CatchAllProbe:    co.CatchallProbe,
+		CatchAllProbe:    co.CatchAllProbe,
 		PerHost:          co.PerHost,
 		SingleRcptMX:     co.SingleRcptMX,
 		AcceptAllDomains: co.AcceptAllDomains,
