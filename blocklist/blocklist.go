@@ -16,6 +16,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/rcptguard/rcptguard/blocklist/atomicfile"
 )
 
 // racyWindow is how long after a file's modification time its stat data is
@@ -162,7 +164,7 @@ func Open(cfg Config) (*File, []Problem, error) {
 	f.install(d, st, loadOpen)
 	<-f.writeMu
 	f.removeStaleTemps()
-	f.log.Info("blocklist loaded", "path", f.path, "entries", len(d.entries), "problems", len(d.problems))
+	f.log.Info("blocklist loaded", slog.String("path", f.path), slog.Int("entries", len(d.entries)), slog.Int("problems", len(d.problems)))
 	return f, d.problems, nil
 }
 
@@ -486,11 +488,11 @@ func (f *File) poll(ctx context.Context, interval time.Duration) {
 	err := f.flushLocked(ctx)
 	switch {
 	case err != nil && !f.failing:
-		f.log.Warn("blocklist write failed, will retry", "path", f.path, "pending", n, "error", err)
+		f.log.Warn("blocklist write failed, will retry", slog.String("path", f.path), slog.Int("pending", n), slog.Any("error", err))
 	case err != nil:
-		f.log.Debug("blocklist write failed again", "path", f.path, "pending", n, "error", err)
+		f.log.Debug("blocklist write failed again", slog.String("path", f.path), slog.Int("pending", n), slog.Any("error", err))
 	case f.failing:
-		f.log.Info("blocklist written after failures", "path", f.path, "changes", n)
+		f.log.Info("blocklist written after failures", slog.String("path", f.path), slog.Int("changes", n))
 	}
 	f.failing = err != nil
 }
@@ -503,11 +505,11 @@ func (f *File) refresh() {
 	err := f.refreshLocked()
 	switch {
 	case err != nil && !f.broken:
-		f.log.Warn("blocklist check failed", "path", f.path, "error", err)
+		f.log.Warn("blocklist check failed", slog.String("path", f.path), slog.Any("error", err))
 	case err != nil:
-		f.log.Debug("blocklist check failed again", "path", f.path, "error", err)
+		f.log.Debug("blocklist check failed again", slog.String("path", f.path), slog.Any("error", err))
 	case f.broken:
-		f.log.Info("blocklist check works again", "path", f.path)
+		f.log.Info("blocklist check works again", slog.String("path", f.path))
 	}
 	f.broken = err != nil
 }
@@ -623,8 +625,8 @@ func (f *File) install(d document, st stamp, how loadKind) {
 	slices.Sort(added)
 	slices.Sort(removed)
 	f.logProblems(d.problems)
-	f.log.Info("blocklist reloaded", "path", f.path, "entries", len(cur),
-		"added", len(added), "removed", len(removed), "problems", len(d.problems))
+	f.log.Info("blocklist reloaded", slog.String("path", f.path), slog.Int("entries", len(cur)),
+		slog.Int("added", len(added)), slog.Int("removed", len(removed)), slog.Int("problems", len(d.problems)))
 	if f.onChange != nil && (len(added) > 0 || len(removed) > 0) {
 		f.changes = append(f.changes, change{added, removed})
 	}
@@ -657,10 +659,10 @@ func (f *File) unlockWrite() {
 func (f *File) logProblems(ps []Problem) {
 	for i, p := range ps {
 		if i == maxLoggedProblems {
-			f.log.Warn("blocklist has more bad lines", "path", f.path, "more", len(ps)-i)
+			f.log.Warn("blocklist has more bad lines", slog.String("path", f.path), slog.Int("more", len(ps)-i))
 			return
 		}
-		f.log.Warn("blocklist line skipped", "path", f.path, "line", p.Line, "error", p.Err, "text", p.Text)
+		f.log.Warn("blocklist line skipped", slog.String("path", f.path), slog.Int("line", p.Line), slog.String("error", p.Err), slog.String("text", p.Text))
 	}
 }
 
@@ -704,69 +706,26 @@ func (f *File) removeStaleTemps() {
 			continue
 		}
 		if err := os.Remove(n); err == nil {
-			f.log.Info("blocklist: removed a temporary file left by an interrupted write", "path", n)
+			f.log.Info("blocklist temporary file removed, left by an interrupted write", slog.String("path", n))
 		}
 	}
 }
 
-// writeAtomic replaces the file at path with data: it writes a temporary
-// file in the same directory, syncs it, renames it over path and syncs the
-// directory. It returns the stamp of the new file (without hash).
+// writeAtomic replaces the file at path with data (package atomicfile)
+// and syncs the directory. It returns the stamp of the new file (without
+// hash).
 func writeAtomic(path, data string) (st stamp, err error) {
-	dir, base := filepath.Split(path)
-	if dir == "" {
-		dir = "."
-	}
-	tmp, err := os.CreateTemp(dir, "."+base+".tmp-*")
-	if err != nil {
-		return st, err
-	}
-	renamed := false
-	defer func() {
-		if err != nil && !renamed {
-			tmp.Close()
-			os.Remove(tmp.Name())
-		}
-	}()
-	if _, err = io.WriteString(tmp, data); err != nil {
-		return st, err
-	}
 	// Postfix (and `rcptguard list` run by anyone) must be able to read it.
-	if err = tmp.Chmod(0o644); err != nil {
-		return st, err
-	}
-	if err = tmp.Sync(); err != nil {
-		return st, err
-	}
-	// The stamp comes from the file we wrote, not from path after the
-	// rename, which another writer may already have replaced.
-	fi, err := tmp.Stat()
+	fi, err := atomicfile.Write(path, "."+filepath.Base(path)+".tmp-*", 0o644, []byte(data))
 	if err != nil {
 		return st, err
 	}
-	if err = tmp.Close(); err != nil {
-		return st, err
-	}
-	if err = os.Rename(tmp.Name(), path); err != nil {
-		return st, err
-	}
-	renamed = true
 	dev, ino := fileID(fi)
 	st = stamp{exists: true, size: fi.Size(), mtime: fi.ModTime().UnixNano(), dev: dev, ino: ino, racy: true}
-	if err = syncDir(dir); err != nil {
+	if err = atomicfile.SyncDir(filepath.Dir(path)); err != nil {
 		// The file is in place but may not survive a crash. Say so; the
 		// changes stay pending, and the next write finds them on disk.
-		return st, fmt.Errorf("sync directory %s: %w", dir, err)
+		return st, fmt.Errorf("sync directory: %w", err)
 	}
 	return st, nil
-}
-
-// syncDir makes a rename in dir durable.
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }

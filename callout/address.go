@@ -146,21 +146,18 @@ func ParseAddress(s string) (Address, error) {
 	if localLen > addrMaxLocal {
 		return Address{}, addrErr("local part longer than 64 octets")
 	}
+	domLen := 0
 	if dom[0] == '[' {
-		a.Literal, err = addrParseLiteral(dom)
-		if err != nil {
-			return Address{}, err
+		if a.Literal, err = addrParseLiteral(dom); err == nil {
+			domLen = addrLiteralLen(a.Literal)
 		}
-		if localLen+1+addrLiteralLen(a.Literal) > addrMaxAddress {
-			return Address{}, addrErr("address longer than 254 octets")
-		}
-		return a, nil
+	} else if a.Domain, err = addrParseDomain(dom); err == nil {
+		domLen = len(a.Domain)
 	}
-	a.Domain, err = addrParseDomain(dom)
 	if err != nil {
 		return Address{}, err
 	}
-	if localLen+1+len(a.Domain) > addrMaxAddress {
+	if localLen+1+domLen > addrMaxAddress {
 		return Address{}, addrErr("address longer than 254 octets")
 	}
 	return a, nil
@@ -399,68 +396,70 @@ func addrCheckASCIIDomain(s string) (string, error) {
 	if len(s) > addrMaxDomain {
 		return "", addrErr("domain longer than 253 octets")
 	}
-	upper := false
-	ace := false
-	labelStart := 0
-	numeric := true // the current label is all digits
-	for i := 0; i <= len(s); i++ {
-		if i == len(s) || s[i] == '.' {
-			label := s[labelStart:i]
-			switch {
-			case label == "":
-				return "", addrErr("empty label in domain")
-			case len(label) > addrMaxLabel:
-				return "", addrErr("domain label longer than 63 octets")
-			case label[0] == '-':
-				return "", addrErr("domain label starts with a hyphen")
-			case label[len(label)-1] == '-':
-				return "", addrErr("domain label ends with a hyphen")
-			}
-			if len(label) >= 4 && label[2] == '-' && label[3] == '-' &&
-				(label[0] == 'x' || label[0] == 'X') && (label[1] == 'n' || label[1] == 'N') {
-				ace = true
-			}
-			if i == len(s) && numeric {
-				return "", addrErr("all-numeric top-level domain")
-			}
-			labelStart = i + 1
-			numeric = true
-			continue
+	upper, ace := false, false
+	last := ""
+	for label := range strings.SplitSeq(s, ".") {
+		u, a, err := addrCheckLabel(label)
+		if err != nil {
+			return "", err
 		}
-		c := s[i]
-		switch {
-		case c >= '0' && c <= '9':
-		case c >= 'a' && c <= 'z':
-			numeric = false
-		case c >= 'A' && c <= 'Z':
-			numeric = false
-			upper = true
-		case c == '-':
-			numeric = false
-		case c == '_':
-			return "", addrErr("underscore in domain")
-		default:
-			return "", addrErr(addrCharDetail("domain", c))
-		}
+		upper, ace, last = upper || u, ace || a, label
+	}
+	if strings.Trim(last, "0123456789") == "" {
+		return "", addrErr("all-numeric top-level domain")
 	}
 	if upper {
 		s = strings.ToLower(s)
 	}
 	if ace {
-		// An A-label must decode to a valid U-label and be its canonical
-		// encoding, so that "bücher.example" and "xn--bcher-kva.example"
-		// give the same Domain and re-parsing is stable.
-		u, err := addrIDNA.ToUnicode(s)
-		if err != nil {
-			return "", addrErr("bad A-label in domain: " + err.Error())
+		return addrCheckALabels(s)
+	}
+	return s, nil
+}
+
+// addrCheckLabel checks one ASCII label of a domain: its characters first
+// (letters, digits, hyphens), then its shape. It reports whether the label
+// has upper-case letters and whether it is an A-label ("xn--").
+func addrCheckLabel(label string) (upper, ace bool, err error) {
+	for i := 0; i < len(label); i++ {
+		switch c := label[i]; {
+		case c >= '0' && c <= '9', c >= 'a' && c <= 'z', c == '-':
+		case c >= 'A' && c <= 'Z':
+			upper = true
+		case c == '_':
+			return false, false, addrErr("underscore in domain")
+		default:
+			return false, false, addrErr(addrCharDetail("domain", c))
 		}
-		if err := addrCheckULabels(u); err != nil {
-			return "", err
-		}
-		a, err := addrIDNA.ToASCII(u)
-		if err != nil || a != s {
-			return "", addrErr("A-label in domain is not in canonical form")
-		}
+	}
+	switch {
+	case label == "":
+		return false, false, addrErr("empty label in domain")
+	case len(label) > addrMaxLabel:
+		return false, false, addrErr("domain label longer than 63 octets")
+	case label[0] == '-':
+		return false, false, addrErr("domain label starts with a hyphen")
+	case label[len(label)-1] == '-':
+		return false, false, addrErr("domain label ends with a hyphen")
+	}
+	ace = len(label) >= 4 && label[2] == '-' && label[3] == '-' && strings.EqualFold(label[:2], "xn")
+	return upper, ace, nil
+}
+
+// addrCheckALabels checks the A-labels of a lower-case ASCII domain: each
+// must decode to a valid U-label and be its canonical encoding, so that
+// "bücher.example" and "xn--bcher-kva.example" give the same Domain and
+// re-parsing is stable.
+func addrCheckALabels(s string) (string, error) {
+	u, err := addrIDNA.ToUnicode(s)
+	if err != nil {
+		return "", addrErr("bad A-label in domain: " + err.Error())
+	}
+	if err := addrCheckULabels(u); err != nil {
+		return "", err
+	}
+	if a, err := addrIDNA.ToASCII(u); err != nil || a != s {
+		return "", addrErr("A-label in domain is not in canonical form")
 	}
 	return s, nil
 }

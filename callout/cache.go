@@ -1,7 +1,6 @@
 package callout
 
 import (
-	"sync"
 	"time"
 )
 
@@ -57,71 +56,26 @@ const maxFacts = 200_000
 // cache, whose admission policy may drop any entry: a dropped "not
 // catch-all" would mean one more random-name probe at the domain, and a
 // domain's log shows at most one of those from us a week.
-type facts struct {
-	mu  sync.Mutex
-	m   map[string]factEntry
-	max int
-}
+type facts = ttlMap[string, Result]
 
-type factEntry struct {
-	res     Result
-	expires time.Time
-}
-
-func newFacts(max int) *facts { return &facts{m: map[string]factEntry{}, max: max} }
-
-// get returns the fact under key unless it has expired at now.
-func (f *facts) get(key string, now time.Time) (Result, bool) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	e, ok := f.m[key]
-	if !ok {
-		return Result{}, false
-	}
-	if !now.Before(e.expires) {
-		delete(f.m, key)
-		return Result{}, false
-	}
-	e.res.Cached = true
-	return e.res, true
-}
-
-// put keeps res under key until now+ttl. When the store is full, the
-// expired facts go, and if none had, a tenth of the store, chosen at
-// random (map order): forgetting a fact costs one more probe, later.
-func (f *facts) put(key string, res Result, ttl time.Duration, now time.Time) {
-	if ttl <= 0 {
-		return
-	}
-	res.Cached = false
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	if _, ok := f.m[key]; !ok && len(f.m) >= f.max {
-		for k, e := range f.m {
-			if !now.Before(e.expires) {
-				delete(f.m, k)
-			}
-		}
-		for k := range f.m {
-			if len(f.m) < f.max-f.max/10 {
-				break
-			}
-			delete(f.m, k)
-		}
-	}
-	f.m[key] = factEntry{res: res, expires: now.Add(ttl)}
-}
+func newFacts(max int) *facts { return newTTLMap[string, Result](max) }
 
 // fact and learn read and write the fact store by the verifier's clock.
 // The fleet's facts ([cluster]) come second and are told what was learnt.
 func (v *Verifier) fact(key string) (Result, bool) {
 	if res, ok := v.facts.get(key, v.cfg.Now()); ok {
+		res.Cached = true
 		return res, true
 	}
 	return v.sharedFact(key)
 }
 
 func (v *Verifier) learn(key string, res Result, ttl time.Duration) {
-	v.facts.put(key, res, ttl, v.cfg.Now())
+	if ttl <= 0 {
+		return
+	}
+	now := v.cfg.Now()
+	res.Cached = false
+	v.facts.put(key, res, now.Add(ttl), now)
 	v.shareFact(key, res, ttl)
 }

@@ -21,7 +21,7 @@ const (
 	StageRcpt    Stage = "rcpt"    // RCPT TO
 )
 
-// Classify turns the reply to one stage of a probe into a verdict.
+// classify turns the reply to one stage of a probe into a verdict.
 //
 // Only a reply to RCPT TO can be a verdict on the mailbox. At the other
 // stages callers classify failures only: a 4xx or 5xx at connect or
@@ -40,7 +40,7 @@ const (
 // overrides the code: servers use 5.1.1 for policy refusals too. Every other
 // 5xx is (StatusUnknown, ReasonRejected). An invalid verdict counts against
 // the sender, so when in doubt the answer is unknown.
-func Classify(stage Stage, r Reply) (Status, Reason) {
+func classify(stage Stage, r Reply) (Status, Reason) {
 	class := r.Code / 100
 	if r.Code < 100 || r.Code > 599 {
 		class = 0
@@ -256,10 +256,10 @@ func classifyEnhancedValid(e [3]int) bool {
 		e[1] >= 0 && e[1] <= 999 && e[2] >= 0 && e[2] <= 999
 }
 
-// classifyMaxText is the most bytes of reply text ReplyFromError keeps.
+// classifyMaxText is the most bytes of reply text replyFromError keeps.
 const classifyMaxText = 512
 
-// ReplyFromError extracts the SMTP reply from an error returned by the
+// replyFromError extracts the SMTP reply from an error returned by the
 // go-smtp client: it finds an *smtp.SMTPError (or a *textproto.Error) in
 // err's chain with errors.As. ok is false when err carries no SMTP reply,
 // as with network errors and timeouts.
@@ -276,7 +276,7 @@ const classifyMaxText = 512
 // used. An enhanced code whose class disagrees with the basic code (550
 // 4.1.1) is dropped. go-smtp marks an absent code both as
 // smtp.NoEnhancedCode and as {0,0,0}; Reply.Enhanced is zero for both.
-func ReplyFromError(err error) (Reply, bool) {
+func replyFromError(err error) (Reply, bool) {
 	var code int
 	var enh [3]int
 	var msg string
@@ -371,7 +371,7 @@ func classifyQmailEnhanced(msg string) ([3]int, bool) {
 }
 
 // classifySanitize makes reply text safe to log and show: see
-// ReplyFromError.
+// replyFromError.
 func classifySanitize(s string) string {
 	const ellipsis = "…"
 	var b strings.Builder

@@ -220,20 +220,20 @@ var classifyTests = []struct {
 func TestClassify(t *testing.T) {
 	for _, tt := range classifyTests {
 		t.Run(tt.name, func(t *testing.T) {
-			r, ok := ReplyFromError(classifyWireError(t, tt.wire))
+			r, ok := replyFromError(classifyWireError(t, tt.wire))
 			if !ok {
-				t.Fatalf("ReplyFromError(%q) found no reply", tt.wire)
+				t.Fatalf("replyFromError(%q) found no reply", tt.wire)
 			}
-			status, reason := Classify(tt.stage, r)
+			status, reason := classify(tt.stage, r)
 			if status != tt.status || reason != tt.reason {
-				t.Errorf("Classify(%s, %q) = %s, %s; want %s, %s", tt.stage, r, status, reason, tt.status, tt.reason)
+				t.Errorf("classify(%s, %q) = %s, %s; want %s, %s", tt.stage, r, status, reason, tt.status, tt.reason)
 			}
 		})
 	}
 }
 
 func TestClassifyRawReply(t *testing.T) {
-	// Classify does not trust the enhanced code it is given.
+	// classify does not trust the enhanced code it is given.
 	for _, tt := range []struct {
 		r      Reply
 		status Status
@@ -247,9 +247,9 @@ func TestClassifyRawReply(t *testing.T) {
 		{Reply{}, StatusUnknown, ReasonProtocol},
 		{Reply{Code: -550}, StatusUnknown, ReasonProtocol},
 	} {
-		status, reason := Classify(StageRcpt, tt.r)
+		status, reason := classify(StageRcpt, tt.r)
 		if status != tt.status || reason != tt.reason {
-			t.Errorf("Classify(rcpt, %+v) = %s, %s; want %s, %s", tt.r, status, reason, tt.status, tt.reason)
+			t.Errorf("classify(rcpt, %+v) = %s, %s; want %s, %s", tt.r, status, reason, tt.status, tt.reason)
 		}
 	}
 }
@@ -318,12 +318,12 @@ func TestReplyFromError(t *testing.T) {
 		{"nil", nil, false, Reply{}},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			got, ok := ReplyFromError(tt.err)
+			got, ok := replyFromError(tt.err)
 			if ok != tt.ok || got != tt.want {
-				t.Errorf("ReplyFromError(%v) = %+v, %v; want %+v, %v", tt.err, got, ok, tt.want, tt.ok)
+				t.Errorf("replyFromError(%v) = %+v, %v; want %+v, %v", tt.err, got, ok, tt.want, tt.ok)
 			}
 			if len(got.Text) > classifyMaxText || !utf8.ValidString(got.Text) {
-				t.Errorf("ReplyFromError(%v).Text is %d bytes or not UTF-8", tt.err, len(got.Text))
+				t.Errorf("replyFromError(%v).Text is %d bytes or not UTF-8", tt.err, len(got.Text))
 			}
 		})
 	}
@@ -391,16 +391,16 @@ func TestReplyFromErrorClient(t *testing.T) {
 	if err == nil {
 		t.Fatal("Rcpt succeeded, want a 550")
 	}
-	r, ok := ReplyFromError(fmt.Errorf("rcpt: %w", err))
+	r, ok := replyFromError(fmt.Errorf("rcpt: %w", err))
 	if !ok {
-		t.Fatalf("ReplyFromError(%v) found no reply", err)
+		t.Fatalf("replyFromError(%v) found no reply", err)
 	}
 	want := Reply{Code: 550, Enhanced: [3]int{5, 1, 1}, Text: "The email account that you tried to reach does not exist. Please try double-checking the recipient's email address for typos or unnecessary spaces. [31m - gsmtp"}
 	if r != want {
-		t.Errorf("ReplyFromError = %+v, want %+v", r, want)
+		t.Errorf("replyFromError = %+v, want %+v", r, want)
 	}
-	if status, reason := Classify(StageRcpt, r); status != StatusInvalid || reason != ReasonNoMailbox {
-		t.Errorf("Classify = %s, %s; want invalid, %s", status, reason, ReasonNoMailbox)
+	if status, reason := classify(StageRcpt, r); status != StatusInvalid || reason != ReasonNoMailbox {
+		t.Errorf("classify = %s, %s; want invalid, %s", status, reason, ReasonNoMailbox)
 	}
 	if err := c.Quit(); err != nil {
 		t.Errorf("Quit: %v", err)
@@ -414,6 +414,6 @@ func BenchmarkClassify(b *testing.B) {
 	r := Reply{Code: 550, Enhanced: [3]int{5, 1, 1}, Text: "<x@y.example>: Recipient address rejected: User unknown in virtual mailbox table"}
 	b.ReportAllocs()
 	for b.Loop() {
-		Classify(StageRcpt, r)
+		classify(StageRcpt, r)
 	}
 }

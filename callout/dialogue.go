@@ -18,6 +18,8 @@ import (
 	"time"
 	"unicode"
 	"unicode/utf8"
+
+	"github.com/rcptguard/rcptguard/callout/textfmt"
 )
 
 // Dialer opens network connections; *net.Dialer satisfies it and tests
@@ -452,7 +454,7 @@ func (s *session) readReply() (Reply, []string, error) {
 		// RFC 5321 §4.2: three digits, the first 2 to 5, then a space, a
 		// hyphen (more lines follow) or nothing.
 		if len(line) < 3 || !isDigits(line[:3]) || line[0] < '2' || line[0] > '5' || len(line) > 3 && line[3] != ' ' && line[3] != '-' {
-			return Reply{}, nil, &replyError{fmt.Sprintf("%q", boundText(line, 80))}
+			return Reply{}, nil, &replyError{fmt.Sprintf("%q", textfmt.Cut(line, 80))}
 		}
 		c, _ := strconv.Atoi(line[:3])
 		if code != 0 && c != code {
@@ -476,7 +478,7 @@ func (s *session) readReply() (Reply, []string, error) {
 
 // newReply makes a Reply of the lines of one reply: the enhanced code is
 // taken from the first line and dropped where the other lines repeat it,
-// the text is made safe (see ReplyFromError).
+// the text is made safe (see replyFromError).
 func newReply(code int, lines []string) Reply {
 	if len(lines) > 1 {
 		first, _, ok := classifyLeadingEnhanced(lines[0])
@@ -489,7 +491,7 @@ func newReply(code int, lines []string) Reply {
 		}
 		lines = joined
 	}
-	r, ok := ReplyFromError(&textproto.Error{Code: code, Msg: strings.Join(lines, "\n")})
+	r, ok := replyFromError(&textproto.Error{Code: code, Msg: strings.Join(lines, "\n")})
 	if !ok {
 		return Reply{Code: code}
 	}
@@ -579,7 +581,7 @@ func (t *transcript) note(s string) { t.line("*:", s) }
 // printable replaces control and format characters and invalid UTF-8 in s
 // with '?', and cuts it to maxReplyLine bytes.
 func printable(s string) string {
-	s = boundText(s, maxReplyLine)
+	s = textfmt.Cut(s, maxReplyLine)
 	clean := true
 	for _, r := range s {
 		if r == utf8.RuneError || unicode.IsControl(r) || unicode.Is(unicode.Cf, r) {

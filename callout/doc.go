@@ -3,7 +3,8 @@
 // probe (its own small dialogue on net/textproto), the classification of
 // replies, the verdict cache (github.com/dgraph-io/ristretto/v2) and the
 // facts store beside it, the coalescing of identical requests, the caps on
-// what is sent to others, and the safety rules for whom it connects to. It knows nothing of senders, identities or limits.
+// what is sent to others, and the safety rules for whom it connects to. It knows nothing of senders,
+// identities or limits.
 //
 // A verification runs these steps, stopping at the first that decides:
 //
@@ -39,7 +40,7 @@
 //     is ended and a fresh one started, below the error limits of common
 //     servers. DATA is never sent. A connection failure or a 4xx moves on
 //     to the next MX host; a 5xx at RCPT is final.
-//  7. Classification (Classify): 2xx at RCPT is valid; a 5xx that says the
+//  7. Classification (classify): 2xx at RCPT is valid; a 5xx that says the
 //     mailbox does not exist is invalid; everything else is unknown,
 //     including policy refusals, greylisting and timeouts. An acceptance
 //     is valid only from an MX host known to refuse a random local part of
@@ -47,6 +48,13 @@
 //     host per CatchAllTTL whatever the answer; from a host that accepts
 //     it (a catch-all, a backup MX relaying everything) the verdict is
 //     unknown.
+//
+// STARTTLS on probes is on or off (Config.NoTLS; the key callout.starttls
+// is a bool), never required: a probe sends nothing secret and checks no
+// certificate, so TLS is a courtesy to the MX, not a protection. Reports
+// are another matter: notify.starttls is a string, "required",
+// "opportunistic" or "off" (see package notify). The two keys keep their
+// types on purpose.
 //
 // The whole verification, MX lookup and all hosts included, is bounded by
 // Timeout. A caller that stops waiting does not stop the probe: its result

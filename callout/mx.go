@@ -84,9 +84,9 @@ type Resolver struct {
 	now      func() time.Time
 	udp, tcp *dns.Client
 
-	maxEntries int // <= 0: no cache
-	mu         sync.RWMutex
-	answers    map[mxCacheKey]mxCacheEntry
+	// answers caches DNS answers (nil: no cache). Not ristretto: see
+	// ttlMap.
+	answers *ttlMap[mxCacheKey, mxAnswer]
 }
 
 const (
@@ -107,12 +107,11 @@ const (
 // /etc/resolv.conf cannot be read or names no nameserver.
 func NewResolver(cfg ResolverConfig) (*Resolver, error) {
 	r := &Resolver{
-		timeout:    cmp.Or(cfg.Timeout, mxDefaultTimeout),
-		attempts:   cmp.Or(cfg.Attempts, mxDefaultAttempts),
-		minTTL:     cmp.Or(cfg.MinTTL, mxDefaultMinTTL),
-		maxTTL:     cmp.Or(cfg.MaxTTL, mxDefaultMaxTTL),
-		now:        cfg.Now,
-		maxEntries: cmp.Or(cfg.MaxCacheEntries, mxDefaultMaxEntries),
+		timeout:  cmp.Or(cfg.Timeout, mxDefaultTimeout),
+		attempts: cmp.Or(cfg.Attempts, mxDefaultAttempts),
+		minTTL:   cmp.Or(cfg.MinTTL, mxDefaultMinTTL),
+		maxTTL:   cmp.Or(cfg.MaxTTL, mxDefaultMaxTTL),
+		now:      cfg.Now,
 	}
 	switch {
 	case r.timeout < 0:
@@ -127,9 +126,7 @@ func NewResolver(cfg ResolverConfig) (*Resolver, error) {
 	if r.now == nil {
 		r.now = time.Now
 	}
-	if r.maxEntries > 0 {
-		r.answers = make(map[mxCacheKey]mxCacheEntry)
-	}
+	r.answers = newTTLMap[mxCacheKey, mxAnswer](cmp.Or(cfg.MaxCacheEntries, mxDefaultMaxEntries))
 
 	if len(cfg.Servers) == 0 {
 		cc, err := dns.ClientConfigFromFile(mxResolvConf)
@@ -563,53 +560,14 @@ type mxCacheKey struct {
 	qtype uint16
 }
 
-type mxCacheEntry struct {
-	ans     mxAnswer
-	expires time.Time
-}
-
 // cacheGet returns the cached answer for (name, qtype) if it has not
 // expired at now.
 func (r *Resolver) cacheGet(name string, qtype uint16, now time.Time) (mxAnswer, bool) {
-	if r.maxEntries <= 0 {
-		return mxAnswer{}, false
-	}
-	r.mu.RLock()
-	e, ok := r.answers[mxCacheKey{name, qtype}]
-	r.mu.RUnlock()
-	if !ok || !now.Before(e.expires) {
-		return mxAnswer{}, false
-	}
-	return e.ans, true
+	return r.answers.get(mxCacheKey{name, qtype}, now)
 }
 
-// cachePut caches ans for ttl. When the cache is full it first drops
-// expired answers, then arbitrary ones, a sixteenth of the cache at a time
-// so that the next inserts are cheap.
+// cachePut caches ans for ttl (see ttlMap for what goes when it is full).
 func (r *Resolver) cachePut(name string, qtype uint16, ans mxAnswer, ttl time.Duration) {
-	if r.maxEntries <= 0 {
-		return
-	}
 	now := r.now()
-	key := mxCacheKey{name, qtype}
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if _, ok := r.answers[key]; !ok && len(r.answers) >= r.maxEntries {
-		for k, e := range r.answers {
-			if !now.Before(e.expires) {
-				delete(r.answers, k)
-			}
-		}
-		if len(r.answers) >= r.maxEntries {
-			excess := len(r.answers) - r.maxEntries + max(1, r.maxEntries/16)
-			for k := range r.answers {
-				if excess == 0 {
-					break
-				}
-				delete(r.answers, k)
-				excess--
-			}
-		}
-	}
-	r.answers[key] = mxCacheEntry{ans: ans, expires: now.Add(ttl)}
+	r.answers.put(mxCacheKey{name, qtype}, ans, now.Add(ttl), now)
 }

@@ -401,9 +401,7 @@ func TestResolverCacheBound(t *testing.T) {
 		if _, err := r.LookupMX(context.Background(), d); err != nil && !errors.Is(err, ErrNXDomain) {
 			t.Fatalf("LookupMX(%s): %v", d, err)
 		}
-		r.mu.RLock()
-		n := len(r.answers)
-		r.mu.RUnlock()
+		n := r.answers.len()
 		if n > 3 {
 			t.Fatalf("after %s: %d cached answers, want at most 3", d, n)
 		}
@@ -589,7 +587,7 @@ func TestNewResolver(t *testing.T) {
 		if !slices.Equal(r.servers, tc.want) {
 			t.Errorf("NewResolver(%v): servers %v, want %v", tc.servers, r.servers, tc.want)
 		}
-		if r.timeout != 2*time.Second || r.attempts != 2 || r.maxEntries != 10000 || r.minTTL != 5*time.Second || r.maxTTL != time.Hour {
+		if r.timeout != 2*time.Second || r.attempts != 2 || r.answers == nil || r.answers.max != 10000 || r.minTTL != 5*time.Second || r.maxTTL != time.Hour {
 			t.Errorf("defaults: %+v", r)
 		}
 	}

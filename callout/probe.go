@@ -64,7 +64,13 @@ func (w *worker) run(batch []*call) {
 			v.finish(c, res)
 		}
 	}()
-	remaining := batch
+	w.tryHosts(ctx, hosts, batch)
+}
+
+// tryHosts asks the MX hosts in order for the calls no host has answered
+// for good yet; each call left over keeps its tentative result.
+func (w *worker) tryHosts(ctx context.Context, hosts []Host, remaining []*call) {
+	v := w.v
 	for _, h := range hosts {
 		if len(remaining) == 0 {
 			break
@@ -131,187 +137,280 @@ func (v *Verifier) failureReason(ctx context.Context, otherwise Reason) Reason {
 // or a connection failure), each with its tentative result set.
 //
 // It is a loop over one step at a time: make sure there is a session that
-// may take another RCPT (a fresh one when there is none, it is to another
-// host, it has had sessionErrorLimit error replies, or the host takes one
-// RCPT per session), make sure a transaction is open, then send one RCPT:
-// the next recipient, or, once they are all asked and some were accepted
-// by a host not yet known to refuse random names, one random local part.
+// may take another RCPT (hostProbe.session), make sure a transaction is
+// open (hostProbe.begin), then send one RCPT (hostProbe.ask): the next
+// recipient, or, once they are all asked and some were accepted by a host
+// not yet known to refuse random names, one random local part.
 func (w *worker) probeHost(ctx context.Context, h Host, ips []netip.Addr, calls []*call) []*call {
 	v := w.v
-	single := matchDomain(v.cfg.SingleRcptMX, h.Name)
 	hostKey := keyHostAll + w.domain + " " + h.Name
 	_, checked := v.fact(hostKey)
-	wantProbe := v.cfg.CatchAllProbe && !checked
-	probed := false
-	var retry, accepted []*call
-	todo := calls
-	unbind := func() bool { return false }
-	defer func() { unbind() }()
-	// failAll ends the step loop: the calls still to ask take res, and go
-	// to the next host when it is worth it.
-	failAll := func(res Result, next bool) {
-		for _, c := range todo {
-			if next {
-				c.res = res
-				retry = append(retry, c)
-			} else {
-				v.finish(c, res)
-			}
-		}
-		todo = nil
-	}
-	mailRetried, probeRetried := false, false
-	for opens := 0; len(todo) > 0 || len(accepted) > 0 && wantProbe && !probed; {
-		s := w.sess
-		if s != nil && (s.host.Name != h.Name || !s.usable() || s.errors >= sessionErrorLimit || single && s.rcpts > 0) {
-			w.closeSession()
-			s = nil
-		}
+	p := &hostProbe{w: w, ctx: ctx, h: h, ips: ips, calls: len(calls), todo: calls,
+		single:    matchDomain(v.cfg.SingleRcptMX, h.Name),
+		wantProbe: v.cfg.CatchAllProbe && !checked,
+		unbind:    func() bool { return false }}
+	defer func() { p.unbind() }()
+	for p.more() {
+		s := p.session()
 		if s == nil {
-			if opens > len(calls)+3 {
-				// Cannot happen with a sane server; a bound all the same.
-				failAll(Result{Status: StatusUnknown, Reason: ReasonUnreachable, Host: h.Name,
-					Detail: "too many sessions needed for one batch"}, false)
-				break
-			}
-			opens++
-			var res Result
-			if s, res = w.open(ctx, h, ips); s == nil {
-				failAll(res, res.Reason != ReasonRateLimited)
-				break
-			}
-			w.sess = s
-			unbind()
-			unbind = s.bind(ctx)
-		}
-		if !s.started {
-			needUTF8 := false
-			keep := todo[:0:0]
-			for _, c := range todo {
-				if c.addr.UTF8 && !s.utf8 {
-					v.finish(c, Result{Status: StatusUnknown, Reason: ReasonNoSMTPUTF8, Host: h.Name,
-						Detail: "the local part needs SMTPUTF8, which " + h.Name + " does not offer"})
-					continue
-				}
-				needUTF8 = needUTF8 || c.addr.UTF8
-				keep = append(keep, c)
-			}
-			todo = keep
-			if len(todo) == 0 && (len(accepted) == 0 || !wantProbe || probed) {
-				break
-			}
-			if err := s.mail(v.cfg.MailFrom, needUTF8); err != nil {
-				var se *stageError
-				errors.As(err, &se)
-				if (se.reply.IsZero() || se.reply.Code == 421) && s.rcpts > 0 && !mailRetried && ctx.Err() == nil {
-					// The server closed the idle session meanwhile (or is
-					// closing it with 421): start anew, once.
-					mailRetried = true
-					w.closeSession()
-					continue
-				}
-				res := v.sessionFailure(ctx, h, err)
-				w.closeSession()
-				if se.reply.Code/100 == 5 {
-					// A permanent refusal of the probe itself: leave this
-					// host alone for a while, and do not try the others
-					// with the same sender.
-					v.learn(keyRefusal+h.Name, Result{Status: StatusUnknown, Reason: ReasonRefusesProbes, Host: h.Name,
-						Reply: se.reply, Detail: "MX refused our MAIL FROM recently; not probed until that is forgotten"}, v.cfg.RefusalTTL)
-					failAll(res, false)
-				} else {
-					failAll(res, true)
-				}
-				break
-			}
-		}
-
-		// One RCPT.
-		var c *call
-		rcpt := ""
-		if len(todo) > 0 {
-			c, rcpt = todo[0], todo[0].addr.String()
-		} else {
-			rcpt = randomLocal() + "@" + w.domain
-		}
-		if why := v.takeRcpt(w.domain, s.ip); why != "" {
-			res := v.rateLimited(h, why)
-			if c == nil {
-				probed = true
-				w.judgeAccepted(accepted, h, &res)
-				accepted = nil
-				continue
-			}
-			failAll(res, false)
-			continue
-		}
-		if c == nil {
-			v.stats.probes.Add(1)
-		}
-		r, err := s.rcpt(rcpt)
-		if err != nil {
-			res := v.sessionFailure(ctx, h, err)
-			w.closeSession()
-			if c == nil {
-				probed = true
-				res.Status, res.Detail = StatusUnknown, "random-name probe failed: "+res.Detail
-				w.judgeAccepted(accepted, h, &res)
-				accepted = nil
-				continue
-			}
-			failAll(res, true)
 			break
 		}
-		if r.Code == 503 && (c == nil && !probeRetried || c != nil && !c.retried) {
-			// The server lost our transaction ("need MAIL command"): open
-			// it again and ask once more.
-			if c != nil {
-				c.retried = true
-			} else {
-				probeRetried = true
-			}
-			s.started = false
+		st := p.begin(s)
+		if st == stepOn {
+			st = p.ask(s)
+		}
+		if st == stepDone {
+			break
+		}
+	}
+	w.judgeAccepted(p.accepted, h, nil)
+	p.end()
+	return p.retry
+}
+
+// hostProbe is the state of probeHost's loop on one MX host.
+type hostProbe struct {
+	w      *worker
+	ctx    context.Context
+	h      Host
+	ips    []netip.Addr
+	calls  int  // calls the host was given: bounds the sessions opened
+	single bool // the host takes one RCPT per session (callout.single_rcpt_mx)
+
+	todo     []*call // still to ask, in order
+	retry    []*call // to try on the next host, tentative result set
+	accepted []*call // accepted, judged once the random name is asked
+
+	wantProbe    bool // a random local part is to be asked once some are accepted
+	probed       bool // it was asked (or could not be)
+	opens        int  // sessions opened
+	mailRetried  bool // MAIL FROM was sent again once on a fresh session
+	probeRetried bool // the random RCPT was sent again once after a 503
+	unbind       func() bool
+}
+
+// step says how probeHost's loop goes on after one of its steps.
+type step int
+
+const (
+	stepOn    step = iota // go on to the next step of this round
+	stepAgain             // start the next round
+	stepDone              // leave the loop
+)
+
+// more reports whether there is an RCPT left to send.
+func (p *hostProbe) more() bool {
+	return len(p.todo) > 0 || len(p.accepted) > 0 && p.wantProbe && !p.probed
+}
+
+// failAll ends the loop: the calls still to ask take res, and go to the
+// next host when next says it is worth it.
+func (p *hostProbe) failAll(res Result, next bool) {
+	for _, c := range p.todo {
+		if next {
+			c.res = res
+			p.retry = append(p.retry, c)
+		} else {
+			p.w.v.finish(c, res)
+		}
+	}
+	p.todo = nil
+}
+
+// probeDone ends the random-name probe and judges the accepted calls:
+// failed is why the probe could not be made, nil when it was.
+func (p *hostProbe) probeDone(failed *Result) {
+	p.probed = true
+	p.w.judgeAccepted(p.accepted, p.h, failed)
+	p.accepted = nil
+}
+
+// session returns a session that may take another RCPT: the worker's, or
+// a fresh one when there is none, it is to another host, it has had
+// sessionErrorLimit error replies, or the host takes one RCPT per
+// session. nil: none could be opened, and the calls left are failed.
+func (p *hostProbe) session() *session {
+	w := p.w
+	s := w.sess
+	if s != nil && (s.host.Name != p.h.Name || !s.usable() || s.errors >= sessionErrorLimit || p.single && s.rcpts > 0) {
+		w.closeSession()
+		s = nil
+	}
+	if s != nil {
+		return s
+	}
+	if p.opens > p.calls+3 {
+		// Cannot happen with a sane server; a bound all the same.
+		p.failAll(Result{Status: StatusUnknown, Reason: ReasonUnreachable, Host: p.h.Name,
+			Detail: "too many sessions needed for one batch"}, false)
+		return nil
+	}
+	p.opens++
+	s, res := w.open(p.ctx, p.h, p.ips)
+	if s == nil {
+		p.failAll(res, res.Reason != ReasonRateLimited)
+		return nil
+	}
+	w.sess = s
+	p.unbind()
+	p.unbind = s.bind(p.ctx)
+	return s
+}
+
+// begin opens a transaction on s when none is open. Calls that need
+// SMTPUTF8 from a host that does not offer it are finished first.
+func (p *hostProbe) begin(s *session) step {
+	if s.started {
+		return stepOn
+	}
+	needUTF8 := false
+	keep := p.todo[:0:0]
+	for _, c := range p.todo {
+		if c.addr.UTF8 && !s.utf8 {
+			p.w.v.finish(c, Result{Status: StatusUnknown, Reason: ReasonNoSMTPUTF8, Host: p.h.Name,
+				Detail: "the local part needs SMTPUTF8, which " + p.h.Name + " does not offer"})
 			continue
 		}
-		st, reason := Classify(StageRcpt, r)
-		res := Result{Status: st, Reason: reason, Host: h.Name, Reply: r}
+		needUTF8 = needUTF8 || c.addr.UTF8
+		keep = append(keep, c)
+	}
+	p.todo = keep
+	if !p.more() {
+		return stepDone
+	}
+	if err := s.mail(p.w.v.cfg.MailFrom, needUTF8); err != nil {
+		return p.mailFailed(s, err)
+	}
+	return stepOn
+}
+
+// mailFailed handles a MAIL FROM that s did not take.
+func (p *hostProbe) mailFailed(s *session, err error) step {
+	w, v := p.w, p.w.v
+	var se *stageError
+	errors.As(err, &se)
+	if (se.reply.IsZero() || se.reply.Code == 421) && s.rcpts > 0 && !p.mailRetried && p.ctx.Err() == nil {
+		// The server closed the idle session meanwhile (or is closing it
+		// with 421): start anew, once.
+		p.mailRetried = true
+		w.closeSession()
+		return stepAgain
+	}
+	res := v.sessionFailure(p.ctx, p.h, err)
+	w.closeSession()
+	permanent := se.reply.Code/100 == 5
+	if permanent {
+		// A permanent refusal of the probe itself: leave this host alone
+		// for a while, and do not try the others with the same sender.
+		v.learn(keyRefusal+p.h.Name, Result{Status: StatusUnknown, Reason: ReasonRefusesProbes, Host: p.h.Name,
+			Reply: se.reply, Detail: "MX refused our MAIL FROM recently; not probed until that is forgotten"}, v.cfg.RefusalTTL)
+	}
+	p.failAll(res, !permanent)
+	return stepDone
+}
+
+// ask sends one RCPT on s: the next recipient, or the random local part
+// (c nil) once they are all asked.
+func (p *hostProbe) ask(s *session) step {
+	w, v := p.w, p.w.v
+	var c *call
+	rcpt := ""
+	if len(p.todo) > 0 {
+		c, rcpt = p.todo[0], p.todo[0].addr.String()
+	} else {
+		rcpt = randomLocal() + "@" + w.domain
+	}
+	if why := v.takeRcpt(w.domain, s.ip); why != "" {
+		res := v.rateLimited(p.h, why)
 		if c == nil {
-			probed = true
-			v.learnProbe(w.domain, h, w.primary, rcpt, res)
-			w.judgeAccepted(accepted, h, nil)
-			accepted = nil
-			continue
+			p.probeDone(&res)
+		} else {
+			p.failAll(res, false)
 		}
-		todo = todo[1:]
-		switch {
-		case r.Code/100 == 4:
-			c.res = res
-			retry = append(retry, c)
-			if r.Code == 421 {
-				// The server is closing the connection.
-				s.broken = true
-				failAll(res, true)
-			}
-		case st == StatusValid:
-			c.res = res
-			accepted = append(accepted, c)
-		default:
-			v.finish(c, res)
-		}
+		return stepAgain
 	}
-	w.judgeAccepted(accepted, h, nil)
-	if s := w.sess; s != nil {
-		switch {
-		case single || s.errors >= sessionErrorLimit:
-			// No use keeping it open for more recipients.
+	if c == nil {
+		v.stats.probes.Add(1)
+	}
+	r, err := s.rcpt(rcpt)
+	if err != nil {
+		res := v.sessionFailure(p.ctx, p.h, err)
+		w.closeSession()
+		if c == nil {
+			res.Status, res.Detail = StatusUnknown, "random-name probe failed: "+res.Detail
+			p.probeDone(&res)
+			return stepAgain
+		}
+		p.failAll(res, true)
+		return stepDone
+	}
+	if r.Code == 503 && p.retryOnce(c) {
+		// The server lost our transaction ("need MAIL command"): open it
+		// again and ask once more.
+		s.started = false
+		return stepAgain
+	}
+	st, reason := classify(StageRcpt, r)
+	res := Result{Status: st, Reason: reason, Host: p.h.Name, Reply: r}
+	if c == nil {
+		v.learnProbe(w.domain, p.h, w.primary, rcpt, res)
+		p.probeDone(nil)
+		return stepAgain
+	}
+	p.todo = p.todo[1:]
+	p.answered(s, c, res)
+	return stepAgain
+}
+
+// retryOnce reports whether the RCPT of c (nil: the random local part)
+// may be sent again, once.
+func (p *hostProbe) retryOnce(c *call) bool {
+	if c == nil {
+		again := !p.probeRetried
+		p.probeRetried = true
+		return again
+	}
+	again := !c.retried
+	c.retried = true
+	return again
+}
+
+// answered files c by the reply to its RCPT: to try again on the next host
+// (4xx), accepted (judged once the random name is asked) or finished.
+func (p *hostProbe) answered(s *session, c *call, res Result) {
+	switch {
+	case res.Reply.Code/100 == 4:
+		c.res = res
+		p.retry = append(p.retry, c)
+		if res.Reply.Code == 421 {
+			// The server is closing the connection.
+			s.broken = true
+			p.failAll(res, true)
+		}
+	case res.Status == StatusValid:
+		c.res = res
+		p.accepted = append(p.accepted, c)
+	default:
+		p.w.v.finish(c, res)
+	}
+}
+
+// end leaves the worker's session ready for the next host or batch.
+func (p *hostProbe) end() {
+	w := p.w
+	s := w.sess
+	if s == nil {
+		return
+	}
+	switch {
+	case p.single || s.errors >= sessionErrorLimit:
+		// No use keeping it open for more recipients.
+		w.closeSession()
+	case s.started:
+		if err := s.reset(); err != nil {
 			w.closeSession()
-		case s.started:
-			if err := s.reset(); err != nil {
-				w.closeSession()
-			}
 		}
 	}
-	return retry
 }
 
 // judgeAccepted finishes the calls whose recipient h accepted. Acceptance
@@ -457,7 +556,7 @@ func (v *Verifier) sessionFailure(ctx context.Context, h Host, err error) Result
 	var se *stageError
 	if errors.As(err, &se) && !se.reply.IsZero() {
 		res.Reply = se.reply
-		res.Status, res.Reason = Classify(se.stage, se.reply)
+		res.Status, res.Reason = classify(se.stage, se.reply)
 		return res
 	}
 	res.Reason = v.failureReason(ctx, ReasonUnreachable)

@@ -144,7 +144,7 @@ func (v *Verifier) finish(c *call, res Result) {
 	c.res = res
 	c.finished = true
 	close(c.done)
-	v.log.Debug("callout verdict", slog.String("rcpt", c.key), slog.String("status", string(res.Status)),
+	v.log.Debug("callout verdict", slog.String("recipient", c.key), slog.String("verdict", string(res.Status)),
 		slog.String("reason", string(res.Reason)), slog.String("mx", res.Host), slog.Int("code", res.Reply.Code),
 		slog.String("reply", res.Reply.String()), slog.String("detail", res.Detail))
 }

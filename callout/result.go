@@ -23,8 +23,8 @@ const (
 // reached. It appears in logs, reports and the output of `rcptguard verify`.
 type Reason string
 
-// Reasons. Each belongs to exactly one Status (see Reason.Status), except
-// that a reason coming from the cache keeps its meaning.
+// Reasons, grouped by the Status each goes with; a reason coming from the
+// cache keeps its meaning.
 const (
 	// valid
 	ReasonAccepted Reason = "accepted" // 2xx at RCPT TO

@@ -47,11 +47,11 @@ var (
 	}
 )
 
-// SafeAddr reports whether the verifier may connect to ip when private
+// safeAddr reports whether the verifier may connect to ip when private
 // targets are not allowed (callout.allow_private = false). It only looks at
 // the address; nothing is contacted.
 //
-// SafeAddr is false for the invalid zero Addr, for zoned addresses, and for
+// safeAddr is false for the invalid zero Addr, for zoned addresses, and for
 // loopback, private (RFC 1918, fc00::/7), link-local (169.254.0.0/16,
 // fe80::/10), multicast, unspecified, shared (CGNAT, 100.64.0.0/10),
 // 0.0.0.0/8, 192.0.0.0/24, benchmarking (198.18.0.0/15), documentation
@@ -62,7 +62,7 @@ var (
 // addresses (64:ff9b::/96) and 6to4 addresses (2002::/16) are judged by the
 // IPv4 address they embed. IPv4-compatible addresses (::a.b.c.d) and the
 // discard-only prefix 100::/64 lie outside 2000::/3 and are never safe.
-func SafeAddr(ip netip.Addr) bool {
+func safeAddr(ip netip.Addr) bool {
 	if !ip.IsValid() || ip.Zone() != "" {
 		return false
 	}

@@ -82,11 +82,11 @@ func TestSafeAddr(t *testing.T) {
 	}
 	for _, tc := range tests {
 		ip := netip.MustParseAddr(tc.ip)
-		if got := SafeAddr(ip); got != tc.safe {
-			t.Errorf("SafeAddr(%s) = %v, want %v", tc.ip, got, tc.safe)
+		if got := safeAddr(ip); got != tc.safe {
+			t.Errorf("safeAddr(%s) = %v, want %v", tc.ip, got, tc.safe)
 		}
 	}
-	if SafeAddr(netip.Addr{}) {
-		t.Error("SafeAddr(zero Addr) = true, want false")
+	if safeAddr(netip.Addr{}) {
+		t.Error("safeAddr(zero Addr) = true, want false")
 	}
 }

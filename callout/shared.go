@@ -108,7 +108,7 @@ func (v *Verifier) sharedFact(key string) (Result, bool) {
 	if ttl <= 0 {
 		return Result{}, false
 	}
-	v.facts.put(key, res, ttl, now)
+	v.facts.put(key, res, now.Add(ttl), now)
 	res.Cached = true
 	return res, true
 }

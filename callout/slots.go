@@ -4,6 +4,8 @@ import (
 	"context"
 	"sync"
 	"time"
+
+	"github.com/rcptguard/rcptguard/callout/window"
 )
 
 // hostSlots bounds concurrent sessions per MX address.
@@ -100,19 +102,17 @@ func (hs *hostSlots) releaseLocked(host string) {
 	}
 }
 
-// window caps events per key in a sliding window: at most max events in
-// any span of length per, not per clock minute. It keeps the times of the
-// events it let through, so it is exact; keys with no event in the window
-// are swept as the map grows.
-type window struct {
+// keyedWindow caps events per key in a sliding window (package window);
+// keys with no event in the window are swept as the map grows.
+type keyedWindow struct {
 	per   time.Duration
 	mu    sync.Mutex
-	m     map[string][]time.Time
+	m     map[string]*window.Events
 	sweep int // map size that triggers the next sweep
 }
 
-func newWindow(per time.Duration) *window {
-	return &window{per: per, m: map[string][]time.Time{}, sweep: 1024}
+func newWindow(per time.Duration) *keyedWindow {
+	return &keyedWindow{per: per, m: map[string]*window.Events{}, sweep: 1024}
 }
 
 type windowKey struct {
@@ -122,30 +122,26 @@ type windowKey struct {
 
 // takeAll counts one event for every key, or for none when one of them is
 // at its cap, and returns the index of that key, or -1.
-func (w *window) takeAll(now time.Time, keys ...windowKey) int {
+func (w *keyedWindow) takeAll(now time.Time, keys ...windowKey) int {
+	t := now.UnixNano()
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	cut := now.Add(-w.per)
 	for n, k := range keys {
-		ts := w.m[k.key]
-		i := 0
-		for i < len(ts) && !ts[i].After(cut) {
-			i++
+		ev := w.m[k.key]
+		if ev == nil {
+			ev = &window.Events{}
+			w.m[k.key] = ev
 		}
-		if i > 0 {
-			ts = append(ts[:0], ts[i:]...)
-			w.m[k.key] = ts
-		}
-		if len(ts) >= k.max {
+		if !ev.Room(t, w.per, k.max) {
 			return n
 		}
 	}
 	for _, k := range keys {
-		w.m[k.key] = append(w.m[k.key], now)
+		w.m[k.key].Add(t)
 	}
 	if len(w.m) >= w.sweep {
-		for key, ts := range w.m {
-			if len(ts) == 0 || !ts[len(ts)-1].After(cut) {
+		for key, ev := range w.m {
+			if ev.Expire(t - int64(w.per)); ev.Len() == 0 {
 				delete(w.m, key)
 			}
 		}

@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/dgraph-io/ristretto/v2"
+
+	"github.com/rcptguard/rcptguard/callout/textfmt"
 )
 
 // ReasonAddressLiteral is the reason for recipients at an address literal
@@ -101,8 +103,10 @@ type Config struct {
 	PerDomainRcptRate, PerHostRcptRate int
 	SessionRate                        int
 	// SessionIdle is how long a session stays open, after its last
-	// recipient, for more recipients of the same domain (default 2s, as
-	// Postfix's smtp_connection_cache_time_limit). Negative: no waiting.
+	// recipient, for more recipients of the same domain (Postfix's
+	// smtp_connection_cache_time_limit is 2s, [DefaultSessionIdle]). Zero
+	// or negative: no waiting, the session ends with its last recipient,
+	// as callout.session_idle = "0s" in the configuration file.
 	SessionIdle time.Duration
 	// LocalAddrs lists this host's own addresses, never probed unless
 	// AllowPrivate (an MX pointing back at us). Default: the addresses of
@@ -126,6 +130,10 @@ type Config struct {
 	SharedTimeout time.Duration
 }
 
+// DefaultSessionIdle is the usual Config.SessionIdle, Postfix's
+// smtp_connection_cache_time_limit.
+const DefaultSessionIdle = 2 * time.Second
+
 // Provider rules built in; a configuration that sets the key replaces them.
 var (
 	DefaultSingleRcptMX     = []string{"*.mail.protection.outlook.com", "*.olc.protection.outlook.com"}
@@ -139,9 +147,9 @@ type Verifier struct {
 	cfg   Config
 	log   *slog.Logger
 	cache *ristretto.Cache[string, cacheEntry]
-	facts *facts    // catch-all, refusing hosts, dead domains: kept, never dropped by admission
-	hosts hostSlots // concurrent connections per MX address
-	win   *window   // sessions, connections and RCPTs in the last minute, per cap key
+	facts *facts       // catch-all, refusing hosts, dead domains: kept, never dropped by admission
+	hosts hostSlots    // concurrent connections per MX address
+	win   *keyedWindow // sessions, connections and RCPTs in the last minute, per cap key
 	local map[netip.Addr]bool
 	stats struct{ sessions, rateLimited, probes atomic.Uint64 }
 
@@ -179,7 +187,6 @@ func New(cfg Config) (*Verifier, error) {
 	setDefault(&cfg.CacheSize, 64<<20)
 	setDefault(&cfg.PerHost, 4)
 	setDefault(&cfg.MaxRcpts, 20)
-	setDefault(&cfg.SessionIdle, 2*time.Second)
 	setDefault(&cfg.PerDomainRate, 30)
 	setDefault(&cfg.PerHostRate, 300)
 	setDefault(&cfg.PerDomainRcptRate, 120)
@@ -205,24 +212,11 @@ func New(cfg Config) (*Verifier, error) {
 		}
 		cfg.Helo = h
 	}
-	if cfg.Port < 1 || cfg.Port > 65535 {
-		return nil, fmt.Errorf("callout: port %d out of range", cfg.Port)
-	}
-	if strings.ContainsAny(cfg.Helo, " \t\r\n\x00") {
-		return nil, fmt.Errorf("callout: helo %q contains white space or control characters", cfg.Helo)
-	}
-	if cfg.MailFrom != "" {
-		if _, err := ParseAddress(cfg.MailFrom); err != nil {
-			return nil, fmt.Errorf("callout: mail_from: %w", err)
-		}
-	}
-	for _, d := range []struct {
-		name string
-		v    time.Duration
-	}{{"timeout", cfg.Timeout}, {"positive_ttl", cfg.PositiveTTL}, {"negative_ttl", cfg.NegativeTTL}, {"unknown_ttl", cfg.UnknownTTL}} {
-		if d.v < 0 {
-			return nil, fmt.Errorf("callout: %s must not be negative", d.name)
-		}
+	// The values themselves are checked where they are read, with the
+	// key that set them (cmd/rcptguard's configuration); what is left
+	// here are the invariants the protocol code relies on.
+	if strings.ContainsAny(cfg.Helo+cfg.MailFrom, " \t\r\n\x00") {
+		return nil, fmt.Errorf("callout: helo %q or mail_from %q contains white space or control characters", cfg.Helo, cfg.MailFrom)
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
@@ -303,7 +297,7 @@ func (v *Verifier) Verify(ctx context.Context, address string) Result {
 		}
 	}
 	if err != nil {
-		return Result{Address: boundText(fast, 320), Status: StatusInvalid, Reason: ReasonBadSyntax, Detail: err.Error()}
+		return Result{Address: textfmt.Cut(fast, 320), Status: StatusInvalid, Reason: ReasonBadSyntax, Detail: err.Error()}
 	}
 	key := a.Key()
 	if key != fast {
@@ -414,7 +408,7 @@ func matchDomain(patterns []string, name string) bool {
 func (v *Verifier) safeIPs(ips []netip.Addr) []netip.Addr {
 	var out []netip.Addr
 	for _, ip := range ips {
-		if SafeAddr(ip) && !v.local[ip.Unmap()] {
+		if safeAddr(ip) && !v.local[ip.Unmap()] {
 			out = append(out, ip)
 		}
 	}
@@ -450,14 +444,6 @@ func joinIPs(ips []netip.Addr) string {
 		s[i] = ip.String()
 	}
 	return strings.Join(s, ", ")
-}
-
-// boundText cuts s to at most n bytes for logs and results.
-func boundText(s string, n int) string {
-	if len(s) <= n {
-		return s
-	}
-	return s[:n]
 }
 
 // Stats are counts since New, for metrics.

@@ -57,6 +57,7 @@ func newRig(t *testing.T, zone string, routes test.RouteDialer, opts ...rigOptio
 		Helo:          "probe.test",
 		AllowPrivate:  true,
 		CatchAllProbe: true,
+		SessionIdle:   DefaultSessionIdle, // as the configuration's default
 		Now:           clock.Now,
 	}
 	for _, o := range opts {

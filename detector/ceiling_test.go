@@ -26,7 +26,7 @@ func ceilingLimiter(t *testing.T, max int) (*Limiter, *Metrics, *bytes.Buffer) {
 	var buf bytes.Buffer
 	m := NewMetrics(prometheus.NewRegistry())
 	l := NewLimiter(time.Hour)
-	l.SetMaxIdentities(max, slog.New(slog.NewTextHandler(&buf, nil)), m)
+	l.setMaxIdentities(max, slog.New(slog.NewTextHandler(&buf, nil)), m)
 	return l, m, &buf
 }
 
@@ -127,20 +127,20 @@ func TestCeilingKeepsBlockedAndInFlight(t *testing.T) {
 	lim := Thresholds{Count: 2, Act: ModeEnforce}
 	// Blocked: three invalid recipients, limit 2.
 	for i, r := range []string{"a", "b", "c"} {
-		st := l.Judge("blocked@x", invalidFor(r), t0, lim)
+		st := l.judge("blocked@x", invalidFor(r), t0, lim)
 		if st.First != (i == 2) {
 			t.Fatalf("blocked@x verdict %d: First %v", i, st.First)
 		}
 	}
 	// In flight: two invalid recipients, then a reservation for a third.
-	l.Judge("inflight@x", invalidFor("a"), t0, lim)
-	l.Judge("inflight@x", invalidFor("b"), t0, lim)
+	l.judge("inflight@x", invalidFor("a"), t0, lim)
+	l.judge("inflight@x", invalidFor("b"), t0, lim)
 	if st := l.Reserve("inflight@x", t0, lim); st.Safe {
 		t.Fatal("reservation at the limit reported safe")
 	}
 	// Waiting.
-	l.Judge("waiting@x", invalidFor("a"), t0, lim)
-	l.Changed("waiting@x")
+	l.judge("waiting@x", invalidFor("a"), t0, lim)
+	l.changed("waiting@x")
 	// Blocked by the file: only the queue IDs of its held mail are known.
 	l.Note("held@x", t0, func(e *evidence) { e.addQueueID("4F2A1C0E3B") })
 
@@ -159,15 +159,15 @@ func TestCeilingKeepsBlockedAndInFlight(t *testing.T) {
 		t.Fatalf("held@x evidence %+v", ev)
 	}
 	now := t0.Add(time.Hour / 2)
-	st := l.Settle("inflight@x", invalidFor("c"), now, lim)
+	st := l.settle("inflight@x", invalidFor("c"), now, lim)
 	if st.Count != 3 || st.Crossed != TriggerCount || !st.First {
 		t.Fatalf("the reserved verdict at limit+1: %+v, want count 3, crossed, first", st)
 	}
-	if st := l.Judge("blocked@x", invalidFor("d"), now, lim); st.First {
+	if st := l.judge("blocked@x", invalidFor("d"), now, lim); st.First {
 		t.Fatal("blocked@x acted on its crossing twice")
 	}
 	// Once settled and no longer waited on, they are droppable again.
-	l.Unwait("waiting@x")
+	l.unwait("waiting@x")
 	for i := range 2 * max {
 		l.Add("later"+strconv.Itoa(i), "r", now.Add(time.Duration(i+1)*time.Millisecond))
 	}
@@ -202,7 +202,7 @@ var ceilingBench = 100_000
 
 func BenchmarkLimiterAtCeiling(b *testing.B) {
 	l := NewLimiter(time.Hour)
-	l.SetMaxIdentities(ceilingBench, nil, nil)
+	l.setMaxIdentities(ceilingBench, nil, nil)
 	ids := make([]string, 1<<20)
 	for i := range ids {
 		ids[i] = "user" + strconv.Itoa(i) + "@example.com"
@@ -250,7 +250,7 @@ func TestStandingGathers(t *testing.T) {
 		{"small per-identity limit", Standing{Count: 1, Long: 1, Invalid: 1}, Thresholds{Count: 5}, 4, true},
 	}
 	for _, tt := range tests {
-		if got := tt.st.Gathers(tt.lim, tt.warn); got != tt.want {
+		if got := tt.st.gathers(tt.lim, tt.warn); got != tt.want {
 			t.Errorf("%s: Gathers %v, want %v", tt.name, got, tt.want)
 		}
 	}
@@ -258,7 +258,7 @@ func TestStandingGathers(t *testing.T) {
 
 // TestReportEvidenceNearTheLimit: an identity far from its limits keeps
 // no evidence, and the reports of its warning and block still have the
-// MaxRecipients most recent recipients and their clients: for the count
+// maxRecipients most recent recipients and their clients: for the count
 // trigger (warning at 75, block at 101) and the ratio (block at 30).
 func TestReportEvidenceNearTheLimit(t *testing.T) {
 	for _, tc := range []struct {
@@ -289,16 +289,16 @@ func TestReportEvidenceNearTheLimit(t *testing.T) {
 			}
 			for _, ev := range h.n.events {
 				rs, cs := ev.Evidence.Recipients, ev.Evidence.Clients
-				if len(rs) != MaxRecipients || len(cs) != MaxRecipients {
-					t.Fatalf("%s report: %d recipients, %d clients, want %d", ev.Kind, len(rs), len(cs), MaxRecipients)
+				if len(rs) != maxRecipients || len(cs) != maxRecipients {
+					t.Fatalf("%s report: %d recipients, %d clients, want %d", ev.Kind, len(rs), len(cs), maxRecipients)
 				}
 				for j := range rs {
-					n := ev.Count - MaxRecipients + j // the recipient sent at this count
+					n := ev.Count - maxRecipients + j // the recipient sent at this count
 					if want := "nobody" + strconv.Itoa(n) + "@elsewhere.example"; rs[j].Address != want {
 						t.Fatalf("%s report: recipient %d is %s, want %s", ev.Kind, j, rs[j].Address, want)
 					}
 				}
-				// The clients are the first MaxClients of the requests
+				// The clients are the first maxClients of the requests
 				// near a limit.
 				for j, c := range cs {
 					if n, _ := strconv.Atoi(strings.TrimPrefix(c.Address, "198.51.100.")); n != tc.first+j {
@@ -353,14 +353,14 @@ func TestSweepForgetsIdleBlocked(t *testing.T) {
 	l := newLimiter(time.Hour, 24*time.Hour)
 	lim := Thresholds{Count: 1, Act: ModeEnforce}
 	for _, id := range []string{"idle@x", "hits@x"} {
-		l.Judge(id, invalidFor("a"), t0, lim)
-		if st := l.Judge(id, invalidFor("b"), t0, lim); !st.First {
+		l.judge(id, invalidFor("a"), t0, lim)
+		if st := l.judge(id, invalidFor("b"), t0, lim); !st.First {
 			t.Fatalf("%s: no crossing", id)
 		}
 	}
 	l.Warn("idle@x", t0)
 	later := t0.Add(23 * time.Hour)
-	l.Judge("hits@x", invalidFor("c"), later, lim) // keeps hits in the long window
+	l.judge("hits@x", invalidFor("c"), later, lim) // keeps hits in the long window
 	l.Sweep(later.Add(2 * time.Hour))
 	if l.tracked("idle@x") {
 		t.Fatal("idle@x, blocked and idle for a day, still tracked")
@@ -368,7 +368,7 @@ func TestSweepForgetsIdleBlocked(t *testing.T) {
 	if !l.tracked("hits@x") {
 		t.Fatal("hits@x dropped with hits in its long window")
 	}
-	if st := l.Judge("hits@x", invalidFor("d"), later.Add(2*time.Hour), lim); st.First {
+	if st := l.judge("hits@x", invalidFor("d"), later.Add(2*time.Hour), lim); st.First {
 		t.Fatal("hits@x acted on its crossing twice after a sweep")
 	}
 }

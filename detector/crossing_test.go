@@ -105,7 +105,7 @@ func (c *conns) answered(rcpt string, want func(Action) bool, desc string) {
 // waiting waits until n requests of the identity wait for a verdict.
 func (c *conns) waiting(n int) {
 	c.t.Helper()
-	c.until("requests waiting", func() bool { return c.d.Limiter().Waiting(c.id) == n })
+	c.until("requests waiting", func() bool { return c.d.Limiter().waiting(c.id) == n })
 }
 
 func isDunno(a Action) bool { return a == ActionDunno }

@@ -15,6 +15,7 @@ import (
 
 	ident "github.com/rcptguard/rcptguard/blocklist/identity"
 	"github.com/rcptguard/rcptguard/callout"
+	"github.com/rcptguard/rcptguard/callout/textfmt"
 )
 
 // Verifier gives the verdict on one recipient. It must keep verifying
@@ -227,45 +228,30 @@ func New(cfg Config) (*Detector, error) {
 		ctx:     ctx,
 		cancel:  cancel,
 	}
-	d.limiter.SetMaxIdentities(cfg.MaxIdentities, cfg.Logger, cfg.Metrics)
+	d.limiter.setMaxIdentities(cfg.MaxIdentities, cfg.Logger, cfg.Metrics)
 	d.cached, _ = cfg.Verifier.(CachedVerifier)
 	d.cfg.c = pc
 	return d, nil
 }
 
 func newPolicyConfig(cfg Config) (*policyConfig, error) {
-	if cfg.Limit < 0 {
-		return nil, fmt.Errorf("detector: limit %d is negative", cfg.Limit)
-	}
+	// The values are checked where they are read, with the key that set
+	// them (cmd/rcptguard's configuration); what is left here are the
+	// invariants the counting relies on.
 	if cfg.MaxIdentities < 0 {
 		return nil, fmt.Errorf("detector: max identities %d is negative", cfg.MaxIdentities)
-	}
-	if cfg.WarnAt < 0 || cfg.WarnAt > 1 {
-		return nil, fmt.Errorf("detector: warn_at %v is not between 0 and 1", cfg.WarnAt)
 	}
 	if cfg.Action == "" {
 		cfg.Action = "HOLD"
 	}
-	if cfg.Mode == "" {
-		cfg.Mode = ModeEnforce
-	}
-	if cfg.Mode != ModeEnforce && cfg.Mode != ModeMonitor {
-		return nil, fmt.Errorf("detector: mode %q is not enforce or monitor", cfg.Mode)
+	if cfg.Mode != ModeMonitor {
+		cfg.Mode = ModeEnforce // what is not monitoring blocks
 	}
 	if cfg.Wait <= 0 {
 		cfg.Wait = 5 * time.Second
 	}
 	if cfg.LongPeriod < 0 || (cfg.LongPeriod > 0 && cfg.LongPeriod <= cfg.Period) {
 		return nil, fmt.Errorf("detector: long_period %s is not longer than period %s", cfg.LongPeriod, cfg.Period)
-	}
-	if cfg.LongLimit < 0 {
-		return nil, fmt.Errorf("detector: long_limit %d is negative", cfg.LongLimit)
-	}
-	if cfg.Ratio < 0 || cfg.Ratio > 1 {
-		return nil, fmt.Errorf("detector: ratio %v is not between 0 and 1", cfg.Ratio)
-	}
-	if cfg.RatioMin < 0 || (cfg.Ratio > 0 && cfg.RatioMin < 1) {
-		return nil, fmt.Errorf("detector: ratio_min %d must be at least 1 when ratio is on", cfg.RatioMin)
 	}
 	pc := &policyConfig{
 		limit:    cfg.Limit,
@@ -279,14 +265,14 @@ func newPolicyConfig(cfg Config) (*policyConfig, error) {
 		limits:   map[string]int{},
 		probe:    cfg.ProbeRate,
 		period:   cfg.Period,
-		periodTx: FormatPeriod(cfg.Period),
+		periodTx: textfmt.FormatPeriod(cfg.Period),
 		long:     cfg.LongPeriod,
 		longLim:  cfg.LongLimit,
 		ratio:    cfg.Ratio,
 		ratioMin: cfg.RatioMin,
 	}
 	if cfg.LongPeriod > 0 {
-		pc.longTx = FormatPeriod(cfg.LongPeriod)
+		pc.longTx = textfmt.FormatPeriod(cfg.LongPeriod)
 	}
 	for _, d := range cfg.LocalDomains {
 		pc.local[strings.ToLower(strings.TrimSuffix(d, "."))] = true
@@ -357,87 +343,105 @@ func (d *Detector) Close(grace time.Duration) {
 func (d *Detector) Limiter() *Limiter { return d.limiter }
 
 // Decide answers one policy request. It is the whole decision, top to
-// bottom (DESIGN.md, "Decision, per policy request").
+// bottom (the design's "Decision, per policy request"); decide takes it,
+// and the one exit here logs, counts and returns the answer.
 func (d *Detector) Decide(ctx context.Context, req *Request) Action {
 	req.logDropped(d.log)
+	return d.answer(req, d.decide(ctx, req))
+}
+
+// decision is the answer to one request and what its decision line says.
+type decision struct {
+	action Action
+	id     string
+	res    *callout.Result // the recipient's verdict; nil: none
+	note   string
+	count  int
+	quiet  bool // no decision line: the request is not ours, or its line comes with the late verdict
+}
+
+// dunnoQuiet answers DUNNO with no decision line.
+var dunnoQuiet = decision{action: ActionDunno, quiet: true}
+
+// decide takes the steps of the decision in order; each step that settles
+// the request returns its decision.
+func (d *Detector) decide(ctx context.Context, req *Request) decision {
 	// Only recipient checks are ours.
 	if req.Request != "smtpd_access_policy" || !strings.EqualFold(req.ProtocolState, "RCPT") {
-		d.metrics.answered(answerDunno)
-		return ActionDunno
+		return dunnoQuiet
 	}
 	pc := d.cfg.load()
 
 	// Who is sending: the SASL login, or a client in relay_networks.
 	id, ok := identity(req, pc.relays)
 	if !ok {
-		d.metrics.answered(answerDunno)
-		return ActionDunno
+		return dunnoQuiet
 	}
 	if id == "" {
 		d.log.Warn("identity refused", slog.Any("reason", ident.Check(req.SASLUsername)),
-			slog.String("identity", strconv.Quote(boundString(req.SASLUsername, 200))),
+			slog.String("identity", strconv.Quote(textfmt.Cut(req.SASLUsername, 200))),
 			slog.String("client", req.ClientAddress), slog.String("queue_id", req.QueueID))
-		d.metrics.answered(answerDunno)
-		return ActionDunno
+		return dunnoQuiet
 	}
 	rcpt := req.Recipient
 
 	// A blocked identity gets the block action, whatever the recipient.
 	if action, blocked := d.block.Blocked(id); blocked {
-		now := d.now()
-		d.limiter.Note(id, now, func(e *evidence) {
+		d.limiter.Note(id, d.now(), func(e *evidence) {
 			e.addClient(req.ClientAddress, req.ClientName)
 			e.addQueueID(req.QueueID)
 		})
 		if pc.mode == ModeMonitor {
-			d.logDecision(req, id, nil, "blocked-monitor", ActionDunno, 0)
-			d.metrics.answered(answerDunno)
-			return ActionDunno
+			return decision{action: ActionDunno, id: id, note: "blocked-monitor"}
 		}
-		d.logDecision(req, id, nil, "blocked", Action(action), 0)
-		d.metrics.answered(answerBlocked)
-		return Action(action)
+		return decision{action: Action(action), id: id, note: "blocked"}
 	}
 
 	// Not counted: exempt identities and local recipients. A null sender
 	// is judged like any other: bounces and auto-replies the server
 	// makes itself are not authenticated and never get here, while a
-	// stolen login can send with MAIL FROM:<> (DESIGN.md).
+	// stolen login can send with MAIL FROM:<> (the design's step 4).
 	switch {
 	case pc.exempt[id]:
-		d.logDecision(req, id, nil, "exempt", ActionDunno, 0)
-		d.metrics.answered(answerDunno)
-		return ActionDunno
+		return decision{action: ActionDunno, id: id, note: "exempt"}
 	case pc.local[recipientDomain(rcpt)]:
-		d.logDecision(req, id, nil, "local-domain", ActionDunno, 0)
-		d.metrics.answered(answerDunno)
-		return ActionDunno
+		return decision{action: ActionDunno, id: id, note: "local-domain"}
 	}
 	lim := pc.limitsFor(id)
 
-	// A verdict at hand is counted now. Only an invalid one can make this
-	// request the one that crosses a limit, and then only if it cannot be
-	// sure that the verifications still in flight will not: then it waits.
-	if res, ok := d.cachedVerdict(rcpt); ok && res.Reason != callout.ReasonRateLimited {
-		d.metrics.verified(res, 0)
-		st := d.shareVerdict(ctx, id, "", &res, d.limiter.Judge(id, &res, d.now(), lim), lim)
-		a, count := d.record(ctx, req, id, res, st, lim)
-		d.limiter.Wake(id)
-		if a != ActionDunno || res.Status != callout.StatusInvalid || st.Safe || pc.mode == ModeMonitor {
-			return d.answer(req, id, &res, "", a, count)
-		}
-		return d.await(ctx, req, id, &res, nil, pc, lim)
+	// A verdict at hand is judged now; any other recipient is a probe.
+	if res, ok := d.cachedVerdict(rcpt); ok && !unjudged(res.Reason) {
+		return d.judgeCached(ctx, req, id, res, pc, lim)
 	}
+	return d.startProbe(ctx, req, id, pc, lim)
+}
 
-	// An uncached recipient is a probe: within the identity's cap, or
-	// deferred (the client retries; nothing is accepted unjudged).
+// judgeCached counts a verdict at hand now. Only an invalid one can make
+// this request the one that crosses a limit, and then only if it cannot be
+// sure that the verifications still in flight will not: then it waits.
+func (d *Detector) judgeCached(ctx context.Context, req *Request, id string, res callout.Result, pc *policyConfig, lim Thresholds) decision {
+	d.metrics.verified(res, 0)
+	st := d.shareVerdict(ctx, id, "", &res, d.limiter.judge(id, &res, d.now(), lim), lim)
+	a, count := d.record(ctx, req, id, res, st, lim)
+	d.limiter.wake(id)
+	if a != ActionDunno || res.Status != callout.StatusInvalid || st.Safe || pc.mode == ModeMonitor {
+		return decision{action: a, id: id, res: &res, count: count}
+	}
+	return d.await(ctx, req, id, &res, nil, pc, lim)
+}
+
+// startProbe verifies an uncached recipient in the background: within the
+// identity's probe cap, or deferred (the client retries; nothing is
+// accepted unjudged).
+func (d *Detector) startProbe(ctx context.Context, req *Request, id string, pc *policyConfig, lim Thresholds) decision {
+	rcpt := req.Recipient
 	if !d.takeProbe(ctx, id, pc.probe) {
-		res := callout.Result{Address: rcpt, Status: callout.StatusUnknown, Reason: callout.ReasonRateLimited,
+		res := callout.Result{Address: rcpt, Status: callout.StatusUnknown, Reason: reasonProbeCap,
 			Detail: fmt.Sprintf("more than %d verifications within a minute for this identity (callout.per_identity_rate)", pc.probe)}
 		if pc.mode == ModeMonitor {
-			return d.answer(req, id, &res, "probe-rate-monitor", ActionDunno, 0)
+			return decision{action: ActionDunno, id: id, res: &res, note: "probe-rate-monitor"}
 		}
-		return d.answer(req, id, &res, "probe-rate", DeferAction, 0)
+		return decision{action: DeferAction, id: id, res: &res, note: "probe-rate"}
 	}
 	p := &probe{done: make(chan struct{})}
 	st := d.shareReserve(ctx, id, p, d.limiter.Reserve(id, d.now(), lim), lim)
@@ -452,8 +456,7 @@ func (d *Detector) Decide(ctx context.Context, req *Request) Action {
 	if early {
 		// The verdict counts when it arrives. Its decision line is
 		// written then, with the verdict (note "late").
-		d.metrics.answered(answerDunno)
-		return ActionDunno
+		return dunnoQuiet
 	}
 	return d.await(ctx, req, id, nil, p, pc, lim)
 }
@@ -514,8 +517,13 @@ func (p *probe) owed(res callout.Result) bool {
 	return false
 }
 
-// unjudged reports whether a verification could not be made because of a
-// cap: no verdict at all.
+// reasonProbeCap is the reason of a recipient not verified because its
+// identity passed callout.per_identity_rate; the verifier's own caps give
+// callout.ReasonRateLimited.
+const reasonProbeCap callout.Reason = "probe-cap"
+
+// unjudged reports whether a verification could not be made because of one
+// of the verifier's caps: no verdict at all.
 func unjudged(r callout.Reason) bool { return r == callout.ReasonRateLimited }
 
 // run verifies rcpt for req in the background, counts the verdict and
@@ -533,14 +541,14 @@ func (d *Detector) run(req Request, id, rcpt string, p *probe, lim Thresholds) {
 		if res.Reason == callout.ReasonCanceled || res.Reason == callout.ReasonShutdown {
 			d.settleNone(id, p, lim)
 			p.finish(res)
-			d.limiter.Wake(id)
+			d.limiter.wake(id)
 			return // shutting down
 		}
 		if unjudged(res.Reason) {
 			if !p.owed(res) {
 				// Not accepted: the waiting request defers.
 				d.settleNone(id, p, lim)
-				d.limiter.Wake(id)
+				d.limiter.wake(id)
 				return
 			}
 			// Accepted already: the verdict is owed. Try again later,
@@ -553,18 +561,18 @@ func (d *Detector) run(req Request, id, rcpt string, p *probe, lim Thresholds) {
 			p.finish(res)
 			if d.ctx.Err() == nil {
 				d.log.Warn("recipient accepted and never verified: the verifier's caps held for a whole period",
-					slog.String("identity", id), slog.String("recipient", boundString(rcpt, 320)), slog.String("queue_id", req.QueueID))
+					slog.String("identity", id), slog.String("recipient", textfmt.Cut(rcpt, 320)), slog.String("queue_id", req.QueueID))
 			}
-			d.limiter.Wake(id)
+			d.limiter.wake(id)
 			return
 		}
 		d.metrics.verified(res, time.Since(start))
-		st := d.shareVerdict(d.ctx, id, p.key, &res, d.limiter.Settle(id, &res, d.now(), lim), lim)
+		st := d.shareVerdict(d.ctx, id, p.key, &res, d.limiter.settle(id, &res, d.now(), lim), lim)
 		a, count := d.record(d.ctx, &req, id, res, st, lim)
 		if p.finish(res) {
 			d.logDecision(&req, id, &res, "late", a, count)
 		}
-		d.limiter.Wake(id)
+		d.limiter.wake(id)
 		return
 	}
 }
@@ -576,47 +584,47 @@ func (d *Detector) run(req Request, id, rcpt string, p *probe, lim Thresholds) {
 // pc.wait, or when its recipient could not be verified, the answer is
 // DeferAction: the client retries, and the verification still counts.
 // own is the request's verdict when it was at hand, p its verification.
-func (d *Detector) await(ctx context.Context, req *Request, id string, own *callout.Result, p *probe, pc *policyConfig, lim Thresholds) Action {
+func (d *Detector) await(ctx context.Context, req *Request, id string, own *callout.Result, p *probe, pc *policyConfig, lim Thresholds) decision {
 	if pc.mode == ModeMonitor {
 		// Monitor mode never blocks nor defers: nothing to wait for.
 		if own == nil && !p.accept() {
 			own = &p.res
 		}
-		return d.answer(req, id, own, "", ActionDunno, 0)
+		return decision{action: ActionDunno, id: id, res: own}
 	}
 	t := time.NewTimer(pc.wait)
 	defer t.Stop()
 	poll := d.sharedPoll()
 	defer poll.Stop()
 	for {
-		ch := d.limiter.Changed(id)
-		a, done := d.settled(req, id, own, p, lim)
+		ch := d.limiter.changed(id)
+		dec, done := d.settled(id, own, p, lim)
 		if done {
-			d.limiter.Unwait(id)
-			return a
+			d.limiter.unwait(id)
+			return dec
 		}
 		select {
 		case <-ch:
-			d.limiter.Unwait(id)
+			d.limiter.unwait(id)
 		case <-poll.C:
-			d.limiter.Unwait(id) // the other servers' verdicts wake nobody here: look again
+			d.limiter.unwait(id) // the other servers' verdicts wake nobody here: look again
 		case <-t.C:
-			d.limiter.Unwait(id)
-			return d.timedOut(req, id, own, p, lim, "wait-exceeded")
+			d.limiter.unwait(id)
+			return d.timedOut(id, own, p, lim, "wait-exceeded")
 		case <-ctx.Done():
-			d.limiter.Unwait(id)
-			return d.timedOut(req, id, own, p, lim, "request-ended")
+			d.limiter.unwait(id)
+			return d.timedOut(id, own, p, lim, "request-ended")
 		}
 	}
 }
 
 // settled looks whether a waiting request can be answered.
-func (d *Detector) settled(req *Request, id string, own *callout.Result, p *probe, lim Thresholds) (Action, bool) {
+func (d *Detector) settled(id string, own *callout.Result, p *probe, lim Thresholds) (decision, bool) {
 	if a, ok := d.blockedAction(id); ok {
 		if p != nil {
 			p.refuse()
 		}
-		return d.answer(req, id, own, "crossed", Action(a), 0), true
+		return decision{action: Action(a), id: id, res: own, note: "crossed"}, true
 	}
 	if own == nil && p != nil {
 		select {
@@ -628,33 +636,32 @@ func (d *Detector) settled(req *Request, id string, own *callout.Result, p *prob
 	if own != nil {
 		switch {
 		case unjudged(own.Reason) || own.Reason == callout.ReasonCanceled || own.Reason == callout.ReasonShutdown:
-			return d.answer(req, id, own, "not-verified", DeferAction, 0), true
+			return decision{action: DeferAction, id: id, res: own, note: "not-verified"}, true
 		case own.Status != callout.StatusInvalid:
-			return d.answer(req, id, own, "", ActionDunno, 0), true
+			return decision{action: ActionDunno, id: id, res: own}, true
 		}
 	}
 	st := d.shareReserve(d.ctx, id, nil, d.limiter.Standing(id, d.now(), lim), lim)
 	if st.Safe && own != nil {
-		return d.answer(req, id, own, "waited", ActionDunno, st.Count), true
+		return decision{action: ActionDunno, id: id, res: own, note: "waited", count: st.Count}, true
 	}
 	if st.Safe && p.accept() {
 		// Its decision line comes with the verdict (note "late").
-		d.metrics.answered(answerDunno)
-		return ActionDunno, true
+		return dunnoQuiet, true
 	}
-	return "", false
+	return decision{}, false
 }
 
 // timedOut answers a request whose wait ran out: the verdict, if it came
 // in just now, else a defer.
-func (d *Detector) timedOut(req *Request, id string, own *callout.Result, p *probe, lim Thresholds, note string) Action {
-	if a, done := d.settled(req, id, own, p, lim); done {
-		return a
+func (d *Detector) timedOut(id string, own *callout.Result, p *probe, lim Thresholds, note string) decision {
+	if dec, done := d.settled(id, own, p, lim); done {
+		return dec
 	}
 	if p != nil {
 		p.refuse()
 	}
-	return d.answer(req, id, own, note, DeferAction, 0)
+	return decision{action: DeferAction, id: id, res: own, note: note}
 }
 
 // blockedAction returns the action of an identity blocked in enforce mode.
@@ -668,18 +675,21 @@ func (d *Detector) blockedAction(id string) (string, bool) {
 	return d.block.Blocked(id)
 }
 
-// answer logs the decision and counts the answer.
-func (d *Detector) answer(req *Request, id string, res *callout.Result, note string, a Action, count int) Action {
-	d.logDecision(req, id, res, note, a, count)
-	switch {
-	case a == ActionDunno:
+// answer is the one exit of a decision: it writes the decision line
+// (unless quiet), counts the answer and returns it.
+func (d *Detector) answer(req *Request, dec decision) Action {
+	if !dec.quiet {
+		d.logDecision(req, dec.id, dec.res, dec.note, dec.action, dec.count)
+	}
+	switch dec.action {
+	case ActionDunno:
 		d.metrics.answered(answerDunno)
-	case a == DeferAction:
+	case DeferAction:
 		d.metrics.answered(answerDeferred)
 	default:
 		d.metrics.answered(answerBlocked)
 	}
-	return a
+	return dec.action
 }
 
 // InFlight returns the verifications running in the background.
@@ -706,68 +716,14 @@ func (d *Detector) record(ctx context.Context, req *Request, id string, res call
 	}
 	pc := d.cfg.load()
 	now := d.now()
-	if st.Gathers(lim, int(math.Ceil(pc.warnAt*float64(lim.Count)))) {
+	if st.gathers(lim, int(math.Ceil(pc.warnAt*float64(lim.Count)))) {
 		d.limiter.Note(id, now, func(e *evidence) {
 			e.addClient(req.ClientAddress, req.ClientName)
 			e.addRecipient(res, now)
 		})
 	}
 	if st.Crossed != TriggerNone {
-		ev := Event{Kind: EventBlock, Identity: id, Time: now, Mode: pc.mode, Trigger: st.Crossed,
-			Count: st.Count, Limit: lim.Count, Period: pc.period}
-		what := fmt.Sprintf("%d invalid recipients within %s", st.Count, pc.periodTx)
-		switch st.Crossed {
-		case TriggerLong:
-			ev.Count, ev.Limit, ev.Period = st.Long, lim.Long, pc.long
-			what = fmt.Sprintf("%d invalid recipients within %s", st.Long, pc.longTx)
-		case TriggerRatio:
-			ev.Count, ev.Limit, ev.Judged = st.Invalid, lim.RatioMin, st.Invalid+st.Valid
-			what = fmt.Sprintf("%d of %d verified recipients within %s do not exist", st.Invalid, st.Invalid+st.Valid, pc.periodTx)
-		}
-		word, own, _ := strings.Cut(pc.action, " ")
-		text := strings.TrimSpace(own + " rcptguard: " + id + " blocked: " + what)
-		action := word + " " + text
-		if !st.First {
-			// Another verdict crossed first: answer like it, once its
-			// entry is written (the blocklist waits for that, bounded).
-			if a, ok := d.block.Blocked(id); ok && pc.mode == ModeEnforce {
-				return Action(a), ev.Count
-			}
-			if d.shared != nil && pc.mode == ModeEnforce {
-				// Another server crossed first: block here too, at once,
-				// without a report (it sends the one report).
-				// The text says so, so that no start-up takes it for a
-				// block of its own whose report a crash lost.
-				if err := d.block.Block(context.WithoutCancel(ctx), id, word, text+" "+FleetMark); err != nil {
-					d.log.Error("blocklist write failed; the block holds in memory and is written when possible",
-						slog.String("identity", id), slog.Any("error", err))
-				}
-				return Action(action), ev.Count
-			}
-			return ActionDunno, ev.Count
-		}
-		if pc.mode == ModeMonitor {
-			ev.Kind = EventWouldBlock
-			d.log.Warn("rcptguard would block (monitor mode)", slog.String("identity", id), slog.String("trigger", string(st.Crossed)),
-				slog.Int("count", ev.Count), slog.Int("limit", ev.Limit), slog.String("period", FormatPeriod(ev.Period)))
-			d.tell(ctx, ev)
-			return ActionDunno, ev.Count
-		}
-		ev.Action = action
-		// The blocklist bounds the wait for the disk; past it the block
-		// holds in memory and is written as soon as possible.
-		if err := d.block.Block(context.WithoutCancel(ctx), id, word, text); err != nil {
-			d.log.Error("blocklist write failed; the block holds in memory and is written when possible",
-				slog.String("identity", id), slog.Any("error", err))
-			d.metrics.blocklistError()
-		}
-		d.log.Warn("rcptguard blocked", slog.String("identity", id), slog.String("trigger", string(st.Crossed)),
-			slog.Int("count", ev.Count), slog.Int("limit", ev.Limit), slog.String("period", FormatPeriod(ev.Period)),
-			slog.String("action", pc.action), slog.String("client", req.ClientAddress), slog.String("queue_id", req.QueueID))
-		d.metrics.blocked()
-		d.limiter.Note(id, now, func(e *evidence) { e.addQueueID(req.QueueID) })
-		d.tell(ctx, ev)
-		return Action(action), ev.Count
+		return d.crossed(ctx, req, id, st, lim, pc, now)
 	}
 	count := st.Count
 	if pc.warnAt > 0 && lim.Count > 0 && count >= int(math.Ceil(pc.warnAt*float64(lim.Count))) && d.limiter.Warn(id, now) {
@@ -776,6 +732,67 @@ func (d *Detector) record(ctx context.Context, req *Request, id string, res call
 		d.tell(ctx, Event{Kind: EventWarning, Identity: id, Time: now, Mode: pc.mode, Count: count, Limit: lim.Count, Period: pc.period})
 	}
 	return ActionDunno, count
+}
+
+// crossed acts on a verdict that finds id past a limit: the first such
+// verdict blocks (or, in monitor mode, reports a would-block); a later one
+// answers as the block does.
+func (d *Detector) crossed(ctx context.Context, req *Request, id string, st Standing, lim Thresholds, pc *policyConfig, now time.Time) (Action, int) {
+	ev := Event{Kind: EventBlock, Identity: id, Time: now, Mode: pc.mode, Trigger: st.Crossed,
+		Count: st.Count, Limit: lim.Count, Period: pc.period}
+	what := fmt.Sprintf("%d invalid recipients within %s", st.Count, pc.periodTx)
+	switch st.Crossed {
+	case TriggerLong:
+		ev.Count, ev.Limit, ev.Period = st.Long, lim.Long, pc.long
+		what = fmt.Sprintf("%d invalid recipients within %s", st.Long, pc.longTx)
+	case TriggerRatio:
+		ev.Count, ev.Limit, ev.Judged = st.Invalid, lim.RatioMin, st.Invalid+st.Valid
+		what = fmt.Sprintf("%d of %d verified recipients within %s do not exist", st.Invalid, st.Invalid+st.Valid, pc.periodTx)
+	}
+	word, own, _ := strings.Cut(pc.action, " ")
+	text := strings.TrimSpace(own + " rcptguard: " + id + " blocked: " + what)
+	action := word + " " + text
+	if !st.First {
+		// Another verdict crossed first: answer like it, once its
+		// entry is written (the blocklist waits for that, bounded).
+		if a, ok := d.block.Blocked(id); ok && pc.mode == ModeEnforce {
+			return Action(a), ev.Count
+		}
+		if d.shared != nil && pc.mode == ModeEnforce {
+			// Another server crossed first: block here too, at once,
+			// without a report (it sends the one report).
+			// The text says so, so that no start-up takes it for a
+			// block of its own whose report a crash lost.
+			if err := d.block.Block(context.WithoutCancel(ctx), id, word, text+" "+FleetMark); err != nil {
+				d.log.Error("blocklist write failed; the block holds in memory and is written when possible",
+					slog.String("identity", id), slog.Any("error", err))
+			}
+			return Action(action), ev.Count
+		}
+		return ActionDunno, ev.Count
+	}
+	if pc.mode == ModeMonitor {
+		ev.Kind = EventWouldBlock
+		d.log.Warn("rcptguard would block (monitor mode)", slog.String("identity", id), slog.String("trigger", string(st.Crossed)),
+			slog.Int("count", ev.Count), slog.Int("limit", ev.Limit), slog.String("period", textfmt.FormatPeriod(ev.Period)))
+		d.tell(ctx, ev)
+		return ActionDunno, ev.Count
+	}
+	ev.Action = action
+	// The blocklist bounds the wait for the disk; past it the block
+	// holds in memory and is written as soon as possible.
+	if err := d.block.Block(context.WithoutCancel(ctx), id, word, text); err != nil {
+		d.log.Error("blocklist write failed; the block holds in memory and is written when possible",
+			slog.String("identity", id), slog.Any("error", err))
+		d.metrics.blocklistError()
+	}
+	d.log.Warn("rcptguard blocked", slog.String("identity", id), slog.String("trigger", string(st.Crossed)),
+		slog.Int("count", ev.Count), slog.Int("limit", ev.Limit), slog.String("period", textfmt.FormatPeriod(ev.Period)),
+		slog.String("action", pc.action), slog.String("client", req.ClientAddress), slog.String("queue_id", req.QueueID))
+	d.metrics.blocked()
+	d.limiter.Note(id, now, func(e *evidence) { e.addQueueID(req.QueueID) })
+	d.tell(ctx, ev)
+	return Action(action), ev.Count
 }
 
 // tell hands an event, with the evidence so far, to the notifier.
@@ -861,13 +878,6 @@ func recipientDomain(addr string) string {
 	return strings.ToLower(strings.TrimSuffix(addr[at+1:], "."))
 }
 
-func boundString(s string, n int) string {
-	if len(s) > n {
-		return s[:n]
-	}
-	return s
-}
-
 // logDecision writes the one line per tracked decision, with the fields
 // that join it to Postfix's mail.log (queue_id) and the verdict.
 func (d *Detector) logDecision(req *Request, id string, res *callout.Result, note string, a Action, count int) {
@@ -879,7 +889,7 @@ func (d *Detector) logDecision(req *Request, id string, res *callout.Result, not
 	var buf [14]slog.Attr
 	attrs := append(buf[:0],
 		slog.String("identity", id),
-		slog.String("recipient", boundString(req.Recipient, 320)),
+		slog.String("recipient", textfmt.Cut(req.Recipient, 320)),
 		slog.String("queue_id", req.QueueID),
 		slog.String("client", req.ClientAddress),
 	)
@@ -903,17 +913,4 @@ func (d *Detector) logDecision(req *Request, id string, res *callout.Result, not
 	}
 	attrs = append(attrs, slog.String("action", string(a)))
 	d.log.LogAttrs(context.Background(), slog.LevelInfo, "decision", attrs...)
-}
-
-// FormatPeriod writes a duration the way people say it: "1h", "90m", "2d".
-func FormatPeriod(p time.Duration) string {
-	switch {
-	case p >= 24*time.Hour && p%(24*time.Hour) == 0:
-		return strconv.FormatInt(int64(p/(24*time.Hour)), 10) + "d"
-	case p >= time.Hour && p%time.Hour == 0:
-		return strconv.FormatInt(int64(p/time.Hour), 10) + "h"
-	case p >= time.Minute && p%time.Minute == 0:
-		return strconv.FormatInt(int64(p/time.Minute), 10) + "m"
-	}
-	return p.String()
 }

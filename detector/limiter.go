@@ -11,6 +11,8 @@ import (
 	"unicode/utf8"
 
 	"github.com/rcptguard/rcptguard/callout"
+	"github.com/rcptguard/rcptguard/callout/window"
+	"github.com/rcptguard/rcptguard/notify"
 )
 
 // Limiter counts, per identity, the distinct invalid recipients that fall
@@ -22,7 +24,7 @@ import (
 // silently drop a counter, and a dropped counter is an abuser let through.
 //
 // Its size is bounded all the same: past a ceiling of tracked identities
-// (SetMaxIdentities) the least recently active identities are dropped,
+// (setMaxIdentities) the least recently active identities are dropped,
 // never one that is blocked or has a verification in flight or a request
 // waiting, and each drop is counted and logged.
 //
@@ -65,8 +67,8 @@ type limiterShard struct {
 // (a warning, a block, requests waiting; evidence) is apart, so that a
 // track fits in 80 bytes.
 type track struct {
-	hits    []hit   // distinct invalid recipients in the longer window, oldest first
-	probes  []int64 // times of the uncached probes of the last minute, oldest first
+	hits    []hit         // distinct invalid recipients in the longer window, oldest first
+	probes  window.Events // the uncached probes of the last minute
 	valid   *validRing
 	x       *trackExtra // nil: none of it
 	last    uint32      // time of the last activity, unix seconds (to 2106)
@@ -137,7 +139,7 @@ const validBuckets = 12
 
 // Evidence is what a report tells about an identity: where it connected
 // from, which invalid recipients it tried (the most recent, at most
-// MaxRecipients, oldest first) and the queue IDs of its mail that was held.
+// maxRecipients, oldest first) and the queue IDs of its mail that was held.
 type Evidence struct {
 	Clients    []ClientSeen
 	Recipients []InvalidRecipient
@@ -198,11 +200,12 @@ func reasonIndex(r callout.Reason) uint8 {
 	return 0
 }
 
-// Evidence bounds: what a report shows.
+// Evidence bounds: what a report shows (package notify's, so the evidence,
+// the report and its JSON part have one set).
 const (
-	MaxRecipients = 20
-	MaxClients    = 20
-	MaxQueueIDs   = 100
+	maxRecipients = notify.MaxRecipients
+	maxClients    = notify.MaxClients
+	maxQueueIDs   = notify.MaxQueueIDs
 )
 
 // Evidence bounds in bytes, so that what a sender or a recipient's MX
@@ -245,11 +248,11 @@ func newLimiter(period, long time.Duration) *Limiter {
 	for i := range l.shards {
 		l.shards[i].m = make(map[string]*track)
 	}
-	l.SetMaxIdentities(DefaultMaxIdentities, nil, nil)
+	l.setMaxIdentities(DefaultMaxIdentities, nil, nil)
 	return l
 }
 
-// SetMaxIdentities sets the ceiling of tracked identities (n <= 0: the
+// setMaxIdentities sets the ceiling of tracked identities (n <= 0: the
 // default) and where drops at the ceiling are logged and counted (nil:
 // nowhere). A new identity that finds n tracked makes room in its own
 // shard: the identities are spread evenly over the shards, so the oldest
@@ -257,7 +260,7 @@ func newLimiter(period, long time.Duration) *Limiter {
 // except for identities that cannot be dropped: blocked, or with a
 // verification in flight or a request waiting. Call it before the
 // Limiter is used; setMax changes the ceiling later.
-func (l *Limiter) SetMaxIdentities(n int, log *slog.Logger, m *Metrics) {
+func (l *Limiter) setMaxIdentities(n int, log *slog.Logger, m *Metrics) {
 	l.setMax(n)
 	l.log, l.metrics = log, m
 }
@@ -289,6 +292,27 @@ func (l *Limiter) track(s *limiterShard, id string, t int64) *track {
 		l.n.Add(1)
 	}
 	return tr
+}
+
+// update runs fn under the identity's lock with its state, created when
+// missing and marked active at now (t is now in Unix nanoseconds).
+func update[T any](l *Limiter, id string, now time.Time, fn func(tr *track, t int64) T) T {
+	t := now.UnixNano()
+	s := l.shard(id)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	tr := l.track(s, id, t)
+	tr.touch(t)
+	return fn(tr, t)
+}
+
+// peek runs fn under the identity's lock with its state, nil when there
+// is none (none is created).
+func peek[T any](l *Limiter, id string, fn func(tr *track) T) T {
+	s := l.shard(id)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return fn(s.m[id])
 }
 
 // droppable reports whether the ceiling may drop tr: not blocked (nor
@@ -395,14 +419,10 @@ func (l *Limiter) Dropped() int64 { return l.dropped.Load() }
 // A recipient already in the window is not counted again; its time moves
 // to now. rcpt is compared as given: the caller normalises it.
 func (l *Limiter) Add(id, rcpt string, now time.Time) int {
-	t := now.UnixNano()
-	s := l.shard(id)
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	tr := l.track(s, id, t)
-	tr.touch(t)
-	l.addHit(tr, maphash.String(l.seed, rcpt), 0, t)
-	return tr.countSince(t - l.period)
+	return update(l, id, now, func(tr *track, t int64) int {
+		l.addHit(tr, maphash.String(l.seed, rcpt), 0, t)
+		return tr.countSince(t - l.period)
+	})
 }
 
 // addHit records one invalid recipient (hash h, dead domain hash dom or 0)
@@ -499,71 +519,62 @@ func (tr *track) expire(cutoff int64) {
 // Count returns the distinct invalid recipients of id in the window ending
 // at now.
 func (l *Limiter) Count(id string, now time.Time) int {
-	s := l.shard(id)
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	tr := s.m[id]
-	if tr == nil {
-		return 0
-	}
-	return tr.countSince(now.UnixNano() - l.period)
+	return peek(l, id, func(tr *track) int {
+		if tr == nil {
+			return 0
+		}
+		return tr.countSince(now.UnixNano() - l.period)
+	})
 }
 
 // Warn reports whether a warning for id is due at now: true at most once
 // per period. It records that one was given.
 func (l *Limiter) Warn(id string, now time.Time) bool {
-	t := now.UnixNano()
-	s := l.shard(id)
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	tr := l.track(s, id, t)
-	tr.touch(t)
-	x := tr.extra()
-	if x.warned != 0 && t-x.warned < l.period {
-		return false
-	}
-	x.warned = t
-	return true
+	return update(l, id, now, func(tr *track, t int64) bool {
+		x := tr.extra()
+		if x.warned != 0 && t-x.warned < l.period {
+			return false
+		}
+		x.warned = t
+		return true
+	})
 }
 
-// Wake wakes the requests waiting for a change of id.
-func (l *Limiter) Wake(id string) {
-	s := l.shard(id)
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if tr := s.m[id]; tr != nil {
-		tr.wake()
-	}
+// wake wakes the requests waiting for a change of id.
+func (l *Limiter) wake(id string) {
+	peek(l, id, func(tr *track) struct{} {
+		if tr != nil {
+			tr.wake()
+		}
+		return struct{}{}
+	})
 }
 
 // Note updates the evidence kept for id: fn runs with the identity's
 // evidence under the identity's lock, so it must be quick and must not
 // call back into the Limiter.
 func (l *Limiter) Note(id string, now time.Time, fn func(*evidence)) {
-	s := l.shard(id)
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	tr := l.track(s, id, now.UnixNano())
-	tr.touch(now.UnixNano())
-	if tr.ev == nil {
-		tr.ev = &evidence{}
-	}
-	fn(tr.ev)
+	update(l, id, now, func(tr *track, _ int64) struct{} {
+		if tr.ev == nil {
+			tr.ev = &evidence{}
+		}
+		fn(tr.ev)
+		return struct{}{}
+	})
 }
 
 // Evidence returns what is known about id, for a report.
 func (l *Limiter) Evidence(id string) Evidence {
-	s := l.shard(id)
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	tr := s.m[id]
-	if tr == nil {
-		return Evidence{}
-	}
-	e := tr.ev
-	if e == nil {
-		return Evidence{}
-	}
+	return peek(l, id, func(tr *track) Evidence {
+		if tr == nil || tr.ev == nil {
+			return Evidence{}
+		}
+		return tr.ev.export()
+	})
+}
+
+// export copies the evidence out, for a report.
+func (e *evidence) export() Evidence {
 	out := Evidence{Clients: slices.Clone(e.clients)}
 	if e.queueIDs != nil {
 		out.QueueIDs = slices.Clone(*e.queueIDs)
@@ -603,10 +614,7 @@ func (l *Limiter) Sweep(now time.Time) int {
 			if len(tr.hits) == 0 && cap(tr.hits) > 4 {
 				tr.hits = nil
 			}
-			tr.expireProbes(now.UnixNano())
-			if len(tr.probes) == 0 {
-				tr.probes = nil
-			}
+			tr.probes.Expire(now.UnixNano() - int64(probeWindow))
 		}
 		n += len(s.m)
 		s.mu.Unlock()
@@ -647,11 +655,11 @@ func (l *Limiter) Len() int {
 }
 
 // addRecipient records an invalid recipient with the verdict that said
-// so, keeping the most recent MaxRecipients and one entry per address.
+// so, keeping the most recent maxRecipients and one entry per address.
 func (e *evidence) addRecipient(res callout.Result, now time.Time) {
 	e.rcpts = slices.DeleteFunc(e.rcpts, func(x evRecipient) bool { return x.addr == res.Address })
-	if len(e.rcpts) >= MaxRecipients {
-		e.rcpts = slices.Delete(e.rcpts, 0, len(e.rcpts)-MaxRecipients+1)
+	if len(e.rcpts) >= maxRecipients {
+		e.rcpts = slices.Delete(e.rcpts, 0, len(e.rcpts)-maxRecipients+1)
 	}
 	r := evRecipient{addr: evidenceString(res.Address), t: uint32(max(now.Unix(), 0)), reason: reasonIndex(res.Reason),
 		mx: evidenceString(res.Host), code: uint16(min(max(res.Reply.Code, 0), 999)), text: evidenceString(res.Reply.Text)}
@@ -691,7 +699,7 @@ func (e *evidence) addClient(addr, name string) {
 		size -= len(name)
 		name = ""
 	}
-	if len(e.clients) < MaxClients && size <= maxClientBytes {
+	if len(e.clients) < maxClients && size <= maxClientBytes {
 		if e.clients == nil {
 			e.clients = make([]ClientSeen, 0, 1)
 		}
@@ -716,7 +724,7 @@ func (e *evidence) addQueueID(id string) {
 	if e.queueIDs == nil {
 		e.queueIDs = new([]string)
 	}
-	if slices.Contains(*e.queueIDs, id) || len(*e.queueIDs) >= MaxQueueIDs {
+	if slices.Contains(*e.queueIDs, id) || len(*e.queueIDs) >= maxQueueIDs {
 		return
 	}
 	*e.queueIDs = append(*e.queueIDs, id)
@@ -790,15 +798,15 @@ func (l *Limiter) standing(tr *track, t int64, lim Thresholds) Standing {
 	return st
 }
 
-// Gathers reports whether the evidence of the invalid verdict that brought
+// gathers reports whether the evidence of the invalid verdict that brought
 // an identity to st is worth keeping: whether it could be among the
-// MaxRecipients most recent when a report is made, a block at lim or a
+// maxRecipients most recent when a report is made, a block at lim or a
 // warning at warn invalid recipients (0: none). Each recipient between st
 // and a limit is an invalid verdict of its own, so one more than
-// MaxRecipients away from every limit never shows. Keeping evidence only
+// maxRecipients away from every limit never shows. Keeping evidence only
 // near a limit spares most tracked identities its cost.
-func (st Standing) Gathers(lim Thresholds, warn int) bool {
-	near := func(n, limit int) bool { return limit > 0 && n+MaxRecipients > limit }
+func (st Standing) gathers(lim Thresholds, warn int) bool {
+	near := func(n, limit int) bool { return limit > 0 && n+maxRecipients > limit }
 	return st.Crossed != TriggerNone || near(st.Count, lim.Count) || near(st.Count+1, warn) ||
 		near(st.Long, lim.Long) || lim.Ratio > 0 && near(st.Invalid+1, lim.RatioMin)
 }
@@ -813,32 +821,23 @@ func ratioCrossed(lim Thresholds, invalid, valid int) bool {
 // Reserve records that a verification for id starts whose verdict may
 // count, and returns the identity's standing with it included.
 func (l *Limiter) Reserve(id string, now time.Time, lim Thresholds) Standing {
-	t := now.UnixNano()
-	s := l.shard(id)
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	tr := l.track(s, id, t)
-	tr.touch(t)
-	tr.pending++
-	return l.standing(tr, t, lim)
+	return update(l, id, now, func(tr *track, t int64) Standing {
+		tr.pending++
+		return l.standing(tr, t, lim)
+	})
 }
 
-// Settle ends a reservation with its verdict: an invalid one is counted
+// settle ends a reservation with its verdict: an invalid one is counted
 // (a dead domain once for the ratio), a valid one counts for the ratio,
 // any other only ends the reservation; res nil ends it without a verdict.
-// It returns the new standing; the caller acts on it, then calls Wake.
-func (l *Limiter) Settle(id string, res *callout.Result, now time.Time, lim Thresholds) Standing {
-	t := now.UnixNano()
-	s := l.shard(id)
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	tr := l.track(s, id, t)
-	tr.touch(t)
-	if tr.pending > 0 {
-		tr.pending--
-	}
-	l.count(tr, res, t)
-	return l.act(tr, l.standing(tr, t, lim), res, lim)
+// It returns the new standing; the caller acts on it, then calls wake.
+func (l *Limiter) settle(id string, res *callout.Result, now time.Time, lim Thresholds) Standing {
+	return update(l, id, now, func(tr *track, t int64) Standing {
+		if tr.pending > 0 {
+			tr.pending--
+		}
+		return l.count(tr, res, t, lim)
+	})
 }
 
 // act marks the track blocked in lim.Act when an invalid verdict finds it
@@ -854,20 +853,15 @@ func (l *Limiter) act(tr *track, st Standing, res *callout.Result, lim Threshold
 	return st
 }
 
-// Judge counts a verdict that needed no reservation (one from the cache)
-// and returns the standing with it; the caller acts on it, then calls Wake.
-func (l *Limiter) Judge(id string, res *callout.Result, now time.Time, lim Thresholds) Standing {
-	t := now.UnixNano()
-	s := l.shard(id)
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	tr := l.track(s, id, t)
-	tr.touch(t)
-	l.count(tr, res, t)
-	return l.act(tr, l.standing(tr, t, lim), res, lim)
+// judge counts a verdict that needed no reservation (one from the cache)
+// and returns the standing with it; the caller acts on it, then calls wake.
+func (l *Limiter) judge(id string, res *callout.Result, now time.Time, lim Thresholds) Standing {
+	return update(l, id, now, func(tr *track, t int64) Standing { return l.count(tr, res, t, lim) })
 }
 
-func (l *Limiter) count(tr *track, res *callout.Result, t int64) {
+// count counts a verdict at t and returns the standing with it, marked
+// First when it is the one that crosses (see act).
+func (l *Limiter) count(tr *track, res *callout.Result, t int64, lim Thresholds) Standing {
 	switch {
 	case res == nil:
 	case res.Status == callout.StatusInvalid:
@@ -875,6 +869,7 @@ func (l *Limiter) count(tr *track, res *callout.Result, t int64) {
 	case res.Status == callout.StatusValid:
 		tr.addValid(t, max(l.period/validBuckets, 1))
 	}
+	return l.act(tr, l.standing(tr, t, lim), res, lim)
 }
 
 // deadDomain returns the hash (never 0) of the recipient's domain when the
@@ -889,19 +884,17 @@ func (l *Limiter) deadDomain(res *callout.Result) uint32 {
 
 // Standing returns the standing of id at now.
 func (l *Limiter) Standing(id string, now time.Time, lim Thresholds) Standing {
-	s := l.shard(id)
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	tr := s.m[id]
-	if tr == nil {
-		return Standing{Safe: true}
-	}
-	return l.standing(tr, now.UnixNano(), lim)
+	return peek(l, id, func(tr *track) Standing {
+		if tr == nil {
+			return Standing{Safe: true}
+		}
+		return l.standing(tr, now.UnixNano(), lim)
+	})
 }
 
-// Changed returns a channel closed at the next change of id's counts; the
-// caller must call Unwait(id) once done waiting.
-func (l *Limiter) Changed(id string) <-chan struct{} {
+// changed returns a channel closed at the next change of id's counts; the
+// caller must call unwait(id) once done waiting.
+func (l *Limiter) changed(id string) <-chan struct{} {
 	s := l.shard(id)
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -914,25 +907,24 @@ func (l *Limiter) Changed(id string) <-chan struct{} {
 	return x.change
 }
 
-// Unwait ends one Changed.
-func (l *Limiter) Unwait(id string) {
-	s := l.shard(id)
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if tr := s.m[id]; tr != nil && tr.waiters() > 0 {
-		tr.x.waiters--
-	}
+// unwait ends one Changed.
+func (l *Limiter) unwait(id string) {
+	peek(l, id, func(tr *track) struct{} {
+		if tr != nil && tr.waiters() > 0 {
+			tr.x.waiters--
+		}
+		return struct{}{}
+	})
 }
 
-// Waiting returns the requests of id waiting for a change.
-func (l *Limiter) Waiting(id string) int {
-	s := l.shard(id)
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if tr := s.m[id]; tr != nil {
+// waiting returns the requests of id waiting for a change.
+func (l *Limiter) waiting(id string) int {
+	return peek(l, id, func(tr *track) int {
+		if tr == nil {
+			return 0
+		}
 		return int(tr.waiters())
-	}
-	return 0
+	})
 }
 
 // wake closes the change channel for those waiting on it.
@@ -944,40 +936,14 @@ func (tr *track) wake() {
 }
 
 // probeWindow is the sliding window of the per-identity probe cap.
-const probeWindow = int64(time.Minute)
+const probeWindow = time.Minute
 
-// TakeProbe counts one uncached verification for id at now and reports
+// takeProbe counts one uncached verification for id at now and reports
 // whether it stays within perMinute in the minute ending at now (a sliding
 // window); perMinute <= 0 means no cap. A refused probe is not counted.
-func (l *Limiter) TakeProbe(id string, now time.Time, perMinute int) bool {
+func (l *Limiter) takeProbe(id string, now time.Time, perMinute int) bool {
 	if perMinute <= 0 {
 		return true
 	}
-	t := now.UnixNano()
-	s := l.shard(id)
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	tr := l.track(s, id, t)
-	tr.touch(t)
-	tr.expireProbes(t)
-	if len(tr.probes) >= perMinute {
-		return false
-	}
-	i := len(tr.probes)
-	for i > 0 && tr.probes[i-1] > t {
-		i--
-	}
-	tr.probes = slices.Insert(tr.probes, i, t)
-	return true
-}
-
-// expireProbes drops probes that left the minute ending at t.
-func (tr *track) expireProbes(t int64) {
-	n := 0
-	for n < len(tr.probes) && tr.probes[n] <= t-probeWindow {
-		n++
-	}
-	if n > 0 {
-		tr.probes = slices.Delete(tr.probes, 0, n)
-	}
+	return update(l, id, now, func(tr *track, t int64) bool { return tr.probes.Take(t, probeWindow, perMinute) })
 }

@@ -105,13 +105,13 @@ func TestEvidenceBounds(t *testing.T) {
 		e.addRecipient(callout.Result{Address: "r45@x", Host: "mx.x", Reply: callout.Reply{Code: 550, Enhanced: [3]int{5, 1, 10}, Text: "gone"}}, t0)
 	})
 	e := l.Evidence("u")
-	if len(e.Recipients) != MaxRecipients || e.Recipients[len(e.Recipients)-1].Address != "r45@x" || e.Recipients[0].Address != "r30@x" {
+	if len(e.Recipients) != maxRecipients || e.Recipients[len(e.Recipients)-1].Address != "r45@x" || e.Recipients[0].Address != "r30@x" {
 		t.Fatalf("recipients %d, first %v last %v", len(e.Recipients), e.Recipients[0], e.Recipients[len(e.Recipients)-1])
 	}
 	if last := e.Recipients[len(e.Recipients)-1]; last.Reply != "550 5.1.10 gone" || last.MX != "mx.x" || !last.Time.Equal(t0) {
 		t.Fatalf("recipient evidence %+v", last)
 	}
-	if len(e.Clients) != MaxClients || len(e.QueueIDs) != 7 {
+	if len(e.Clients) != maxClients || len(e.QueueIDs) != 7 {
 		t.Fatalf("clients %d, queue IDs %d", len(e.Clients), len(e.QueueIDs))
 	}
 }
@@ -208,7 +208,7 @@ func TestEvidenceBoundedInBytes(t *testing.T) {
 	if b := e.clientBytes(); b > maxClientBytes {
 		t.Fatalf("client evidence %d bytes, budget %d", b, maxClientBytes)
 	}
-	if len(e.clients) < 4 || len(e.clients) > MaxClients {
+	if len(e.clients) < 4 || len(e.clients) > maxClients {
 		t.Fatalf("%d clients kept", len(e.clients))
 	}
 	if e.clients[0].Name != host(0) || e.clients[len(e.clients)-1].Name != "" {
@@ -257,7 +257,7 @@ func TestEvidenceMemoryUnderAttack(t *testing.T) {
 	runtime.ReadMemStats(&before)
 	for i := range n {
 		id := "user" + strconv.Itoa(i)
-		for j := range MaxRecipients {
+		for j := range maxRecipients {
 			res := callout.Result{Address: "r" + strconv.Itoa(j) + "@mx.attacker.example", Host: "mx.attacker.example",
 				Status: callout.StatusInvalid, Reply: callout.Reply{Code: 550, Text: strconv.Itoa(j) + strings.Repeat("y", 2040)}}
 			l.Note(id, t0, func(e *evidence) {

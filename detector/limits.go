@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	ident "github.com/rcptguard/rcptguard/blocklist/identity"
+	"github.com/rcptguard/rcptguard/callout/textfmt"
 )
 
 // ParseLimits reads a limits file: one "IDENTITY LIMIT" pair a line, where
@@ -29,18 +30,18 @@ func ParseLimits(r io.Reader) (map[string]int, error) {
 		}
 		fields := strings.Fields(line)
 		if len(fields) != 2 {
-			return nil, fmt.Errorf("line %d: want \"IDENTITY LIMIT\", got %q", n, boundString(line, 100))
+			return nil, fmt.Errorf("line %d: want \"IDENTITY LIMIT\", got %q", n, textfmt.Cut(line, 100))
 		}
 		id, err := ident.Canonical(fields[0])
 		if err != nil {
-			return nil, fmt.Errorf("line %d: %q: %w", n, boundString(fields[0], 100), err)
+			return nil, fmt.Errorf("line %d: %q: %w", n, textfmt.Cut(fields[0], 100), err)
 		}
 		if strings.HasPrefix(id, "*") && !strings.HasPrefix(id, "*@") {
-			return nil, fmt.Errorf("line %d: %q is not an identity or \"*@domain\"", n, boundString(fields[0], 100))
+			return nil, fmt.Errorf("line %d: %q is not an identity or \"*@domain\"", n, textfmt.Cut(fields[0], 100))
 		}
 		v, err := strconv.Atoi(fields[1])
 		if err != nil || v < 0 {
-			return nil, fmt.Errorf("line %d: limit %q is not a whole number ≥ 0", n, boundString(fields[1], 20))
+			return nil, fmt.Errorf("line %d: limit %q is not a whole number ≥ 0", n, textfmt.Cut(fields[1], 20))
 		}
 		if _, dup := limits[id]; dup {
 			return nil, fmt.Errorf("line %d: %s is listed twice", n, id)

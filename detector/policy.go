@@ -11,6 +11,8 @@ import (
 	"strconv"
 	"strings"
 	"unicode/utf8"
+
+	"github.com/rcptguard/rcptguard/callout/textfmt"
 )
 
 // Default limits for reading policy requests. A real Postfix 3.x request
@@ -335,7 +337,7 @@ func (r *Request) dropMalformed() {
 		if *p == "" || ok(*p) {
 			return
 		}
-		r.Dropped = append(r.Dropped, DroppedValue{Name: name, Value: boundString(*p, maxDroppedValue)})
+		r.Dropped = append(r.Dropped, DroppedValue{Name: name, Value: textfmt.Cut(*p, maxDroppedValue)})
 		*p = ""
 	}
 	check("queue_id", &r.QueueID, validQueueID)
@@ -492,74 +494,29 @@ func policySplit(line []byte) (name, value []byte, problem string) {
 }
 
 // policyString converts a value to a string. Values that Postfix repeats
-// in most requests are returned as constants, without allocating; the
-// switch on string(b) does not allocate either.
+// in most requests are returned as the one copy in policyValues, without
+// allocating (a map index with string(b) does not allocate either).
 func policyString(b []byte) string {
-	if len(b) == 0 || len(b) > len("smtpd_access_policy") {
-		return string(b)
-	}
-	switch string(b) {
-	case "smtpd_access_policy":
-		return "smtpd_access_policy"
-	case "RCPT":
-		return "RCPT"
-	case "MAIL":
-		return "MAIL"
-	case "DATA":
-		return "DATA"
-	case "END-OF-MESSAGE":
-		return "END-OF-MESSAGE"
-	case "CONNECT":
-		return "CONNECT"
-	case "EHLO":
-		return "EHLO"
-	case "HELO":
-		return "HELO"
-	case "VRFY":
-		return "VRFY"
-	case "ETRN":
-		return "ETRN"
-	case "SMTP":
-		return "SMTP"
-	case "ESMTP":
-		return "ESMTP"
-	case "ESMTPA":
-		return "ESMTPA"
-	case "ESMTPS":
-		return "ESMTPS"
-	case "ESMTPSA":
-		return "ESMTPSA"
-	case "LMTP":
-		return "LMTP"
-	case "PLAIN":
-		return "PLAIN"
-	case "LOGIN":
-		return "LOGIN"
-	case "TLSv1.2":
-		return "TLSv1.2"
-	case "TLSv1.3":
-		return "TLSv1.3"
-	case "128":
-		return "128"
-	case "256":
-		return "256"
-	case "0":
-		return "0"
-	case "1":
-		return "1"
-	case "25":
-		return "25"
-	case "465":
-		return "465"
-	case "587":
-		return "587"
-	case "yes":
-		return "yes"
-	case "unknown":
-		return "unknown"
+	if s, ok := policyValues[string(b)]; ok {
+		return s
 	}
 	return string(b)
 }
+
+// policyValues are the values Postfix repeats in most requests, each
+// mapped to itself.
+var policyValues = func() map[string]string {
+	m := map[string]string{}
+	for _, v := range []string{
+		"smtpd_access_policy", "RCPT", "MAIL", "DATA", "END-OF-MESSAGE", "CONNECT", "EHLO", "HELO",
+		"VRFY", "ETRN", "SMTP", "ESMTP", "ESMTPA", "ESMTPS", "ESMTPSA", "LMTP",
+		"PLAIN", "LOGIN", "TLSv1.2", "TLSv1.3", "128", "256", "0", "1",
+		"25", "465", "587", "yes", "unknown",
+	} {
+		m[v] = v
+	}
+	return m
+}()
 
 // Action is the answer to a policy request: a Postfix access(5) action
 // such as "DUNNO", "OK" or "HOLD rcptguard: user blocked".

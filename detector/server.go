@@ -224,9 +224,9 @@ func (s *Server) SetAccess(uids []uint32, networks []netip.Prefix) {
 	s.access.Store(newPeerAccess(uids, networks))
 }
 
-// ActiveConns returns the number of connections being served, over all
+// activeConns returns the number of connections being served, over all
 // listeners.
-func (s *Server) ActiveConns() int {
+func (s *Server) activeConns() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return len(s.conns)
@@ -310,7 +310,7 @@ func (l *srvListener) acceptLoop(ctx context.Context, ln net.Listener) error {
 			} else {
 				backoff = min(2*backoff, time.Second)
 			}
-			s.log.Warn("policy accept failed, retrying", "listen", ln.Addr().String(), "error", err, "retry_in", backoff)
+			s.log.Warn("policy accept failed, retrying", slog.String("listen", ln.Addr().String()), slog.Any("error", err), slog.Duration("retry_in", backoff))
 			t := time.NewTimer(backoff)
 			select {
 			case <-ctx.Done():
@@ -386,7 +386,7 @@ func (l *srvListener) shutdown(cancelDecide context.CancelFunc) {
 		_ = c.nc.Close()
 	}
 	l.mu.Unlock()
-	l.s.log.Warn("policy shutdown grace period over, closing connections", "connections", n, "grace", l.s.cfg.ShutdownGrace)
+	l.s.log.Warn("policy shutdown grace period over, closing connections", slog.Int("connections", n), slog.Duration("grace", l.s.cfg.ShutdownGrace))
 	<-done
 }
 
@@ -543,10 +543,10 @@ func (l *srvListener) serveConn(c *srvConn) {
 		// this is the last guard that keeps one connection from taking
 		// the daemon down.
 		if p := recover(); p != nil {
-			s.log.Error("policy connection panicked", "remote", c.remote, "panic", p, "stack", string(debug.Stack()))
+			s.log.Error("policy connection panicked", slog.String("remote", c.remote), slog.Any("panic", p), slog.String("stack", string(debug.Stack())))
 		}
 	}()
-	s.log.Debug("policy connection opened", "remote", c.remote)
+	s.log.Debug("policy connection opened", slog.String("remote", c.remote))
 
 	lim := s.cfg.Limits
 	br := bufio.NewReaderSize(c.nc, lim.MaxLine+2) // a longest line and its CRLF fit: never copied
@@ -560,9 +560,9 @@ func (l *srvListener) serveConn(c *srvConn) {
 		req, err = ReadRequest(br, lim)
 		if err != nil {
 			if errors.Is(err, os.ErrDeadlineExceeded) {
-				s.log.Info("policy request timed out, closing connection", "remote", c.remote, "timeout", s.cfg.RequestTimeout, "error", err)
+				s.log.Info("policy request timed out, closing connection", slog.String("remote", c.remote), slog.Duration("timeout", s.cfg.RequestTimeout), slog.Any("error", err))
 			} else {
-				s.log.Warn("bad policy request, closing connection", "remote", c.remote, "error", err)
+				s.log.Warn("bad policy request, closing connection", slog.String("remote", c.remote), slog.Any("error", err))
 			}
 			return
 		}
@@ -570,14 +570,14 @@ func (l *srvListener) serveConn(c *srvConn) {
 		a := l.decide(c, &req)
 
 		if err := c.nc.SetWriteDeadline(time.Now().Add(s.cfg.RequestTimeout)); err != nil {
-			s.log.Debug("policy connection closed", "remote", c.remote, "error", err)
+			s.log.Debug("policy connection closed", slog.String("remote", c.remote), slog.Any("error", err))
 			return
 		}
 		c.mu.Lock()
 		c.idleSince = time.Now() // before the answer leaves: a client that has it sees this time passed
 		c.mu.Unlock()
 		if err := WriteAction(bw, a); err != nil {
-			s.log.Info("policy answer not delivered, closing connection", "remote", c.remote, "error", err)
+			s.log.Info("policy answer not delivered, closing connection", slog.String("remote", c.remote), slog.Any("error", err))
 			return
 		}
 	}
@@ -595,14 +595,14 @@ func (l *srvListener) waitRequest(c *srvConn, br *bufio.Reader) bool {
 	c.mu.Lock()
 	if l.stopping.Load() {
 		c.mu.Unlock()
-		s.log.Debug("policy connection closed for shutdown", "remote", c.remote)
+		s.log.Debug("policy connection closed for shutdown", slog.String("remote", c.remote))
 		return false
 	}
 	err := c.nc.SetReadDeadline(time.Now().Add(s.cfg.IdleTimeout))
 	c.idle = err == nil
 	c.mu.Unlock()
 	if err != nil {
-		s.log.Debug("policy connection closed", "remote", c.remote, "error", err)
+		s.log.Debug("policy connection closed", slog.String("remote", c.remote), slog.Any("error", err))
 		return false
 	}
 
@@ -624,15 +624,15 @@ func (l *srvListener) waitRequest(c *srvConn, br *bufio.Reader) bool {
 	case err == nil:
 		return true
 	case errors.Is(err, io.EOF):
-		s.log.Debug("policy connection closed by client", "remote", c.remote)
+		s.log.Debug("policy connection closed by client", slog.String("remote", c.remote))
 	case errors.Is(err, errEvicted):
-		s.log.Debug("policy connection closed to make room", "remote", c.remote)
+		s.log.Debug("policy connection closed to make room", slog.String("remote", c.remote))
 	case errors.Is(err, os.ErrDeadlineExceeded) && l.stopping.Load():
-		s.log.Debug("policy connection closed for shutdown", "remote", c.remote)
+		s.log.Debug("policy connection closed for shutdown", slog.String("remote", c.remote))
 	case errors.Is(err, os.ErrDeadlineExceeded):
-		s.log.Debug("policy connection idle, closing", "remote", c.remote, "idle_timeout", s.cfg.IdleTimeout)
+		s.log.Debug("policy connection idle, closing", slog.String("remote", c.remote), slog.Duration("idle_timeout", s.cfg.IdleTimeout))
 	default:
-		s.log.Debug("policy connection closed", "remote", c.remote, "error", err)
+		s.log.Debug("policy connection closed", slog.String("remote", c.remote), slog.Any("error", err))
 	}
 	return false
 }

@@ -142,7 +142,7 @@ func TestServerIdleFloodFromRefusedUser(t *testing.T) {
 		_ = c.Close() // the server has closed it, or will: keep our file descriptors
 	}
 	srvWaitFor(t, "2,000 refusals", func() bool { return testutil.ToFloat64(m.connRefusals[refuseUser]) == 2000 })
-	if n := ts.ActiveConns(); n != 0 {
+	if n := ts.activeConns(); n != 0 {
 		t.Fatalf("ActiveConns() = %d after the flood, want 0", n)
 	}
 	if got, err := srvDialFrom(t, srvPostfixIP, ts.addr).ask(policyFullRequest); err != nil || got != "OK bob@example.org alice@example.com" {
@@ -164,7 +164,7 @@ func TestServerIdleFloodFromAllowedUser(t *testing.T) {
 	held := make([]*srvClient, 0, 2000)
 	for range 2000 {
 		held = append(held, srvDialFrom(t, srvOtherIP, ts.addr))
-		if n := ts.ActiveConns(); n > 250 {
+		if n := ts.activeConns(); n > 250 {
 			t.Fatalf("uid 1000 holds %d connections, want at most 250", n)
 		}
 	}
@@ -210,7 +210,7 @@ func TestServerIdleAllowedFillMaxConns(t *testing.T) {
 			t.Fatalf("a connection idle less long was closed: %v", err)
 		}
 	}
-	if n := ts.ActiveConns(); n != max {
+	if n := ts.activeConns(); n != max {
 		t.Errorf("ActiveConns() = %d, want %d", n, max)
 	}
 	if n := testutil.ToFloat64(m.connEvictions[refuseMaxConns]); n != 2 {
@@ -252,7 +252,7 @@ func TestServerEvictionRace(t *testing.T) {
 		c := srvDialFrom(t, srvPostfixIP, ts.addr)
 		_, _ = c.ask(policyFullRequest)
 		clients = append(clients, c)
-		if n := ts.ActiveConns(); n > max {
+		if n := ts.activeConns(); n > max {
 			t.Fatalf("ActiveConns() = %d > %d", n, max)
 		}
 	}
@@ -261,5 +261,5 @@ func TestServerEvictionRace(t *testing.T) {
 		_ = c.Close()
 	}
 	<-done
-	srvWaitFor(t, "no connections", func() bool { return ts.ActiveConns() == 0 })
+	srvWaitFor(t, "no connections", func() bool { return ts.activeConns() == 0 })
 }

@@ -221,7 +221,7 @@ func TestServerConcurrentConnections(t *testing.T) {
 	for err := range errs {
 		t.Error(err)
 	}
-	if n := ts.ActiveConns(); n != conns {
+	if n := ts.activeConns(); n != conns {
 		t.Errorf("ActiveConns() = %d, want %d", n, conns)
 	}
 }
@@ -355,7 +355,7 @@ func TestServerMaxConns(t *testing.T) {
 		}
 		<-b.entered
 	}
-	if n := ts.ActiveConns(); n != 2 {
+	if n := ts.activeConns(); n != 2 {
 		t.Fatalf("ActiveConns() = %d, want 2", n)
 	}
 
@@ -395,7 +395,7 @@ func TestServerMaxConns(t *testing.T) {
 	if got, err := c2.ask(srvRequestFor("c2@example.org")); err != nil || got != "OK c2@example.org alice@example.com" {
 		t.Fatalf("the other connection after an eviction: %q, %v", got, err)
 	}
-	if n := ts.ActiveConns(); n != 2 {
+	if n := ts.activeConns(); n != 2 {
 		t.Fatalf("ActiveConns() = %d, want 2", n)
 	}
 }
@@ -488,7 +488,7 @@ func TestServerGracefulShutdown(t *testing.T) {
 	if got := ctxErrInFlight.Load(); got != "<nil>" {
 		t.Errorf("the in-flight decision's context was cancelled: %v", got)
 	}
-	if n := ts.ActiveConns(); n != 0 {
+	if n := ts.activeConns(); n != 0 {
 		t.Errorf("ActiveConns() = %d after Serve returned", n)
 	}
 }
@@ -554,7 +554,7 @@ func TestServeSeveralListeners(t *testing.T) {
 			first = c
 		}
 	}
-	if n := srv.ActiveConns(); n != 2 {
+	if n := srv.activeConns(); n != 2 {
 		t.Errorf("ActiveConns() = %d, want 2", n)
 	}
 	// MaxConns counts over both listeners: a third connection takes the

@@ -11,7 +11,7 @@ import (
 )
 
 // SharedCounter counts verdicts with the other servers of a fleet
-// (several servers, one judgement: DESIGN.md). The detector counts every
+// (several servers, one judgement: README, "Several servers"). The detector counts every
 // verdict in its own Limiter too, and falls back on it whenever the
 // shared counter fails: a Redis outage makes a server judge alone, never
 // leaves a request unanswered.
@@ -38,7 +38,7 @@ type SharedCounter interface {
 type SharedProbes interface {
 	// TakeProbe records a verification of id at now unless the fleet
 	// made perMinute of them in the minute ending at now (a sliding
-	// minute, as Limiter.TakeProbe), and reports whether it recorded it.
+	// minute, as the detector's own cap), and reports whether it recorded it.
 	TakeProbe(ctx context.Context, id string, now time.Time, perMinute int) (bool, error)
 }
 
@@ -55,7 +55,7 @@ func (d *Detector) takeProbe(ctx context.Context, id string, perMinute int) bool
 			return false
 		}
 	}
-	return d.limiter.TakeProbe(id, now, perMinute)
+	return d.limiter.takeProbe(id, now, perMinute)
 }
 
 // sharedTimeout bounds one shared counter call on top of the counter's
@@ -139,7 +139,7 @@ func (d *Detector) shareReserve(ctx context.Context, id string, p *probe, st Sta
 // settleNone ends a reservation without a verdict, here and with the
 // fleet.
 func (d *Detector) settleNone(id string, p *probe, lim Thresholds) {
-	d.limiter.Settle(id, nil, d.now(), lim)
+	d.limiter.settle(id, nil, d.now(), lim)
 	if p.key != "" {
 		d.shareVerdict(d.ctx, id, p.key, nil, Standing{}, lim)
 	}

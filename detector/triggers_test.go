@@ -52,7 +52,7 @@ func TestRatioTrigger(t *testing.T) {
 					if dom == "" {
 						dom = fmt.Sprintf("d%d.test", k)
 					}
-					st = l.Judge("u", verdict(fmt.Sprintf("a%d@%s", k, dom), s.status, s.reason), t0, lim)
+					st = l.judge("u", verdict(fmt.Sprintf("a%d@%s", k, dom), s.status, s.reason), t0, lim)
 				}
 			}
 			if st.Crossed != tt.want {
@@ -67,17 +67,17 @@ func TestRatioValidWindowSlides(t *testing.T) {
 	lim := Thresholds{Count: 100, Ratio: 0.5, RatioMin: 3}
 	l := NewLimiter(time.Hour)
 	for i := range 10 {
-		l.Judge("u", verdict(fmt.Sprintf("v%d@x.test", i), callout.StatusValid, callout.ReasonAccepted), t0, lim)
+		l.judge("u", verdict(fmt.Sprintf("v%d@x.test", i), callout.StatusValid, callout.ReasonAccepted), t0, lim)
 	}
 	for i := range 3 {
-		if st := l.Judge("u", verdict(fmt.Sprintf("n%d@x.test", i), callout.StatusInvalid, callout.ReasonNoMailbox), t0.Add(time.Minute), lim); st.Crossed != TriggerNone {
+		if st := l.judge("u", verdict(fmt.Sprintf("n%d@x.test", i), callout.StatusInvalid, callout.ReasonNoMailbox), t0.Add(time.Minute), lim); st.Crossed != TriggerNone {
 			t.Fatalf("crossed with ten valid in the window: %+v", st)
 		}
 	}
 	// Two hours on the valid ones are gone, and so are the invalid ones.
 	later := t0.Add(2 * time.Hour)
 	for i := range 3 {
-		st := l.Judge("u", verdict(fmt.Sprintf("m%d@x.test", i), callout.StatusInvalid, callout.ReasonNoMailbox), later, lim)
+		st := l.judge("u", verdict(fmt.Sprintf("m%d@x.test", i), callout.StatusInvalid, callout.ReasonNoMailbox), later, lim)
 		if want := map[bool]Trigger{true: TriggerRatio, false: TriggerNone}[i == 2]; st.Crossed != want {
 			t.Fatalf("step %d: %+v", i, st)
 		}
@@ -92,7 +92,7 @@ func TestLongWindow(t *testing.T) {
 	var st Standing
 	for i := range 31 {
 		at := t0.Add(time.Duration(i) * 10 * time.Minute) // 6 an hour
-		st = l.Judge("slow", verdict(fmt.Sprintf("n%d@x.test", i), callout.StatusInvalid, callout.ReasonNoMailbox), at, lim)
+		st = l.judge("slow", verdict(fmt.Sprintf("n%d@x.test", i), callout.StatusInvalid, callout.ReasonNoMailbox), at, lim)
 		if st.Count > 7 {
 			t.Fatalf("short window holds %d", st.Count)
 		}
@@ -249,8 +249,8 @@ func (c *cachedInvalid) Cached(addr string) (callout.Result, bool) {
 func TestSweepLongWindow(t *testing.T) {
 	l := newLimiter(time.Hour, 24*time.Hour)
 	lim := Thresholds{Count: 10, Long: 30}
-	l.Judge("bad", verdict("n@x.test", callout.StatusInvalid, callout.ReasonNoMailbox), t0, lim)
-	l.Judge("good", verdict("v@x.test", callout.StatusValid, callout.ReasonAccepted), t0, lim)
+	l.judge("bad", verdict("n@x.test", callout.StatusInvalid, callout.ReasonNoMailbox), t0, lim)
+	l.judge("good", verdict("v@x.test", callout.StatusValid, callout.ReasonAccepted), t0, lim)
 	if n := l.Sweep(t0.Add(2 * time.Hour)); n != 1 {
 		t.Fatalf("%d tracked after 2h, want 1 (the one with a hit in the long window)", n)
 	}
@@ -275,7 +275,7 @@ func TestFirstCrossingIsLimitPlusOne(t *testing.T) {
 		for i := range 40 {
 			l.Reserve("u", t0, lim)
 			wg.Go(func() {
-				st := l.Settle("u", verdict(fmt.Sprintf("n%d@x.test", i), callout.StatusInvalid, callout.ReasonNoMailbox), t0, lim)
+				st := l.settle("u", verdict(fmt.Sprintf("n%d@x.test", i), callout.StatusInvalid, callout.ReasonNoMailbox), t0, lim)
 				if st.First {
 					mu.Lock()
 					firsts = append(firsts, st.Count)

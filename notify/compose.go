@@ -16,6 +16,8 @@ import (
 	"strings"
 	"time"
 	"unicode/utf8"
+
+	"github.com/rcptguard/rcptguard/callout/textfmt"
 )
 
 // jsonVersion is the "version" of the JSON part. It changes only when a
@@ -100,13 +102,9 @@ func Compose(r Report, from string, to []string) ([]byte, error) {
 	if len(to) == 0 {
 		return nil, fmt.Errorf("notify: no To address")
 	}
-	toAddrs := make([]string, len(to))
-	for i, t := range to {
-		a, err := parseAddress(t)
-		if err != nil {
-			return nil, fmt.Errorf("notify: to: %w", err)
-		}
-		toAddrs[i] = a.String()
+	toAddrs, err := parseAddresses("to", to)
+	if err != nil {
+		return nil, err
 	}
 	msgID, err := messageID(r)
 	if err != nil {
@@ -119,12 +117,7 @@ func Compose(r Report, from string, to []string) ([]byte, error) {
 	}
 
 	var b bytes.Buffer
-	writeField(&b, "Date", r.Time.Format(time.RFC1123Z))
-	writeField(&b, "From", fromAddr.String())
-	writeField(&b, "To", strings.Join(toAddrs, ", "))
-	writeField(&b, "Subject", encodeText(subject(r)))
-	writeField(&b, "Message-ID", "<"+msgID+">")
-	writeField(&b, "Auto-Submitted", "auto-generated")
+	writeHead(&b, r.Time, fromAddr, toAddrs, nil, encodeText(subject(r)), msgID)
 	writeField(&b, "X-Rcptguard-Kind", string(r.Kind))
 	writeField(&b, "X-Rcptguard-Identity", encodeText(clean(r.Identity, maxSubjectID)))
 	writeField(&b, "MIME-Version", "1.0")
@@ -173,13 +166,9 @@ func ComposeUserWarning(r Report, from string, replyTo []string) ([]byte, error)
 	if err != nil {
 		return nil, fmt.Errorf("notify: from: %w", err)
 	}
-	var replyAddrs []string
-	for _, t := range replyTo {
-		a, err := parseAddress(t)
-		if err != nil {
-			return nil, fmt.Errorf("notify: reply-to: %w", err)
-		}
-		replyAddrs = append(replyAddrs, a.String())
+	replyAddrs, err := parseAddresses("reply-to", replyTo)
+	if err != nil {
+		return nil, err
 	}
 	msgID, err := messageID(r)
 	if err != nil {
@@ -187,15 +176,8 @@ func ComposeUserWarning(r Report, from string, replyTo []string) ([]byte, error)
 	}
 
 	var b bytes.Buffer
-	writeField(&b, "Date", r.Time.Format(time.RFC1123Z))
-	writeField(&b, "From", fromAddr.String())
-	writeField(&b, "To", (&mail.Address{Address: user}).String())
-	if len(replyAddrs) > 0 {
-		writeField(&b, "Reply-To", strings.Join(replyAddrs, ", "))
-	}
-	writeField(&b, "Subject", "Your email account sent mail to addresses that do not exist")
-	writeField(&b, "Message-ID", "<"+msgID+">")
-	writeField(&b, "Auto-Submitted", "auto-generated")
+	writeHead(&b, r.Time, fromAddr, []string{(&mail.Address{Address: user}).String()}, replyAddrs,
+		"Your email account sent mail to addresses that do not exist", msgID)
 	writeField(&b, "MIME-Version", "1.0")
 	writeField(&b, "Content-Type", "text/plain; charset=utf-8")
 	writeField(&b, "Content-Transfer-Encoding", "quoted-printable")
@@ -209,6 +191,34 @@ func ComposeUserWarning(r Report, from string, replyTo []string) ([]byte, error)
 	}
 	b.WriteString("\r\n")
 	return b.Bytes(), nil
+}
+
+// writeHead writes the header fields every message starts with; replyTo
+// may be empty, subject is already encoded.
+func writeHead(b *bytes.Buffer, date time.Time, from *mail.Address, to, replyTo []string, subject, msgID string) {
+	writeField(b, "Date", date.Format(time.RFC1123Z))
+	writeField(b, "From", from.String())
+	writeField(b, "To", strings.Join(to, ", "))
+	if len(replyTo) > 0 {
+		writeField(b, "Reply-To", strings.Join(replyTo, ", "))
+	}
+	writeField(b, "Subject", subject)
+	writeField(b, "Message-ID", "<"+msgID+">")
+	writeField(b, "Auto-Submitted", "auto-generated")
+}
+
+// parseAddresses parses the addresses of the header field named what,
+// with parseAddress, and returns them formatted.
+func parseAddresses(what string, list []string) ([]string, error) {
+	out := make([]string, 0, len(list))
+	for _, t := range list {
+		a, err := parseAddress(t)
+		if err != nil {
+			return nil, fmt.Errorf("notify: %s: %w", what, err)
+		}
+		out = append(out, a.String())
+	}
+	return out, nil
 }
 
 // parseAddress parses one net/mail address and insists on an ASCII
@@ -303,9 +313,9 @@ func subject(r Report) string {
 		if r.Recovered {
 			return fmt.Sprintf("[rcptguard] blocked %s (report recovered at start-up)", id)
 		}
-		return fmt.Sprintf("[rcptguard] blocked %s: %d invalid recipients in %s", id, r.Count, formatPeriod(r.Period))
+		return fmt.Sprintf("[rcptguard] blocked %s: %d invalid recipients in %s", id, r.Count, textfmt.FormatPeriod(r.Period))
 	case KindWouldBlock:
-		return fmt.Sprintf("[rcptguard] would block %s: %d invalid recipients in %s", id, r.Count, formatPeriod(r.Period))
+		return fmt.Sprintf("[rcptguard] would block %s: %d invalid recipients in %s", id, r.Count, textfmt.FormatPeriod(r.Period))
 	case KindHeld:
 		return fmt.Sprintf("[rcptguard] held %s already queued of %s", plural(heldCount(r), "message", "messages"), id)
 	default:
@@ -323,7 +333,7 @@ func reportJSON(r Report) ([]byte, error) {
 		Mode:          field(r.Mode),
 		Count:         r.Count,
 		Limit:         r.Limit,
-		Period:        formatPeriod(r.Period),
+		Period:        textfmt.FormatPeriod(r.Period),
 		PeriodSeconds: int64(r.Period / time.Second),
 		Action:        field(r.Action),
 		Hostname:      field(r.Hostname),
@@ -340,7 +350,7 @@ func reportJSON(r Report) ([]byte, error) {
 	if !r.BlockTime.IsZero() {
 		j.BlockedAt = r.BlockTime.Format(time.RFC3339)
 	}
-	for _, h := range head(r.Held, maxQueueIDs) {
+	for _, h := range head(r.Held, MaxQueueIDs) {
 		j.Held = append(j.Held, jsonHeld{QueueID: h.QueueID, Arrival: timeOrEmpty(h.Arrival), Size: h.Size, Recipients: h.Recipients})
 	}
 	if q := r.QueueSpace; q != nil {
@@ -349,13 +359,13 @@ func reportJSON(r Report) ([]byte, error) {
 	for name, argv := range commands(r) {
 		j.Commands[name] = argv
 	}
-	for _, c := range head(r.Clients, maxClients) {
+	for _, c := range head(r.Clients, MaxClients) {
 		j.Clients = append(j.Clients, jsonClient{Address: field(c.Address), Name: field(c.Name), Count: c.Count})
 	}
-	for _, rc := range head(r.Recipients, maxRecipients) {
+	for _, rc := range head(r.Recipients, MaxRecipients) {
 		j.Recipients = append(j.Recipients, jsonRecipient{Address: field(rc.Address), Time: timeOrEmpty(rc.Time), Reason: field(rc.Reason), MX: field(rc.MX), Reply: field(rc.Reply)})
 	}
-	for _, q := range head(r.QueueIDs, maxQueueIDs) {
+	for _, q := range head(r.QueueIDs, MaxQueueIDs) {
 		j.QueueIDs = append(j.QueueIDs, field(q))
 	}
 	var b bytes.Buffer
@@ -460,16 +470,31 @@ func reportText(r Report) string {
 	if isIP(r.Identity) {
 		who = "the client address " + id
 	}
-	period := formatPeriod(r.Period)
-	tried := fmt.Sprintf("In the last %s it sent mail to %s that do not exist", humanPeriod(r.Period), plural(r.Count, "address", "addresses"))
+	reportIntro(&w, r, who)
+	reportFacts(&w, r, id)
+	if q := r.QueueSpace; q != nil && q.Low {
+		w.para("WARNING: Postfix's queue file system is nearly full: %s free (%.1f%%). Held mail stays on it until it is released or deleted, and when it is full Postfix takes no mail at all. Delete held spam soon (rcptguard purge, below).",
+			humanBytes(q.FreeBytes), q.FreeRatio*100)
+	}
+	if r.Kind == KindHeld {
+		writeHeld(&w, r)
+	} else {
+		writeEvidence(&w, r)
+	}
+	reportTodo(&w, r)
+	return w.String()
+}
 
+// reportIntro writes the paragraphs that say what happened to who.
+func reportIntro(w *textWriter, r Report, who string) {
+	tried := fmt.Sprintf("In the last %s it sent mail to %s that do not exist", humanPeriod(r.Period), plural(r.Count, "address", "addresses"))
 	switch r.Kind {
 	case KindBlock:
 		w.para("rcptguard blocked %s.", who)
 		if r.Recovered {
 			w.para("rcptguard found this block on its blocklist when it started, without a report: it stopped after writing the block and before the report was spooled. The counts, client addresses and recipients were kept in memory only and are lost; the blocklist entry says: %s", clean(r.Action, maxField))
 			w.para("Postfix holds its mail: nothing of it is delivered, and nothing is lost, until you release or delete it.")
-			break
+			return
 		}
 		w.para("%s; its limit is %d. From now on Postfix holds its mail: nothing of it is delivered, and nothing is lost, until you release or delete it.", tried, r.Limit)
 	case KindWouldBlock:
@@ -487,6 +512,10 @@ func reportText(r Report) string {
 		w.para("Postfix holds them now, with the mail held since the block: nothing of it is delivered, and nothing is lost, until you release or delete it.")
 	}
 
+}
+
+// reportFacts writes the "Name: value" lines of the report.
+func reportFacts(w *textWriter, r Report, id string) {
 	w.fact("Identity", id)
 	w.fact("Time", r.Time.Format(time.RFC3339))
 	w.fact("Local time", r.Time.Format("Monday 2 January 2006, 15:04:05 MST"))
@@ -505,7 +534,7 @@ func reportText(r Report) string {
 		w.fact("Mode", clean(r.Mode, maxField))
 		w.fact("Count", plural(r.Count, "invalid recipient", "invalid recipients"))
 		w.fact("Limit", plural(r.Limit, "invalid recipient", "invalid recipients"))
-		w.fact("Window", period)
+		w.fact("Window", textfmt.FormatPeriod(r.Period))
 	}
 	switch {
 	case r.Action == "":
@@ -519,23 +548,16 @@ func reportText(r Report) string {
 	}
 	w.line("")
 
-	if q := r.QueueSpace; q != nil && q.Low {
-		w.para("WARNING: Postfix's queue file system is nearly full: %s free (%.1f%%). Held mail stays on it until it is released or deleted, and when it is full Postfix takes no mail at all. Delete held spam soon (rcptguard purge, below).",
-			humanBytes(q.FreeBytes), q.FreeRatio*100)
-	}
+}
 
-	if r.Kind == KindHeld {
-		writeHeld(&w, r)
-	} else {
-		writeEvidence(&w, r)
-	}
-
+// reportTodo writes what to do, with the commands.
+func reportTodo(w *textWriter, r Report) {
 	w.line("What to do")
 	w.line("")
 	if !isClean(r.Identity) {
 		w.para("The identity holds control characters or invalid UTF-8, shown escaped above, so no command can name it here. Its exact bytes are in the JSON part (report.json).")
-		writeHoldCommands(&w, r, 1, "")
-		return w.String()
+		writeHoldCommands(w, r, 1, "")
+		return
 	}
 	safe := "Make sure the account is safe again: most likely someone else knows its password, so change it."
 	check := "Check whether the account is compromised; if so, change its password."
@@ -551,10 +573,10 @@ func reportText(r Report) string {
 			w.step(2, "Unblock it, so that its new mail flows again:")
 			w.line("   %s", shellLine(cmds["unblock"]))
 			w.line("")
-			writeHoldCommands(&w, r, 3, shellQuote(r.Identity))
-			return w.String()
+			writeHoldCommands(w, r, 3, shellQuote(r.Identity))
+			return
 		}
-		writeQueueCommands(&w, cmds, 2)
+		writeQueueCommands(w, cmds, 2)
 		w.step(5, "Once the account is safe, unblock it, so that its new mail flows again (release does this itself):")
 		w.line("   %s", shellLine(cmds["unblock"]))
 		w.line("")
@@ -565,19 +587,18 @@ func reportText(r Report) string {
 		w.line("")
 		if len(r.QueueIDs) > 0 {
 			if isIP(r.Identity) {
-				writeHoldCommands(&w, r, 3, shellQuote(r.Identity))
+				writeHoldCommands(w, r, 3, shellQuote(r.Identity))
 			} else {
-				writeQueueCommands(&w, cmds, 3)
+				writeQueueCommands(w, cmds, 3)
 			}
 		}
 	}
-	return w.String()
 }
 
 // writeEvidence writes the clients, the invalid recipients and the queue
 // IDs answered HOLD of a block, would-block or warning report.
 func writeEvidence(w *textWriter, r Report) {
-	clients := head(r.Clients, maxClients)
+	clients := head(r.Clients, MaxClients)
 	if len(clients) == 0 {
 		w.para("No client address was recorded.")
 	} else {
@@ -597,7 +618,7 @@ func writeEvidence(w *textWriter, r Report) {
 		w.line("")
 	}
 
-	rcpts := head(r.Recipients, maxRecipients)
+	rcpts := head(r.Recipients, MaxRecipients)
 	if len(rcpts) == 0 {
 		w.para("No invalid recipient was recorded.")
 	} else {
@@ -627,7 +648,7 @@ func writeEvidence(w *textWriter, r Report) {
 		w.line("")
 	}
 
-	qids := head(r.QueueIDs, maxQueueIDs)
+	qids := head(r.QueueIDs, MaxQueueIDs)
 	if len(qids) == 0 {
 		if r.Kind == KindBlock {
 			w.para("No message has been held yet.")
@@ -649,7 +670,7 @@ func writeEvidence(w *textWriter, r Report) {
 
 // writeHeld writes the list of a KindHeld report.
 func writeHeld(w *textWriter, r Report) {
-	held := head(r.Held, maxQueueIDs)
+	held := head(r.Held, MaxQueueIDs)
 	if len(held) == 0 {
 		w.para("No message was held.")
 		return
@@ -775,10 +796,10 @@ func humanBytes(n uint64) string {
 // address (no SASL login in its queue files) or one no command can name.
 // arg is the shell quoted identity, "" when no command may name it.
 func writeHoldCommands(w *textWriter, r Report, step int, arg string) {
-	qids := head(r.QueueIDs, maxQueueIDs)
+	qids := head(r.QueueIDs, MaxQueueIDs)
 	if r.Kind == KindHeld {
 		qids = nil
-		for _, h := range head(r.Held, maxQueueIDs) {
+		for _, h := range head(r.Held, MaxQueueIDs) {
 			qids = append(qids, h.QueueID)
 		}
 	}

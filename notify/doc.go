@@ -72,7 +72,7 @@
 // The field names are stable; "version" changes only when a field changes
 // meaning or goes away. Every field is always present; unknown values are
 // "". Strings are valid UTF-8 (invalid bytes become U+FFFD); all but the
-// identity are cut at 512 characters. Lists hold at most 50 clients, 20
+// identity are cut at 512 characters. Lists hold at most 20 clients, 20
 // recipients and 100 queue IDs, as the text does.
 //
 //	version         number  1
@@ -169,7 +169,11 @@
 // go-smtp starts TLS only from its constructor, which says "EHLO
 // localhost" first, so unless STARTTLS is off a first connection asks the
 // relay whether it offers STARTTLS and the message goes over a second one
-// that starts TLS at once (and then says EHLO with our name). Commands time
+// that starts TLS at once (and then says EHLO with our name). The key
+// notify.starttls is that three-way string, unlike the callout's bool
+// callout.starttls: the session carries the relay's SASL password and the
+// report names a customer, so an operator may require TLS; a probe never
+// needs it. Commands time
 // out after 30 seconds, the reply to the message after 2 minutes, a whole
 // attempt after 5 minutes.
 //

@@ -50,7 +50,9 @@ func burst(t *testing.T, m *notify.Mailer, n int) []string {
 				t.Fatal(err)
 			}
 		}
-		if took := time.Since(start); took > 100*time.Millisecond {
+		// Enqueue never waits for the disk: two reports in far less than
+		// one spool retry round or write wait (1 s), even on a loaded CI box.
+		if took := time.Since(start); took > 500*time.Millisecond {
 			t.Errorf("Enqueue took %v while the spool refuses writes", took)
 		}
 	}

@@ -9,6 +9,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+
+	"github.com/rcptguard/rcptguard/blocklist/atomicfile"
 )
 
 // ledgerName is the spool's record of the blocks whose report is made: one
@@ -124,30 +126,9 @@ func (l *ledger) rewrite(s *spool, ids []string) error {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	tmp, err := os.CreateTemp(s.dir, spoolTemp+"*")
-	if err != nil {
+	if _, err := atomicfile.Write(l.path, spoolTemp+"*", 0o600, []byte(b.String())); err != nil {
 		return fmt.Errorf("notify: spool ledger: %w", err)
 	}
-	ok := false
-	defer func() {
-		if !ok {
-			tmp.Close()
-			os.Remove(tmp.Name())
-		}
-	}()
-	if _, err := tmp.WriteString(b.String()); err != nil {
-		return fmt.Errorf("notify: spool ledger: write: %w", err)
-	}
-	if err := tmp.Sync(); err != nil {
-		return fmt.Errorf("notify: spool ledger: sync: %w", err)
-	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("notify: spool ledger: %w", err)
-	}
-	if err := os.Rename(tmp.Name(), l.path); err != nil {
-		return fmt.Errorf("notify: spool ledger: %w", err)
-	}
-	ok = true
 	if err := s.syncDir(); err != nil {
 		return err
 	}

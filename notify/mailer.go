@@ -13,7 +13,6 @@ import (
 	"net/netip"
 	"os"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -172,6 +171,17 @@ type memMsg struct {
 // pruned.
 const minWarnedPrune = 1024
 
+// ParseAddress is the rule for the report's sender and recipients
+// (Config.From, Config.To): an RFC 5322 address, ASCII, at most 254
+// octets. It returns the bare address.
+func ParseAddress(s string) (string, error) {
+	a, err := parseAddress(s)
+	if err != nil {
+		return "", err
+	}
+	return a.Address, nil
+}
+
 // New checks cfg, fills its defaults and creates the spool directory.
 func New(cfg Config) (*Mailer, error) {
 	var errs []error
@@ -237,20 +247,16 @@ func New(cfg Config) (*Mailer, error) {
 		}
 		m.to = append(m.to, a.Address)
 	}
-	host, port, err := net.SplitHostPort(cfg.Relay)
+	host, _, err := net.SplitHostPort(cfg.Relay)
 	if err != nil {
 		bad("relay: %v", err)
-	} else if p, err := strconv.Atoi(port); err != nil || p < 1 || p > 65535 || host == "" {
-		bad("relay: %q is not host:port", cfg.Relay)
 	}
 	m.host = host
-	switch cfg.StartTLS {
-	case StartTLSRequired, StartTLSOpportunistic, StartTLSOff:
-	default:
-		bad("starttls: must be %q, %q or %q, got %q", StartTLSRequired, StartTLSOpportunistic, StartTLSOff, cfg.StartTLS)
-	}
-	if cfg.Username != "" && cfg.Password == "" {
-		bad("password: required when a username is set")
+	// The values are checked where they are read, with the key that set
+	// them (cmd/rcptguard's configuration). An unknown TLS policy is the
+	// strictest one, never a quiet downgrade.
+	if cfg.StartTLS != StartTLSOpportunistic && cfg.StartTLS != StartTLSOff {
+		cfg.StartTLS = StartTLSRequired
 	}
 	if strings.ContainsAny(cfg.Username, "\x00\r\n") {
 		bad("username: holds control characters")
@@ -751,7 +757,7 @@ func (m *Mailer) Run(ctx context.Context) error {
 		m.log.Error("partial spool file from an earlier crash moved aside", slog.String("path", p))
 	}
 	if err != nil {
-		m.log.Error("spool: cannot sweep temporary files", slog.Any("error", err))
+		m.log.Error("spool temporary files not swept", slog.Any("error", err))
 	}
 	if n := m.spool.count(); n > 0 {
 		m.log.Info("replaying report spool", slog.Int("pending", n), slog.String("spool", m.spool.dir))
@@ -762,7 +768,7 @@ func (m *Mailer) Run(ctx context.Context) error {
 	// the crash came in the instant between the mark and the relay
 	// reading the end of DATA.
 	if marked, err := m.spool.marked(); err != nil {
-		m.log.Error("spool: cannot look for messages being sent at a crash", slog.Any("error", err))
+		m.log.Error("spool not searched for messages being sent at a crash", slog.Any("error", err))
 	} else {
 		for name := range marked {
 			err := m.spool.remove(name)
@@ -834,7 +840,7 @@ func (m *Mailer) runOnce(ctx context.Context, allDue bool) time.Time {
 	}
 	names, err := m.spool.list()
 	if err != nil {
-		m.log.Error("spool: cannot list", slog.Any("error", err))
+		m.log.Error("spool listing failed", slog.Any("error", err))
 		return m.cfg.Now().Add(time.Minute)
 	}
 	m.forgetExcept(names)
@@ -953,12 +959,12 @@ func (m *Mailer) attempt(ctx context.Context, e spoolEntry) (time.Time, bool) {
 	})
 	if marked {
 		if err := m.spool.unmark(e.name); err != nil {
-			log.Warn("spool: mark of a report being sent not removed", slog.Any("error", err))
+			log.Warn("spool mark of a report being sent not removed", slog.Any("error", err))
 		}
 		if len(failures) > 0 {
 			// Not with the relay: the next start must send it.
 			if err := m.spool.syncDir(); err != nil {
-				log.Warn("spool: mark of a report being sent not removed", slog.Any("error", err))
+				log.Warn("spool mark of a report being sent not removed", slog.Any("error", err))
 			}
 		}
 	}

@@ -668,6 +668,7 @@ func TestMailerWarnUserLocalOnly(t *testing.T) {
 			t.Fatalf("after a warning for %s: %d pending, want %d", tt.id, n, tt.pending)
 		}
 	}
+	flush(t, m) // the spool writes end before the test's directory goes
 }
 
 func TestMailerSpoolFiles(t *testing.T) {
@@ -708,9 +709,8 @@ func TestNewValidates(t *testing.T) {
 		{"to", notify.Config{To: []string{"ok@example.com", "bad"}}, "to[1]"},
 		{"to-8bit", notify.Config{To: []string{"ü@example.com"}}, "non-ASCII"},
 		{"relay", notify.Config{Relay: "localhost"}, "relay"},
-		{"relay-port", notify.Config{Relay: "localhost:smtp"}, "relay"},
-		{"starttls", notify.Config{StartTLS: "yes"}, "starttls"},
-		{"password", notify.Config{Username: "u"}, "password"},
+		// Port, TLS policy and password are the configuration's to check
+		// (cmd/rcptguard/app), with the key that set them.
 	} {
 		_, err := notify.New(tc.cfg)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {

@@ -110,14 +110,19 @@ type Recipient struct {
 	Reply   string // the MX reply line, e.g. "550 5.1.1 <x@example.com>: no such user"
 }
 
-// Bounds on what a report shows, so that no report grows without limit.
+// Bounds on what a report shows, so that no report grows without limit:
+// the one set for the evidence the detector keeps, the report's text and
+// its JSON part.
 const (
-	maxRecipients = 20
-	maxClients    = 50
-	maxQueueIDs   = 100
-	maxIdentity   = 1000 // runes of the identity shown in the body
-	maxField      = 512  // runes of any other value (RFC 5321 reply lines are shorter)
-	maxSubjectID  = 100  // runes of the identity in the Subject and X- header
+	MaxRecipients = 20  // invalid recipients, the most recent
+	MaxClients    = 20  // client addresses, the first seen
+	MaxQueueIDs   = 100 // queue IDs of held mail
+)
+
+const (
+	maxIdentity  = 1000 // runes of the identity shown in the body
+	maxField     = 512  // runes of any other value (RFC 5321 reply lines are shorter)
+	maxSubjectID = 100  // runes of the identity in the Subject and X- header
 )
 
 // SampleReport returns a realistic block report for `rcptguard notify-test`:
@@ -187,24 +192,6 @@ func (r Report) UserAddress() (addr string, ok bool) {
 		return "", false
 	}
 	return a.Address, true
-}
-
-// formatPeriod writes a window length the way the configuration does:
-// "1h", "90m", "2d", "45s"; other lengths in Go's duration syntax.
-func formatPeriod(d time.Duration) string {
-	switch {
-	case d == 0:
-		return "0s"
-	case d%(24*time.Hour) == 0:
-		return strconv.FormatInt(int64(d/(24*time.Hour)), 10) + "d"
-	case d%time.Hour == 0:
-		return strconv.FormatInt(int64(d/time.Hour), 10) + "h"
-	case d%time.Minute == 0:
-		return strconv.FormatInt(int64(d/time.Minute), 10) + "m"
-	case d%time.Second == 0:
-		return strconv.FormatInt(int64(d/time.Second), 10) + "s"
-	}
-	return d.String()
 }
 
 // humanPeriod says a window length in words: "hour", "90 minutes", "2 days".

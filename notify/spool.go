@@ -15,6 +15,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/rcptguard/rcptguard/blocklist/atomicfile"
 )
 
 // Spool layout. A message waiting for the relay is one file NAME.msg in the
@@ -133,7 +135,7 @@ func (s *spool) write(name string, hdr spoolHeader, msg []byte) error {
 
 // place writes the spool file name as write does, but leaves the sync of
 // the directory to the caller, who may place several files first.
-func (s *spool) place(name string, hdr spoolHeader, msg []byte) (err error) {
+func (s *spool) place(name string, hdr spoolHeader, msg []byte) error {
 	hdr.Version = spoolVersion
 	hdr.Size = len(msg)
 	sum := sha256.Sum256(msg)
@@ -148,26 +150,7 @@ func (s *spool) place(name string, hdr spoolHeader, msg []byte) (err error) {
 	if err := s.injected("write", name); err != nil {
 		return err
 	}
-	tmp, err := os.CreateTemp(s.dir, spoolTemp+"*")
-	if err != nil {
-		return fmt.Errorf("notify: spool: %w", err)
-	}
-	defer func() {
-		if err != nil {
-			tmp.Close()
-			os.Remove(tmp.Name())
-		}
-	}()
-	if _, err = tmp.Write(append(append(head, '\n'), msg...)); err != nil {
-		return fmt.Errorf("notify: spool: write %s: %w", tmp.Name(), err)
-	}
-	if err = tmp.Sync(); err != nil {
-		return fmt.Errorf("notify: spool: sync %s: %w", tmp.Name(), err)
-	}
-	if err = tmp.Close(); err != nil {
-		return fmt.Errorf("notify: spool: close %s: %w", tmp.Name(), err)
-	}
-	if err = os.Rename(tmp.Name(), filepath.Join(s.dir, name)); err != nil {
+	if _, err := atomicfile.Write(filepath.Join(s.dir, name), spoolTemp+"*", 0o600, append(append(head, '\n'), msg...)); err != nil {
 		return fmt.Errorf("notify: spool: %w", err)
 	}
 	return nil
@@ -175,13 +158,8 @@ func (s *spool) place(name string, hdr spoolHeader, msg []byte) (err error) {
 
 // syncDir makes renames and removals in the spool directory durable.
 func (s *spool) syncDir() error {
-	d, err := os.Open(s.dir)
-	if err != nil {
+	if err := atomicfile.SyncDir(s.dir); err != nil {
 		return fmt.Errorf("notify: spool: %w", err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("notify: spool: sync %s: %w", s.dir, err)
 	}
 	return nil
 }

@@ -142,26 +142,28 @@ func listenDNSPair() (net.PacketConn, net.Listener, error) {
 // ServFail makes the server answer SERVFAIL to every query for name from
 // now on.
 func (s *DNSServer) ServFail(name string) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.servfail[dns.CanonicalName(name)] = true
+	s.mark(s.servfail, name)
 }
 
 // Drop makes the server ignore every query for name from now on, so that
 // clients time out. Dropped queries are counted by Queries and QueriesFor.
 func (s *DNSServer) Drop(name string) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.drop[dns.CanonicalName(name)] = true
+	s.mark(s.drop, name)
 }
 
 // Truncate makes the server answer queries for name over UDP with the TC
 // flag set and no records, so that clients retry over TCP; over TCP it
 // answers fully.
 func (s *DNSServer) Truncate(name string) {
+	s.mark(s.truncate, name)
+}
+
+// mark adds name to one of the server's sets of names (servfail, drop,
+// truncate).
+func (s *DNSServer) mark(set map[string]bool, name string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.truncate[dns.CanonicalName(name)] = true
+	set[dns.CanonicalName(name)] = true
 }
 
 // Set replaces the zone the server answers from, in the format StartDNS
@@ -180,11 +182,7 @@ func (s *DNSServer) Set(zone string) {
 // Queries returns the number of queries answered or dropped so far, over
 // UDP and TCP together. A query is counted before it is answered, so the
 // count includes every query a client has received an answer to.
-func (s *DNSServer) Queries() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.total
-}
+func (s *DNSServer) Queries() int { return locked(&s.mu, func() int { return s.total }) }
 
 // QueriesFor returns the number of queries for name and qtype (such as
 // dns.TypeMX) answered or dropped so far, over UDP and TCP together.

@@ -5,29 +5,9 @@ package test
 import (
 	"os"
 	"syscall"
-	"testing"
 )
 
-// BlocklistLock is a hold on a blocklist's lock file, taken the way
-// another rcptguard process takes it here (flock on PATH.lock).
-type BlocklistLock struct{ f *os.File }
+// lockFile takes an flock on f, as rcptguard does on the BSDs.
+func lockFile(f *os.File) error { return syscall.Flock(int(f.Fd()), syscall.LOCK_EX) }
 
-// LockBlocklist takes the lock of the blocklist at path, creating the lock
-// file when missing, and releases it at the end of the test.
-func LockBlocklist(t testing.TB, path string) *BlocklistLock {
-	t.Helper()
-	f, err := os.OpenFile(path+".lock", os.O_RDWR|os.O_CREATE, 0o660)
-	if err != nil {
-		t.Fatalf("test.LockBlocklist: %v", err)
-	}
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
-		f.Close()
-		t.Fatalf("test.LockBlocklist: %v", err)
-	}
-	l := &BlocklistLock{f: f}
-	t.Cleanup(l.Release)
-	return l
-}
-
-// Release releases the lock; releasing twice is fine.
-func (l *BlocklistLock) Release() { _ = syscall.Flock(int(l.f.Fd()), syscall.LOCK_UN) }
+func unlockFile(f *os.File) { _ = syscall.Flock(int(f.Fd()), syscall.LOCK_UN) }

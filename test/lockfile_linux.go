@@ -2,35 +2,17 @@ package test
 
 import (
 	"os"
-	"testing"
 
 	"golang.org/x/sys/unix"
 )
 
-// BlocklistLock is a hold on a blocklist's lock file, taken the way
-// another rcptguard process takes it (an OFD write lock on PATH.lock).
-type BlocklistLock struct{ f *os.File }
-
-// LockBlocklist takes the lock of the blocklist at path, creating the lock
-// file when missing, and releases it at the end of the test.
-func LockBlocklist(t testing.TB, path string) *BlocklistLock {
-	t.Helper()
-	f, err := os.OpenFile(path+".lock", os.O_RDWR|os.O_CREATE, 0o660)
-	if err != nil {
-		t.Fatalf("test.LockBlocklist: %v", err)
-	}
+// lockFile takes an OFD write lock on f, as rcptguard does on Linux.
+func lockFile(f *os.File) error {
 	lk := unix.Flock_t{Type: unix.F_WRLCK}
-	if err := unix.FcntlFlock(f.Fd(), unix.F_OFD_SETLKW, &lk); err != nil {
-		f.Close()
-		t.Fatalf("test.LockBlocklist: %v", err)
-	}
-	l := &BlocklistLock{f: f}
-	t.Cleanup(l.Release)
-	return l
+	return unix.FcntlFlock(f.Fd(), unix.F_OFD_SETLKW, &lk)
 }
 
-// Release releases the lock; releasing twice is fine.
-func (l *BlocklistLock) Release() {
+func unlockFile(f *os.File) {
 	lk := unix.Flock_t{Type: unix.F_UNLCK}
-	_ = unix.FcntlFlock(l.f.Fd(), unix.F_OFD_SETLK, &lk)
+	_ = unix.FcntlFlock(f.Fd(), unix.F_OFD_SETLK, &lk)
 }

@@ -158,11 +158,7 @@ func (m *MX) Set(cfg MXConfig) {
 }
 
 // Conns is the number of connections accepted so far.
-func (m *MX) Conns() int {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.conns
-}
+func (m *MX) Conns() int { return locked(&m.mu, func() int { return m.conns }) }
 
 // Sessions returns a copy of what every connection did so far, in the
 // order they were accepted.
@@ -180,45 +176,27 @@ func (m *MX) Sessions() []MXSession {
 
 // Rcpts lists every RCPT TO argument received so far, in order.
 func (m *MX) Rcpts() []string {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return append([]string(nil), m.rcpts...)
+	return locked(&m.mu, func() []string { return append([]string(nil), m.rcpts...) })
 }
 
 // Mails lists every MAIL FROM argument received so far, in order.
 func (m *MX) Mails() []string {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return append([]string(nil), m.mails...)
+	return locked(&m.mu, func() []string { return append([]string(nil), m.mails...) })
 }
 
 // Helos lists the EHLO/HELO names clients introduced themselves with.
 func (m *MX) Helos() []string {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return append([]string(nil), m.helos...)
+	return locked(&m.mu, func() []string { return append([]string(nil), m.helos...) })
 }
 
 // Datas counts DATA commands that reached the backend: a prober must never
 // send one.
-func (m *MX) Datas() int {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.datas
-}
+func (m *MX) Datas() int { return locked(&m.mu, func() int { return m.datas }) }
 
 // TLSSessions counts sessions that issued MAIL FROM over TLS.
-func (m *MX) TLSSessions() int {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.tlsUsed
-}
+func (m *MX) TLSSessions() int { return locked(&m.mu, func() int { return m.tlsUsed }) }
 
-func (m *MX) config() MXConfig {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.cfg
-}
+func (m *MX) config() MXConfig { return locked(&m.mu, func() MXConfig { return m.cfg }) }
 
 // pause waits d, or less when the server stops.
 func (m *MX) pause(d time.Duration) {
@@ -426,12 +404,10 @@ func (f *front) run() {
 		return
 	}
 	for {
-		line, err := f.readCommand()
+		line, verb, err := f.command()
 		if err != nil {
 			return
 		}
-		verb := strings.ToUpper(strings.SplitN(line, " ", 2)[0])
-		f.m.record(f.rec, func(r *MXSession) { r.Commands = append(r.Commands, verb) })
 		var reply []string
 		switch verb {
 		case "EHLO", "HELO":
@@ -452,17 +428,9 @@ func (f *front) run() {
 				reply = []string{"502 5.5.1 STARTTLS not offered"}
 				break
 			}
-			if f.send([]string{"220 2.0.0 Ready to start TLS"}) != nil {
+			if !f.startTLS() {
 				return
 			}
-			tc := tls.Server(f.client, f.m.tlsCfg)
-			_ = tc.SetDeadline(time.Now().Add(10 * time.Second))
-			if tc.Handshake() != nil {
-				return
-			}
-			_ = tc.SetDeadline(time.Time{})
-			f.client, f.cr, f.hello = tc, bufio.NewReader(tc), false
-			f.m.record(f.rec, func(r *MXSession) { r.TLS = true })
 			continue
 		case "QUIT":
 			f.m.record(f.rec, func(r *MXSession) { r.Quit = true })
@@ -489,18 +457,43 @@ func (f *front) run() {
 	}
 }
 
+// command reads the client's next command line and records its verb.
+func (f *front) command() (line, verb string, err error) {
+	if line, err = f.readCommand(); err != nil {
+		return "", "", err
+	}
+	verb = strings.ToUpper(strings.SplitN(line, " ", 2)[0])
+	f.m.record(f.rec, func(r *MXSession) { r.Commands = append(r.Commands, verb) })
+	return line, verb, nil
+}
+
+// startTLS answers STARTTLS and runs the handshake; false: the session
+// is over.
+func (f *front) startTLS() bool {
+	if f.send([]string{"220 2.0.0 Ready to start TLS"}) != nil {
+		return false
+	}
+	tc := tls.Server(f.client, f.m.tlsCfg)
+	_ = tc.SetDeadline(time.Now().Add(10 * time.Second))
+	if tc.Handshake() != nil {
+		return false
+	}
+	_ = tc.SetDeadline(time.Time{})
+	f.client, f.cr, f.hello = tc, bufio.NewReader(tc), false
+	f.m.record(f.rec, func(r *MXSession) { r.TLS = true })
+	return true
+}
+
 // refuse plays a refusing greeting.
 func (f *front) refuse(b *smtp.SMTPError) {
 	if f.send([]string{strings.TrimSuffix(bannerLine(b), "\r\n")}) != nil || b.Code/100 == 2 || b.Code == 421 {
 		return
 	}
 	for {
-		line, err := f.readCommand()
+		_, verb, err := f.command()
 		if err != nil {
 			return
 		}
-		verb := strings.ToUpper(strings.SplitN(line, " ", 2)[0])
-		f.m.record(f.rec, func(r *MXSession) { r.Commands = append(r.Commands, verb) })
 		if verb == "QUIT" {
 			f.m.record(f.rec, func(r *MXSession) { r.Quit = true })
 			_ = f.send([]string{"221 2.0.0 Bye"})

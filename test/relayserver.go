@@ -135,9 +135,7 @@ func (r *Relay) SetDown(down bool) {
 
 // Messages returns the messages accepted so far, in order.
 func (r *Relay) Messages() []RelayMessage {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return slices.Clone(r.msgs)
+	return locked(&r.mu, func() []RelayMessage { return slices.Clone(r.msgs) })
 }
 
 // WaitMessages waits until the relay has accepted at least n messages, or
@@ -163,39 +161,21 @@ func (r *Relay) WaitMessages(t testing.TB, n int, timeout time.Duration) []Relay
 }
 
 // Conns counts the connections accepted while the relay was up.
-func (r *Relay) Conns() int {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.conns
-}
+func (r *Relay) Conns() int { return locked(&r.mu, func() int { return r.conns }) }
 
 // Refused counts the connections closed because the relay was down.
-func (r *Relay) Refused() int {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.refused
-}
+func (r *Relay) Refused() int { return locked(&r.mu, func() int { return r.refused }) }
 
 // DataCommands counts the messages transferred with DATA, accepted or not.
-func (r *Relay) DataCommands() int {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.datas
-}
+func (r *Relay) DataCommands() int { return locked(&r.mu, func() int { return r.datas }) }
 
 // Helos lists the names clients gave in EHLO or HELO, one per session
 // (a STARTTLS session counts again after TLS).
 func (r *Relay) Helos() []string {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return slices.Clone(r.helos)
+	return locked(&r.mu, func() []string { return slices.Clone(r.helos) })
 }
 
-func (r *Relay) config() RelayConfig {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.cfg
-}
+func (r *Relay) config() RelayConfig { return locked(&r.mu, func() RelayConfig { return r.cfg }) }
 
 func (r *Relay) newSession(c *smtp.Conn) (smtp.Session, error) {
 	r.mu.Lock()

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	iofs "io/fs"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -19,7 +20,7 @@ import (
 // cmdList prints the blocklist: one entry a line, as in the file.
 func cmdList(_ context.Context, args []string, stdout, stderr io.Writer) error {
 	fs, config := newFlags("list", "list [-config FILE]", stderr)
-	cfg, err := parseFlags(fs, config, args)
+	cfg, err := parseNoArgs(fs, config, args)
 	if err != nil {
 		return err
 	}
@@ -59,25 +60,26 @@ func cmdList(_ context.Context, args []string, stdout, stderr io.Writer) error {
 // cmdBlock adds an identity to the blocklist. It works whether or not the
 // daemon runs: the daemon sees the change within 2 seconds.
 func cmdBlock(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs, config := newFlags("block", "block [-config FILE] [-reason TEXT] IDENTITY", stderr)
-	reason := fs.String("reason", "", "text for the entry (default: blocked by hand, with the date)")
-	cfg, err := parseFlags(fs, config, args)
+	fs, config := newFlags("block", "block [-config FILE] [-reason TEXT] [-login] IDENTITY", stderr)
+	reason := fs.String("reason", "", "text for the entry (default: the reason it is blocked for already, else blocked by hand, with the date)")
+	login := fs.Bool("login", false, "IDENTITY is a SASL login without a domain, as some sites use")
+	cfg, id, err := parseIdentityFlags(fs, config, args)
 	if err != nil {
 		return err
 	}
-	id, err := oneIdentity(fs.Args())
-	if err != nil {
-		fs.Usage()
-		return err
-	}
-	text := *reason
-	if text == "" {
-		text = "rcptguard: " + id + " blocked by hand on " + time.Now().UTC().Format("2006-01-02 15:04 MST")
+	if err := checkBlockable(id, *login, cfg.Detector.RelayNetworks); err != nil {
+		return usageErrorf("%s: %v", id, err)
 	}
 	action, _, _ := strings.Cut(cfg.Detector.Action, " ")
 	f, err := openForWrite(cfg)
 	if err != nil {
 		return err
+	}
+	text := *reason
+	if old, ok := f.Lookup(id); ok && text == "" {
+		text = old.Text // blocked again: the first reason stays
+	} else if text == "" {
+		text = "rcptguard: " + id + " blocked by hand on " + time.Now().UTC().Format("2006-01-02 15:04 MST")
 	}
 	ctx, cancel := context.WithTimeout(ctx, cliLockWait)
 	defer cancel()
@@ -96,13 +98,8 @@ func cmdBlock(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 // cmdUnblock removes an identity from the blocklist.
 func cmdUnblock(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs, config := newFlags("unblock", "unblock [-config FILE] IDENTITY", stderr)
-	cfg, err := parseFlags(fs, config, args)
+	cfg, id, err := parseIdentityFlags(fs, config, args)
 	if err != nil {
-		return err
-	}
-	id, err := oneIdentity(fs.Args())
-	if err != nil {
-		fs.Usage()
 		return err
 	}
 	f, err := openForWrite(cfg)
@@ -129,13 +126,50 @@ func cmdUnblock(ctx context.Context, args []string, stdout, stderr io.Writer) er
 
 func oneIdentity(args []string) (string, error) {
 	if len(args) != 1 {
-		return "", fmt.Errorf("%w: exactly one IDENTITY is needed", errUsage)
+		return "", usageErrorf("exactly one IDENTITY is needed")
 	}
 	id, err := identity.Canonical(args[0])
 	if err != nil {
-		return "", fmt.Errorf("%w: %v", errUsage, err)
+		return "", usageErrorf("%v; %s", err, identityForms)
 	}
 	return id, nil
+}
+
+// identityForms says what identities look like, for the errors of block.
+const identityForms = `identities are a SASL login such as "user@example.com" or a client address inside detector.relay_networks such as "192.0.2.7" or "2001:db8::7"`
+
+// checkBlockable refuses an identity that no policy request can ever
+// have: a network, an address outside relay_networks or not in the form
+// Postfix writes it, a login with an empty part, and a login without a
+// domain unless bareLogin says the site uses those.
+func checkBlockable(id string, bareLogin bool, relayNetworks []string) error {
+	if p, err := netip.ParsePrefix(id); err == nil {
+		return fmt.Errorf("a network is not an identity: %s; to track unauthenticated clients, put %s in detector.relay_networks", identityForms, p)
+	}
+	if a, err := netip.ParseAddr(id); err == nil {
+		if a.Unmap().String() != id {
+			return fmt.Errorf("written %s by Postfix", a.Unmap())
+		}
+		for _, n := range relayNetworks {
+			if p, err := parseNetwork(n); err == nil && p.Contains(a) {
+				return nil
+			}
+		}
+		return fmt.Errorf("a client address is an identity only inside detector.relay_networks (%s), and this one is not", strings.Join(relayNetworks, ", "))
+	}
+	at := strings.LastIndexByte(id, '@')
+	switch {
+	case at < 0 && bareLogin:
+		return nil
+	case at < 0:
+		return fmt.Errorf("neither an address nor a login with a domain: %s (a login without a domain needs -login)", identityForms)
+	case at == 0 || at == len(id)-1:
+		return fmt.Errorf("a part around '@' is empty: %s", identityForms)
+	}
+	if err := checkDomain(id[at+1:]); err != nil {
+		return fmt.Errorf("%v: %s", err, identityForms)
+	}
+	return nil
 }
 
 // cliLockWait bounds how long block and unblock wait for the blocklist's

@@ -130,3 +130,63 @@ func TestPasswordFileReadableByAllWarns(t *testing.T) {
 		}
 	}
 }
+
+// TestBlockRefusesWhatNeverMatches: block takes only identities a policy
+// request can have, says what they look like, and a second block keeps
+// the first reason unless -reason gives a new one.
+func TestBlockRefusesWhatNeverMatches(t *testing.T) {
+	bl := filepath.Join(t.TempDir(), "blocklist")
+	cfg := writeConfig(t, fmt.Sprintf("[blocklist]\npath = %q\n[queue]\nrequests = %q\n[detector]\nrelay_networks = [\"192.0.2.0/24\", \"2001:db8::/32\"]\n", bl, filepath.Join(filepath.Dir(bl), "hold-requests")))
+	tests := []struct {
+		args []string
+		want string // "" for blocked, else a substring of the error
+	}{
+		{[]string{"1.2.3.4/24"}, "a network is not an identity"},
+		{[]string{"user@"}, "a part around '@' is empty"},
+		{[]string{"@example.com"}, "a part around '@' is empty"},
+		{[]string{"not-an-address"}, "needs -login"},
+		{[]string{"user@bad domain"}, "white space"},
+		{[]string{"user@exa/mple.com"}, "not a domain"},
+		{[]string{"198.51.100.7"}, "only inside detector.relay_networks"},
+		{[]string{"::ffff:192.0.2.7"}, "written 192.0.2.7 by Postfix"},
+		{[]string{"2001:DB8::7"}, ""}, // folded to the form Postfix writes
+		{[]string{"192.0.2.7"}, ""},
+		{[]string{"-login", "not-an-address"}, ""},
+		{[]string{"Alice@Example.com"}, ""},
+	}
+	for _, tt := range tests {
+		var stdout, stderr bytes.Buffer
+		err := Run(context.Background(), append([]string{"block", "-config", cfg}, tt.args...), &stdout, &stderr)
+		switch {
+		case tt.want == "" && err != nil:
+			t.Errorf("%q: %v", tt.args, err)
+		case tt.want != "" && (err == nil || !strings.Contains(err.Error(), tt.want)):
+			t.Errorf("%q: error %v, want %q", tt.args, err, tt.want)
+		case tt.want != "" && !strings.Contains(err.Error(), "identities are a SASL login") && !strings.Contains(err.Error(), "by Postfix") && !strings.Contains(err.Error(), "relay_networks ("):
+			t.Errorf("%q: error %v does not say what identities look like", tt.args, err)
+		}
+	}
+	// Blocked again without -reason: the reason stays; with -reason it changes.
+	block := func(args ...string) string {
+		t.Helper()
+		var stdout, stderr bytes.Buffer
+		if err := Run(context.Background(), append([]string{"block", "-config", cfg}, args...), &stdout, &stderr); err != nil {
+			t.Fatal(err)
+		}
+		f, _, err := blocklist.Open(blocklist.Config{Path: bl})
+		if err != nil {
+			t.Fatal(err)
+		}
+		e, _ := f.Lookup("bob@example.com")
+		return e.Text
+	}
+	if got := block("-reason", "ticket 7", "bob@example.com"); got != "ticket 7" {
+		t.Fatalf("reason %q", got)
+	}
+	if got := block("bob@example.com"); got != "ticket 7" {
+		t.Errorf("blocked again without -reason: reason %q, want the first one", got)
+	}
+	if got := block("bob@example.com", "-reason", "ticket 8"); got != "ticket 8" {
+		t.Errorf("blocked again with -reason: reason %q", got)
+	}
+}

@@ -3,10 +3,12 @@ package app
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"net"
-	"net/mail"
 	"net/netip"
 	"os"
+	"reflect"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -17,6 +19,7 @@ import (
 	"github.com/rcptguard/rcptguard/blocklist/identity"
 	"github.com/rcptguard/rcptguard/callout"
 	"github.com/rcptguard/rcptguard/cmd/rcptguard/cluster"
+	"github.com/rcptguard/rcptguard/notify"
 )
 
 // defaultConfigPath is read when no -config flag and no RCPTGUARD_CONFIG
@@ -88,7 +91,7 @@ type CalloutConfig struct {
 	NegativeTTL      Duration `toml:"negative_ttl"`
 	UnknownTTL       Duration `toml:"unknown_ttl"`
 	AllowPrivate     bool     `toml:"allow_private"`
-	CatchallProbe    bool     `toml:"catchall_probe"`
+	CatchAllProbe    bool     `toml:"catchall_probe"`
 	CacheSize        int64    `toml:"cache_size"`
 	PerHost          int      `toml:"per_host"`
 	SingleRcptMX     []string `toml:"single_rcpt_mx"`
@@ -189,14 +192,14 @@ func defaultConfig() Config {
 			PositiveTTL:      Duration(24 * time.Hour),
 			NegativeTTL:      Duration(2 * time.Hour),
 			UnknownTTL:       Duration(5 * time.Minute),
-			CatchallProbe:    true,
+			CatchAllProbe:    true,
 			CacheSize:        64 << 20,
 			PerHost:          4,
 			SingleRcptMX:     slices.Clone(callout.DefaultSingleRcptMX),
 			AcceptAllDomains: slices.Clone(callout.DefaultAcceptAllDomains),
 			AcceptAllMX:      slices.Clone(callout.DefaultAcceptAllMX),
 			STARTTLS:         true,
-			SessionIdle:      Duration(2 * time.Second),
+			SessionIdle:      Duration(callout.DefaultSessionIdle),
 			PerIdentityRate:  120,
 			PerDomainRate:    30,
 			PerHostRate:      300,
@@ -265,8 +268,9 @@ func configPath(flagValue string) string {
 }
 
 // LoadConfig reads and validates the configuration file at path ("" means
-// defaults only). Unknown keys and bad values are errors naming the key and
-// the file; all of them are reported at once.
+// defaults only). Unknown keys and tables, values of the wrong type or
+// that do not parse, and bad values are errors naming the key and the
+// file; all of them are reported at once.
 func LoadConfig(path string) (*Config, error) {
 	cfg := defaultConfig()
 	cfg.Path = path
@@ -280,30 +284,168 @@ func LoadConfig(path string) (*Config, error) {
 	if err != nil {
 		return nil, fmt.Errorf("config: %w", err)
 	}
-	md, err := toml.Decode(string(data), &cfg)
-	if err != nil {
-		var perr toml.ParseError
-		if errors.As(err, &perr) {
-			return nil, fmt.Errorf("%s:%d: %s", path, perr.Position.Line, configKeyError(perr))
-		}
-		return nil, fmt.Errorf("%s: %w", path, err)
-	}
-	var errs []error
-	var reported []string
-	for _, k := range md.Undecoded() {
-		name := k.String()
-		// An unknown table is reported once, not once more per key in it.
-		if slices.ContainsFunc(reported, func(p string) bool { return strings.HasPrefix(name, p+".") }) {
-			continue
-		}
-		reported = append(reported, name)
-		errs = append(errs, fmt.Errorf("%s: unknown key", name))
+	errs := decodeConfig(string(data), &cfg)
+	var perr toml.ParseError
+	if len(errs) == 1 && errors.As(errs[0], &perr) {
+		// The file is not TOML: nothing further can be read.
+		return nil, fmt.Errorf("%s:%d: %s", path, perr.Position.Line, configKeyError(perr))
 	}
 	errs = append(errs, cfg.Validate()...)
 	if len(errs) > 0 {
 		return nil, joinConfigErrors(path, errs)
 	}
 	return &cfg, nil
+}
+
+// decodeConfig reads the file's keys into cfg one by one, so that one bad
+// key does not hide the next: it returns an error per unknown table, unknown
+// key and value that does not decode, or the TOML syntax error alone.
+func decodeConfig(text string, cfg *Config) []error {
+	var raw map[string]toml.Primitive
+	md, err := toml.Decode(text, &raw)
+	if err != nil {
+		return []error{err}
+	}
+	sections := tomlFields(reflect.ValueOf(cfg).Elem())
+	var errs []error
+	for _, k := range md.Keys() {
+		switch len(k) {
+		case 1:
+			_, known := sections[k[0]]
+			switch {
+			case !known && md.Type(k[0]) != "Hash":
+				errs = append(errs, fmt.Errorf("%s: unknown key (keys go in a table such as [detector])", k[0]))
+			case !known:
+				errs = append(errs, fmt.Errorf("%s: unknown table%s (the tables are %s)", k[0], didYouMean(k[0], sections), strings.Join(slices.Sorted(maps.Keys(sections)), ", ")))
+			case md.Type(k[0]) != "Hash":
+				errs = append(errs, fmt.Errorf("%s: must be a table, [%s], got %s", k[0], k[0], tomlTypeWords(md.Type(k[0]))))
+			}
+		case 2:
+			sec, ok := sections[k[0]]
+			if !ok || md.Type(k[0]) != "Hash" {
+				continue // reported with the table
+			}
+			var keys map[string]toml.Primitive
+			_ = md.PrimitiveDecode(raw[k[0]], &keys) // a Hash
+			fields := tomlFields(sec)
+			field, ok := fields[k[1]]
+			if !ok {
+				errs = append(errs, fmt.Errorf("%s: unknown key%s", k, didYouMean(k[1], fields)))
+				continue
+			}
+			if err := md.PrimitiveDecode(keys[k[1]], field.Addr().Interface()); err != nil {
+				errs = append(errs, decodeError(k.String(), md.Type(k...), field.Type(), err))
+			}
+		}
+	}
+	return errs
+}
+
+// didYouMean names the known key closest to a misspelt one, when one is
+// within two edits.
+func didYouMean(name string, known map[string]reflect.Value) string {
+	best, bestDist := "", 3
+	for _, k := range slices.Sorted(maps.Keys(known)) {
+		if d := editDistance(name, k); d < bestDist {
+			best, bestDist = k, d
+		}
+	}
+	if best == "" {
+		return ""
+	}
+	return fmt.Sprintf(" (did you mean %q?)", best)
+}
+
+// editDistance is the Levenshtein distance of a and b, in bytes.
+func editDistance(a, b string) int {
+	prev := make([]int, len(b)+1)
+	for j := range prev {
+		prev[j] = j
+	}
+	for i := 1; i <= len(a); i++ {
+		cur := make([]int, len(b)+1)
+		cur[0] = i
+		for j := 1; j <= len(b); j++ {
+			cost := 1
+			if a[i-1] == b[j-1] {
+				cost = 0
+			}
+			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
+		}
+		prev = cur
+	}
+	return prev[len(b)]
+}
+
+// tomlFields maps the toml tags of struct v's fields to the fields.
+func tomlFields(v reflect.Value) map[string]reflect.Value {
+	out := map[string]reflect.Value{}
+	for i := range v.NumField() {
+		if tag := v.Type().Field(i).Tag.Get("toml"); tag != "" && tag != "-" {
+			out[tag] = v.Field(i)
+		}
+	}
+	return out
+}
+
+// decodeError words a value that did not decode into a field of type t:
+// the expected type in the file's terms, or the value's own complaint.
+func decodeError(key, tomlType string, t reflect.Type, err error) error {
+	line := ""
+	if m := lineRE.FindStringSubmatch(err.Error()); m != nil {
+		line = " (line " + m[1] + ")"
+	}
+	want := goTypeWords(t)
+	var perr toml.ParseError
+	if errors.As(err, &perr) && !strings.Contains(perr.Message, "incompatible types") && tomlTypeWords(tomlType) == "a string" {
+		// The type is right; the text is not (a duration that does not parse).
+		return fmt.Errorf("%s: %s%s", key, perr.Message, line)
+	}
+	return fmt.Errorf("%s: must be %s, got %s%s", key, want, tomlTypeWords(tomlType), line)
+}
+
+var lineRE = regexp.MustCompile(`line (\d+)`)
+
+// goTypeWords says what a field of type t is written as in the file.
+func goTypeWords(t reflect.Type) string {
+	switch {
+	case t == reflect.TypeFor[Duration]():
+		return `a duration in quotes, such as "10s", "5m", "2h" or "7d"`
+	case t.Kind() == reflect.Bool:
+		return "true or false, without quotes"
+	case t.Kind() == reflect.Int || t.Kind() == reflect.Int64:
+		return "a whole number without quotes, such as 10"
+	case t.Kind() == reflect.Float64:
+		return "a number without quotes, such as 0.75"
+	case t.Kind() == reflect.String:
+		return "a string in quotes"
+	case t.Kind() == reflect.Slice:
+		return `a list of strings, such as ["a", "b"]`
+	}
+	return t.String()
+}
+
+// tomlTypeWords names a TOML value type (toml.MetaData.Type) in words.
+func tomlTypeWords(t string) string {
+	switch t {
+	case "String":
+		return "a string"
+	case "Integer":
+		return "a whole number"
+	case "Float":
+		return "a fractional number"
+	case "Bool":
+		return "a boolean"
+	case "Array":
+		return "a list"
+	case "Hash":
+		return "a table"
+	case "ArrayHash":
+		return "an array of tables"
+	case "Datetime", "DatetimeLocal", "DateLocal", "TimeLocal":
+		return "a date or time"
+	}
+	return "a " + strings.ToLower(t)
 }
 
 // configKeyError words a TOML decode error so it names the key.
@@ -322,142 +464,176 @@ func joinConfigErrors(path string, errs []error) error {
 	return errors.New(strings.Join(lines, "\n"))
 }
 
+// configErrors collects the errors of Validate, each naming its key.
+type configErrors []error
+
+func (e *configErrors) bad(key, format string, args ...any) {
+	*e = append(*e, fmt.Errorf("%s: %s", key, fmt.Sprintf(format, args...)))
+}
+
+// each checks every element of a list key with check.
+func (e *configErrors) each(key string, list []string, check func(string) error) {
+	for i, s := range list {
+		if err := check(s); err != nil {
+			e.bad(fmt.Sprintf("%s[%d]", key, i), "%v", err)
+		}
+	}
+}
+
 // Validate checks every value and returns one error per bad key, each
-// starting with the key's path ("callout.timeout: ...").
+// starting with the key's path ("callout.timeout: ..."). Each section has
+// its function.
 func (c *Config) Validate() []error {
-	var errs []error
-	bad := func(key, format string, args ...any) {
-		errs = append(errs, fmt.Errorf("%s: %s", key, fmt.Sprintf(format, args...)))
+	var e configErrors
+	validatePolicy(&e, &c.Policy)
+	validateDetector(&e, &c.Detector)
+	validateTriggers(&e, &c.Detector)
+	validateDetectorLists(&e, &c.Detector)
+	validateHold(&e, &c.Detector)
+	validateCallout(&e, &c.Callout)
+	validateCalloutRates(&e, &c.Callout)
+	validatePaths(&e, c)
+	validateNotify(&e, &c.Notify, c.Detector.LocalDomains)
+	if c.Metrics.Listen != "" {
+		if err := checkHostPort(c.Metrics.Listen); err != nil {
+			e.bad("metrics.listen", "%v", err)
+		}
 	}
+	e = append(e, checkCluster(&c.Cluster)...)
+	validateLog(&e, c.Log)
+	return e
+}
 
-	if len(c.Policy.Listen) == 0 {
-		bad("policy.listen", "at least one address is needed")
+func validatePolicy(e *configErrors, p *PolicyConfig) {
+	if len(p.Listen) == 0 {
+		e.bad("policy.listen", "at least one address is needed")
 	}
-	for i, l := range c.Policy.Listen {
-		if p, ok := strings.CutPrefix(l, "unix:"); ok {
-			if !strings.HasPrefix(p, "/") {
-				bad(fmt.Sprintf("policy.listen[%d]", i), "%q: a unix socket needs an absolute path, like \"unix:/run/rcptguard/policy.sock\"", l)
+	e.each("policy.listen", p.Listen, func(l string) error {
+		if path, ok := strings.CutPrefix(l, "unix:"); ok {
+			if !strings.HasPrefix(path, "/") {
+				return fmt.Errorf("%q: a unix socket needs an absolute path, like \"unix:/run/rcptguard/policy.sock\"", l)
 			}
-			continue
+			return nil
 		}
-		if err := checkHostPort(l); err != nil {
-			bad(fmt.Sprintf("policy.listen[%d]", i), "%v", err)
-		}
+		return checkHostPort(l)
+	})
+	if m, err := strconv.ParseUint(p.SocketMode, 8, 32); err != nil || m > 0o777 {
+		e.bad("policy.socket_mode", "%q is not an octal file mode such as \"0660\"", p.SocketMode)
 	}
-	if m, err := strconv.ParseUint(c.Policy.SocketMode, 8, 32); err != nil || m > 0o777 {
-		bad("policy.socket_mode", "%q is not an octal file mode such as \"0660\"", c.Policy.SocketMode)
+	if g := p.SocketGroup; g != "" && (len(g) > 32 || strings.ContainsAny(g, " \t\r\n\x00:/,")) {
+		e.bad("policy.socket_group", "%q is not a group name or number such as \"postfix\"", g)
 	}
-	if g := c.Policy.SocketGroup; g != "" && (len(g) > 32 || strings.ContainsAny(g, " \t\r\n\x00:/,")) {
-		bad("policy.socket_group", "%q is not a group name or number such as \"postfix\"", g)
+	if p.IdleTimeout.D() <= 0 {
+		e.bad("policy.idle_timeout", "must be positive")
 	}
-	if c.Policy.IdleTimeout.D() <= 0 {
-		bad("policy.idle_timeout", "must be positive")
+	if p.RequestTimeout.D() <= 0 || p.RequestTimeout.D() > 10*time.Minute {
+		e.bad("policy.request_timeout", "must be between 0 and 10m, got %s", p.RequestTimeout.D())
 	}
-	if c.Policy.RequestTimeout.D() <= 0 || c.Policy.RequestTimeout.D() > 10*time.Minute {
-		bad("policy.request_timeout", "must be between 0 and 10m, got %s", c.Policy.RequestTimeout.D())
+	if p.MaxConnections < 1 {
+		e.bad("policy.max_connections", "must be at least 1, got %d", p.MaxConnections)
 	}
-	if c.Policy.MaxConnections < 1 {
-		bad("policy.max_connections", "must be at least 1, got %d", c.Policy.MaxConnections)
+	if p.MaxConnectionsPerPeer < 0 {
+		e.bad("policy.max_connections_per_peer", "must be 0 (max_connections/4) or more, got %d", p.MaxConnectionsPerPeer)
 	}
-	if c.Policy.MaxConnectionsPerPeer < 0 {
-		bad("policy.max_connections_per_peer", "must be 0 (max_connections/4) or more, got %d", c.Policy.MaxConnectionsPerPeer)
-	}
-	for i, u := range c.Policy.AllowUsers {
-		if err := checkUserName(u); err != nil {
-			bad(fmt.Sprintf("policy.allow_users[%d]", i), "%v", err)
-		}
-	}
-	for i, n := range c.Policy.AllowNetworks {
-		if _, err := parseNetwork(n); err != nil {
-			bad(fmt.Sprintf("policy.allow_networks[%d]", i), "%v", err)
-		}
-	}
+	e.each("policy.allow_users", p.AllowUsers, checkUserName)
+	e.each("policy.allow_networks", p.AllowNetworks, func(n string) error { _, err := parseNetwork(n); return err })
+}
 
-	d := &c.Detector
+// validateDetector checks the counting and blocking keys.
+func validateDetector(e *configErrors, d *DetectorConfig) {
 	if d.Limit < 0 {
-		bad("detector.limit", "must be 0 (unlimited) or more")
+		e.bad("detector.limit", "must be 0 (unlimited) or more")
 	}
 	if d.Period.D() < time.Minute || d.Period.D() > 30*24*time.Hour {
-		bad("detector.period", "must be between 1m and 30d, got %s", d.Period.D())
+		e.bad("detector.period", "must be between 1m and 30d, got %s", d.Period.D())
 	}
 	if d.WarnAt < 0 || d.WarnAt > 1 {
-		bad("detector.warn_at", "must be a fraction between 0 (no warning) and 1, got %v", d.WarnAt)
+		e.bad("detector.warn_at", "must be a fraction between 0 (no warning) and 1, got %v", d.WarnAt)
 	}
-	if err := checkAction(d.Action); err != nil {
-		bad("detector.action", "%v", err)
+	if err := checkBlockAction(d.Action); err != nil {
+		e.bad("detector.action", "%v", err)
 	}
 	if d.Mode != "enforce" && d.Mode != "monitor" {
-		bad("detector.mode", "must be \"enforce\" or \"monitor\", got %q", d.Mode)
+		e.bad("detector.mode", "must be \"enforce\" or \"monitor\", got %q", d.Mode)
 	}
 	if d.Wait.D() <= 0 || d.Wait.D() > time.Minute {
-		bad("detector.wait", "must be between 0 and 1m (Postfix's policy timeout is 100s at most), got %s", d.Wait.D())
+		e.bad("detector.wait", "must be between 0 and 1m (Postfix's policy timeout is 100s at most), got %s", d.Wait.D())
 	}
+}
+
+// validateTriggers checks the keys of the other triggers and bounds.
+func validateTriggers(e *configErrors, d *DetectorConfig) {
 	if d.Ratio < 0 || d.Ratio > 1 {
-		bad("detector.ratio", "must be a fraction between 0 (off) and 1, got %v", d.Ratio)
+		e.bad("detector.ratio", "must be a fraction between 0 (off) and 1, got %v", d.Ratio)
 	}
 	if d.RatioMin < 1 && d.Ratio > 0 {
-		bad("detector.ratio_min", "must be at least 1 when detector.ratio is on, got %d", d.RatioMin)
+		e.bad("detector.ratio_min", "must be at least 1 when detector.ratio is on, got %d", d.RatioMin)
 	}
 	if lp := d.LongPeriod.D(); lp != 0 && (lp <= d.Period.D() || lp > 90*24*time.Hour) {
-		bad("detector.long_period", "must be 0 (none) or longer than detector.period and at most 90d, got %s", lp)
+		e.bad("detector.long_period", "must be 0 (none) or longer than detector.period and at most 90d, got %s", lp)
 	}
 	if d.LongLimit < 0 {
-		bad("detector.long_limit", "must be 0 (three times the limit) or more, got %d", d.LongLimit)
+		e.bad("detector.long_limit", "must be 0 (three times the limit) or more, got %d", d.LongLimit)
 	}
 	if d.MaxIdentities < 1000 || d.MaxIdentities > 100_000_000 {
-		bad("detector.max_identities", "must be between 1000 and 100000000, got %d", d.MaxIdentities)
+		e.bad("detector.max_identities", "must be between 1000 and 100000000, got %d", d.MaxIdentities)
 	}
-	for i, n := range d.RelayNetworks {
-		if _, err := parseNetwork(n); err != nil {
-			bad(fmt.Sprintf("detector.relay_networks[%d]", i), "%v", err)
-		}
-	}
-	for i, dom := range d.LocalDomains {
-		if err := checkDomain(dom); err != nil {
-			bad(fmt.Sprintf("detector.local_domains[%d]", i), "%v", err)
-		}
-	}
-	for i, id := range d.Exempt {
-		if err := identity.Check(id); err != nil {
-			bad(fmt.Sprintf("detector.exempt[%d]", i), "%q: %v", id, err)
-		}
-	}
-
 	if u := d.UnblockAfter.D(); u != 0 && (u < time.Minute || u > 365*24*time.Hour) {
-		bad("detector.unblock_after", "must be \"0s\" (off) or between 1m and 365d, got %s", u)
+		e.bad("detector.unblock_after", "must be \"0s\" (off) or between 1m and 365d, got %s", u)
 	}
+}
+
+// validateDetectorLists checks the lists of networks, domains and
+// identities.
+func validateDetectorLists(e *configErrors, d *DetectorConfig) {
+	e.each("detector.relay_networks", d.RelayNetworks, func(n string) error { _, err := parseNetwork(n); return err })
+	e.each("detector.local_domains", d.LocalDomains, checkDomain)
+	e.each("detector.exempt", d.Exempt, func(id string) error {
+		if err := identity.Check(id); err != nil {
+			return fmt.Errorf("%q: %w", id, err)
+		}
+		return nil
+	})
+}
+
+// validateHold checks the bounds on held mail.
+func validateHold(e *configErrors, d *DetectorConfig) {
 	if d.HoldMax < 0 {
-		bad("detector.hold_max", "must be 0 (no limit) or more, got %d", d.HoldMax)
+		e.bad("detector.hold_max", "must be 0 (no limit) or more, got %d", d.HoldMax)
 	}
 	if d.HoldMaxBytes < 0 {
-		bad("detector.hold_max_bytes", "must be 0 (no limit) or more, got %d", d.HoldMaxBytes)
+		e.bad("detector.hold_max_bytes", "must be 0 (no limit) or more, got %d", d.HoldMaxBytes)
 	}
 	if err := checkAction(d.HoldMaxAction); err != nil {
-		bad("detector.hold_max_action", "%v", err)
+		e.bad("detector.hold_max_action", "%v", err)
 	} else if w, _, _ := strings.Cut(d.HoldMaxAction, " "); slices.Contains([]string{"HOLD", "DUNNO", "WARN", "DISCARD"}, strings.ToUpper(w)) {
-		bad("detector.hold_max_action", "%q: must refuse the mail (REJECT, DEFER or a 4xx/5xx code), not %s it", d.HoldMaxAction, strings.ToUpper(w))
+		e.bad("detector.hold_max_action", "%q: must refuse the mail (REJECT, DEFER or a 4xx/5xx code), not %s it", d.HoldMaxAction, strings.ToUpper(w))
 	}
+}
 
-	co := &c.Callout
+// validateCallout checks how probes are made and cached.
+func validateCallout(e *configErrors, co *CalloutConfig) {
 	if co.Resolver != "" {
 		if err := checkHostPort(co.Resolver); err != nil {
-			bad("callout.resolver", "%v", err)
+			e.bad("callout.resolver", "%v", err)
 		}
 	}
 	if co.Port < 1 || co.Port > 65535 {
-		bad("callout.port", "must be a port number, got %d", co.Port)
+		e.bad("callout.port", "must be a port number, got %d", co.Port)
 	}
 	if co.Timeout.D() < 100*time.Millisecond || co.Timeout.D() > 5*time.Minute {
-		bad("callout.timeout", "must be between 100ms and 5m, got %s", co.Timeout.D())
+		e.bad("callout.timeout", "must be between 100ms and 5m, got %s", co.Timeout.D())
 	}
 	if co.Helo != "" {
 		if err := checkDomain(co.Helo); err != nil {
-			bad("callout.helo", "%v", err)
+			e.bad("callout.helo", "%v", err)
 		}
 	}
 	if co.MailFrom != "" {
-		if _, err := mail.ParseAddress(co.MailFrom); err != nil || strings.ContainsAny(co.MailFrom, "<> ") {
-			bad("callout.mail_from", "%q is not a bare address such as \"verify@example.com\" (empty means the null sender)", co.MailFrom)
+		// The callout package's own address rule: what passes here is
+		// what it sends.
+		if _, err := callout.ParseAddress(co.MailFrom); err != nil || strings.ContainsAny(co.MailFrom, "<> ") {
+			e.bad("callout.mail_from", "%q is not a bare address such as \"verify@example.com\" (empty means the null sender)", co.MailFrom)
 		}
 	}
 	for _, t := range []struct {
@@ -465,104 +641,98 @@ func (c *Config) Validate() []error {
 		v   Duration
 	}{{"callout.positive_ttl", co.PositiveTTL}, {"callout.negative_ttl", co.NegativeTTL}, {"callout.unknown_ttl", co.UnknownTTL}} {
 		if t.v.D() <= 0 {
-			bad(t.key, "must be positive")
+			e.bad(t.key, "must be positive")
 		}
 	}
 	if co.CacheSize < 1<<20 {
-		bad("callout.cache_size", "must be at least 1048576 bytes, got %d", co.CacheSize)
-	}
-	if co.PerHost < 1 || co.PerHost > 100 {
-		bad("callout.per_host", "must be between 1 and 100, got %d", co.PerHost)
+		e.bad("callout.cache_size", "must be at least 1048576 bytes, got %d", co.CacheSize)
 	}
 	if co.SessionIdle.D() < 0 || co.SessionIdle.D() > time.Minute {
-		bad("callout.session_idle", "must be between 0 and 1m, got %s", co.SessionIdle.D())
+		e.bad("callout.session_idle", "must be between 0 and 1m, got %s", co.SessionIdle.D())
+	}
+	pattern := func(p string) error { return checkDomain(strings.TrimPrefix(p, "*.")) }
+	e.each("callout.single_rcpt_mx", co.SingleRcptMX, pattern)
+	e.each("callout.accept_all_domains", co.AcceptAllDomains, pattern)
+	e.each("callout.accept_all_mx", co.AcceptAllMX, pattern)
+}
+
+// validateCalloutRates checks the caps on probes.
+func validateCalloutRates(e *configErrors, co *CalloutConfig) {
+	if co.PerHost < 1 || co.PerHost > 100 {
+		e.bad("callout.per_host", "must be between 1 and 100, got %d", co.PerHost)
 	}
 	if co.PerIdentityRate < 0 {
-		bad("callout.per_identity_rate", "must be 0 (no cap) or more, got %d", co.PerIdentityRate)
-	}
-	if co.PerDomainRate < 1 {
-		bad("callout.per_domain_rate", "must be at least 1, got %d", co.PerDomainRate)
-	}
-	if co.PerHostRate < 1 {
-		bad("callout.per_host_rate", "must be at least 1, got %d", co.PerHostRate)
+		e.bad("callout.per_identity_rate", "must be 0 (no cap) or more, got %d", co.PerIdentityRate)
 	}
 	for _, r := range []struct {
 		key string
 		v   int
-	}{{"callout.per_domain_rcpt_rate", co.PerDomainRcptRate}, {"callout.per_host_rcpt_rate", co.PerHostRcptRate}, {"callout.session_rate", co.SessionRate}} {
+	}{{"callout.per_domain_rate", co.PerDomainRate}, {"callout.per_host_rate", co.PerHostRate},
+		{"callout.per_domain_rcpt_rate", co.PerDomainRcptRate}, {"callout.per_host_rcpt_rate", co.PerHostRcptRate}, {"callout.session_rate", co.SessionRate}} {
 		if r.v < 1 {
-			bad(r.key, "must be at least 1, got %d", r.v)
+			e.bad(r.key, "must be at least 1, got %d", r.v)
 		}
 	}
-	for _, list := range []struct {
-		key string
-		v   []string
-	}{{"callout.single_rcpt_mx", co.SingleRcptMX}, {"callout.accept_all_domains", co.AcceptAllDomains}, {"callout.accept_all_mx", co.AcceptAllMX}} {
-		for i, p := range list.v {
-			if err := checkDomain(strings.TrimPrefix(p, "*.")); err != nil {
-				bad(fmt.Sprintf("%s[%d]", list.key, i), "%v", err)
-			}
-		}
-	}
+}
 
-	if c.Blocklist.Path == "" || !strings.HasPrefix(c.Blocklist.Path, "/") {
-		bad("blocklist.path", "must be an absolute path, got %q", c.Blocklist.Path)
+// validatePaths checks the state files and directories.
+func validatePaths(e *configErrors, c *Config) {
+	if !strings.HasPrefix(c.Blocklist.Path, "/") {
+		e.bad("blocklist.path", "must be an absolute path, got %q", c.Blocklist.Path)
 	}
-
+	if !strings.HasPrefix(c.Notify.Spool, "/") {
+		e.bad("notify.spool", "must be an absolute path, got %q", c.Notify.Spool)
+	}
 	if p := c.Queue.PostfixConfig; p != "" && !strings.HasPrefix(p, "/") {
-		bad("queue.postfix_config", "must be an absolute path or empty (Postfix's default), got %q", p)
+		e.bad("queue.postfix_config", "must be an absolute path or empty (Postfix's default), got %q", p)
 	}
 	if p := c.Queue.Requests; p != "" && !strings.HasPrefix(p, "/") {
-		bad("queue.requests", "must be an absolute path or empty (no retroactive hold), got %q", p)
+		e.bad("queue.requests", "must be an absolute path or empty (no retroactive hold), got %q", p)
 	}
+}
 
-	n := &c.Notify
-	for i, to := range n.To {
-		if _, err := mail.ParseAddress(to); err != nil {
-			bad(fmt.Sprintf("notify.to[%d]", i), "%q is not an email address", to)
+// validateNotify checks the [notify] section with the notify package's
+// address rule.
+func validateNotify(e *configErrors, n *NotifyConfig, localDomains []string) {
+	e.each("notify.to", n.To, func(to string) error {
+		if _, err := notify.ParseAddress(to); err != nil {
+			return fmt.Errorf("is not an email address: %w", err)
 		}
-	}
-	if _, err := mail.ParseAddress(n.From); err != nil {
-		bad("notify.from", "%q is not an email address", n.From)
+		return nil
+	})
+	if _, err := notify.ParseAddress(n.From); err != nil {
+		e.bad("notify.from", "is not an email address: %v", err)
 	}
 	if err := checkHostPort(n.Relay); err != nil {
-		bad("notify.relay", "%v", err)
+		e.bad("notify.relay", "%v", err)
 	}
 	switch n.STARTTLS {
-	case "required", "opportunistic", "off":
+	case notify.StartTLSRequired, notify.StartTLSOpportunistic, notify.StartTLSOff:
 	default:
-		bad("notify.starttls", "must be \"required\", \"opportunistic\" or \"off\", got %q", n.STARTTLS)
+		e.bad("notify.starttls", "must be \"required\", \"opportunistic\" or \"off\", got %q", n.STARTTLS)
 	}
 	if n.Username != "" && n.PasswordFile == "" {
-		bad("notify.password_file", "is required when notify.username is set")
+		e.bad("notify.password_file", "is required when notify.username is set")
 	}
 	if n.MaxAge.D() < time.Minute {
-		bad("notify.max_age", "must be at least 1m, got %s", n.MaxAge.D())
+		e.bad("notify.max_age", "must be at least 1m, got %s", n.MaxAge.D())
 	}
-	if n.WarnUser && len(c.Detector.LocalDomains) == 0 {
-		bad("notify.warn_user", "warns only identities whose domain is in detector.local_domains, which is empty")
+	if n.WarnUser && len(localDomains) == 0 {
+		e.bad("notify.warn_user", "warns only identities whose domain is in detector.local_domains, which is empty")
 	}
-	if n.Spool == "" || !strings.HasPrefix(n.Spool, "/") {
-		bad("notify.spool", "must be an absolute path, got %q", n.Spool)
-	}
+}
 
-	if c.Metrics.Listen != "" {
-		if err := checkHostPort(c.Metrics.Listen); err != nil {
-			bad("metrics.listen", "%v", err)
-		}
-	}
-	errs = append(errs, checkCluster(&c.Cluster)...)
-	switch c.Log.Level {
+func validateLog(e *configErrors, l LogConfig) {
+	switch l.Level {
 	case "debug", "info", "warn", "error":
 	default:
-		bad("log.level", "must be debug, info, warn or error, got %q", c.Log.Level)
+		e.bad("log.level", "must be debug, info, warn or error, got %q", l.Level)
 	}
-	switch c.Log.Format {
+	switch l.Format {
 	case "text", "json":
 	default:
-		bad("log.format", "must be \"text\" or \"json\", got %q", c.Log.Format)
+		e.bad("log.format", "must be \"text\" or \"json\", got %q", l.Format)
 	}
-	return errs
 }
 
 func checkHostPort(s string) error {
@@ -624,6 +794,22 @@ func checkAction(a string) error {
 		return nil
 	}
 	return fmt.Errorf("%q: must start with a Postfix action such as HOLD, REJECT, DEFER or an SMTP code", a)
+}
+
+// checkBlockAction is checkAction for the answer to a blocked identity,
+// which must stop its mail without losing it: DISCARD loses the mail,
+// DUNNO and WARN let it through.
+func checkBlockAction(a string) error {
+	if err := checkAction(a); err != nil {
+		return err
+	}
+	switch w, _, _ := strings.Cut(a, " "); strings.ToUpper(w) {
+	case "DISCARD":
+		return fmt.Errorf("%q: DISCARD deletes the blocked identity's mail unseen; use HOLD (kept for review), DEFER or REJECT", a)
+	case "DUNNO", "WARN":
+		return fmt.Errorf("%q: %s blocks nothing; use HOLD, DEFER or REJECT", a, strings.ToUpper(w))
+	}
+	return nil
 }
 
 // checkCluster validates the [cluster] section.

@@ -1,12 +1,16 @@
 package app
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"reflect"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/rcptguard/rcptguard/callout"
+	"github.com/rcptguard/rcptguard/notify"
 )
 
 func writeConfig(t *testing.T, text string) string {
@@ -24,7 +28,7 @@ func TestDefaultsAreValid(t *testing.T) {
 		t.Fatal(err)
 	}
 	if cfg.Detector.Limit != 100 || cfg.Detector.Period.D() != time.Hour || cfg.Callout.Timeout.D() != 10*time.Second ||
-		cfg.Policy.Listen[0] != "127.0.0.1:10040" || cfg.Detector.Action != "HOLD" || !cfg.Callout.CatchallProbe {
+		cfg.Policy.Listen[0] != "127.0.0.1:10040" || cfg.Detector.Action != "HOLD" || !cfg.Callout.CatchAllProbe {
 		t.Fatalf("unexpected defaults: %+v", cfg)
 	}
 	// An empty file is the defaults too.
@@ -111,7 +115,13 @@ func TestBadConfigs(t *testing.T) {
 		want []string // substrings of the error
 	}{
 		{"[detector]\nbogus = 1\n", []string{"detector.bogus: unknown key"}},
-		{"[nosuchsection]\na = 1\nb = 2\n", []string{"nosuchsection: unknown key"}},
+		{"[nosuchsection]\na = 1\nb = 2\n", []string{"nosuchsection: unknown table"}},
+		{"limit = 1\n", []string{"limit: unknown key"}},
+		{"[[detector]]\nlimit = 1\n", []string{"detector: must be a table"}},
+		{"[detector]\naction = \"DISCARD\"\n", []string{"detector.action", "DISCARD"}},
+		{"[detector]\naction = \"dunno\"\n", []string{"detector.action", "DUNNO blocks nothing"}},
+		{"[callout]\ncatchall_probe = \"yes\"\n", []string{"callout.catchall_probe: must be true or false, without quotes, got a string"}},
+		{"[policy]\nlisten = \"127.0.0.1:1\"\n", []string{"policy.listen: must be a list of strings", "got a string"}},
 		{"[detector]\nlimit = \"many\"\n", []string{"detector.limit"}},
 		{"[detector]\nlimit = -1\n", []string{"detector.limit: must be 0"}},
 		{"[detector]\nperiod = \"forever\"\n", []string{"detector.period", "not a duration"}},
@@ -228,5 +238,37 @@ func TestContribConfigIsTheDefaults(t *testing.T) {
 				t.Errorf("README does not document %s.%s", section, key)
 			}
 		}
+	}
+}
+
+// TestOneGrammar: a value the file accepts is one the package that uses it
+// accepts, judged by the package's own rule, and the zero value means the
+// same in the file and in the package.
+func TestOneGrammar(t *testing.T) {
+	for _, addr := range []string{"a@example.com.", "a@example.com", "a@[127.0.0.1]", "a..b@example.com", "\"x y\"@example.com"} {
+		_, fileErr := LoadConfig(writeConfig(t, fmt.Sprintf("[callout]\nmail_from = %q\n", addr)))
+		_, pkgErr := callout.ParseAddress(addr)
+		if (fileErr == nil) != (pkgErr == nil && !strings.ContainsAny(addr, "<> ")) {
+			t.Errorf("callout.mail_from %q: file says %v, callout says %v", addr, fileErr, pkgErr)
+		}
+	}
+	for _, addr := range []string{"abuse@example.com", "abus\u00e9@example.com", "not an address", strings.Repeat("a", 250) + "@example.com"} {
+		_, fileErr := LoadConfig(writeConfig(t, fmt.Sprintf("[notify]\nto = [%q]\n", addr)))
+		_, pkgErr := notify.ParseAddress(addr)
+		if (fileErr == nil) != (pkgErr == nil) {
+			t.Errorf("notify.to %q: file says %v, notify says %v", addr, fileErr, pkgErr)
+		}
+	}
+	// session_idle = "0s" closes a session at once: the verifier gets 0,
+	// which callout reads the same way.
+	cfg, err := LoadConfig(writeConfig(t, "[callout]\nsession_idle = \"0s\"\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := calloutConfig(cfg, nil, nil, nil, nil).SessionIdle; got != 0 {
+		t.Errorf("session_idle 0s reaches callout as %s", got)
+	}
+	if got := calloutConfig(&Config{Callout: defaultConfig().Callout}, nil, nil, nil, nil).SessionIdle; got != callout.DefaultSessionIdle {
+		t.Errorf("default session_idle reaches callout as %s", got)
 	}
 }

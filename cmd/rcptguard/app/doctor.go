@@ -27,12 +27,9 @@ func cmdDoctor(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	pfDir := fs.String("postfix-config", "", "Postfix configuration `directory` (postconf -c; default: Postfix's own)")
 	postconf := fs.String("postconf", "", "the postconf `program` (default: found in $PATH or /usr/sbin)")
 	self := fs.String("rcptguard", "", "the rcptguard `program` run as Postfix's user to ask the service (default: this one)")
-	cfg, err := parseFlags(fs, config, args)
+	cfg, err := parseNoArgs(fs, config, args)
 	if err != nil {
 		return err
-	}
-	if fs.NArg() > 0 {
-		return fmt.Errorf("%w: doctor takes no arguments", errUsage)
 	}
 	exe := *self
 	if exe == "" {

@@ -21,7 +21,7 @@ func cmdHealth(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	fs, config := newFlags("health", "health [-config FILE] [-timeout D]", stderr)
 	timeout := fs.Duration("timeout", 3*time.Second, "how long to wait for the answer")
 	addrFlag := fs.String("addr", "", "ask this address, \"host:port\" or \"unix:/path\" (default: the first policy.listen)")
-	cfg, err := parseFlags(fs, config, args)
+	cfg, err := parseNoArgs(fs, config, args)
 	if err != nil {
 		return err
 	}

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/rcptguard/rcptguard/callout/textfmt"
 	"github.com/rcptguard/rcptguard/detector"
 	"github.com/rcptguard/rcptguard/notify"
 )
@@ -33,6 +34,9 @@ func newMailer(cfg *Config, log *slog.Logger, withSpool bool) (*notify.Mailer, e
 				slog.String("fix", "chmod 0640 "+n.PasswordFile+" (owned by root, group rcptguard) or 0600 owned by rcptguard"))
 		}
 		password = strings.TrimRight(string(b), "\r\n")
+		if password == "" {
+			return nil, fmt.Errorf("notify.password_file: %s is empty (notify.username %q needs a password)", n.PasswordFile, n.Username)
+		}
 	}
 	spool := ""
 	if withSpool {
@@ -81,7 +85,7 @@ type reportNotifier struct {
 
 func (n reportNotifier) Notify(ctx context.Context, ev detector.Event) error {
 	n.log.Warn("rcptguard report", slog.String("event", string(ev.Kind)), slog.String("identity", ev.Identity),
-		slog.Int("count", ev.Count), slog.Int("limit", ev.Limit), slog.String("period", detector.FormatPeriod(ev.Period)),
+		slog.Int("count", ev.Count), slog.Int("limit", ev.Limit), slog.String("period", textfmt.FormatPeriod(ev.Period)),
 		slog.String("mode", string(ev.Mode)), slog.Int("recipients", len(ev.Evidence.Recipients)),
 		slog.Any("queue_ids", ev.Evidence.QueueIDs), slog.Bool("mailed", n.mailer != nil))
 	if n.mailer == nil {
@@ -123,12 +127,12 @@ func reportOf(ev detector.Event) notify.Report {
 // at once, so an administrator can check the whole path.
 func cmdNotifyTest(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs, config := newFlags("notify-test", "notify-test [-config FILE]", stderr)
-	cfg, err := parseFlags(fs, config, args)
+	cfg, err := parseNoArgs(fs, config, args)
 	if err != nil {
 		return err
 	}
 	if len(cfg.Notify.To) == 0 {
-		return fmt.Errorf("%w: notify.to is empty: there is nobody to send the sample report to", errUsage)
+		return usageErrorf("notify.to is empty: there is nobody to send the sample report to")
 	}
 	m, err := newMailer(cfg, slog.New(slog.NewTextHandler(stderr, nil)), false)
 	if err != nil {

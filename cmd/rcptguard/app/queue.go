@@ -3,6 +3,7 @@ package app
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -54,7 +55,7 @@ func cmdHeld(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		}
 	default:
 		fs.Usage()
-		return fmt.Errorf("%w: at most one IDENTITY", errUsage)
+		return usageErrorf("at most one IDENTITY")
 	}
 	_, msgs, err := heldMail(ctx, cfg, id, stderr)
 	if err != nil {
@@ -101,24 +102,36 @@ func heldMail(ctx context.Context, cfg *Config, id string, stderr io.Writer) (*q
 	return q, msgs, nil
 }
 
+// heldRun is a command on one identity's held mail: release or purge.
+type heldRun struct {
+	cfg  *Config
+	id   string
+	q    *queue.Queue
+	msgs []queue.Message
+	dry  bool // -n: print what would be done, change nothing
+}
+
+// startHeld adds -n to fs, parses the command line of one IDENTITY and
+// finds its held mail.
+func startHeld(ctx context.Context, fs *flag.FlagSet, config *string, args []string, stderr io.Writer) (heldRun, error) {
+	dry := fs.Bool("n", false, "dry run: print what would be done, change nothing")
+	cfg, id, err := parseIdentityFlags(fs, config, args)
+	if err != nil {
+		return heldRun{}, err
+	}
+	q, msgs, err := heldMail(ctx, cfg, id, stderr)
+	return heldRun{cfg: cfg, id: id, q: q, msgs: msgs, dry: *dry}, err
+}
+
 // cmdRelease unblocks an identity and releases its held mail.
 func cmdRelease(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs, config := newFlags("release", "release [-config FILE] [-n] IDENTITY", stderr)
-	dry := fs.Bool("n", false, "dry run: print what would be done, change nothing")
-	cfg, err := parseFlags(fs, config, args)
+	h, err := startHeld(ctx, fs, config, args, stderr)
 	if err != nil {
 		return err
 	}
-	id, err := oneIdentity(fs.Args())
-	if err != nil {
-		fs.Usage()
-		return err
-	}
-	q, msgs, err := heldMail(ctx, cfg, id, stderr)
-	if err != nil {
-		return err
-	}
-	if *dry {
+	cfg, id, q, msgs := h.cfg, h.id, h.q, h.msgs
+	if h.dry {
 		if blocked, err := isBlocked(cfg, id); err != nil {
 			return err
 		} else if blocked {
@@ -147,22 +160,13 @@ func cmdRelease(ctx context.Context, args []string, stdout, stderr io.Writer) er
 // cmdPurge deletes an identity's held mail, and keeps or lifts its block.
 func cmdPurge(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs, config := newFlags("purge", "purge [-config FILE] [-n] [-keep-block=true|false] IDENTITY", stderr)
-	dry := fs.Bool("n", false, "dry run: print what would be done, change nothing")
 	keep := fs.Bool("keep-block", true, "keep the identity blocked (false: unblock it after deleting its mail)")
-	cfg, err := parseFlags(fs, config, args)
+	h, err := startHeld(ctx, fs, config, args, stderr)
 	if err != nil {
 		return err
 	}
-	id, err := oneIdentity(fs.Args())
-	if err != nil {
-		fs.Usage()
-		return err
-	}
-	q, msgs, err := heldMail(ctx, cfg, id, stderr)
-	if err != nil {
-		return err
-	}
-	if *dry {
+	cfg, id, q, msgs := h.cfg, h.id, h.q, h.msgs
+	if h.dry {
 		printMessages(stdout, "would delete", msgs)
 		blocked, err := isBlocked(cfg, id)
 		switch {
@@ -200,15 +204,12 @@ func cmdPurge(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 // contrib/rcptguard-hold.path; it exits 1 when a request was refused.
 func cmdQueueHold(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs, config := newFlags("queue-hold", "queue-hold [-config FILE]", stderr)
-	cfg, err := parseFlags(fs, config, args)
+	cfg, err := parseNoArgs(fs, config, args)
 	if err != nil {
 		return err
 	}
-	if fs.NArg() > 0 {
-		return fmt.Errorf("%w: queue-hold takes no arguments", errUsage)
-	}
 	if cfg.Queue.Requests == "" {
-		return fmt.Errorf("%w: queue.requests is empty: retroactive holds are off", errUsage)
+		return usageErrorf("queue.requests is empty: retroactive holds are off")
 	}
 	log := newLogger(cfg.Log, stderr)
 	q, err := openQueue(cfg)

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -21,7 +20,8 @@ import (
 // was sent ("HOST C: ...") and received ("HOST S: ..."), with failures in
 // words ("HOST *: no greeting within 10s"). Every session ends with QUIT
 // before the command exits. The exit status is 0 whatever the verdicts; 2
-// for a usage or configuration error.
+// for a usage or configuration error; 130 on Ctrl-C, which prints no
+// verdict for the addresses not verified.
 func cmdVerify(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs, config := newFlags("verify", "verify [-config FILE] [-v] ADDR...", stderr)
 	verbose := fs.Bool("v", false, "print the SMTP dialogue of each probe on standard error")
@@ -31,7 +31,7 @@ func cmdVerify(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	}
 	if fs.NArg() == 0 {
 		fs.Usage()
-		return fmt.Errorf("%w: verify needs at least one address", errUsage)
+		return usageErrorf("verify needs at least one address")
 	}
 	var transcript io.Writer
 	logger := slog.New(slog.DiscardHandler)
@@ -45,6 +45,11 @@ func cmdVerify(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	}
 	for _, addr := range fs.Args() {
 		res := v.Verify(ctx, addr)
+		if ctx.Err() != nil {
+			// Interrupted: this verdict and the ones after it are not
+			// verdicts, so they are not printed.
+			break
+		}
 		fmt.Fprintln(stdout, res.String())
 	}
 	// Close waits for every session to say QUIT (2s at most each).
@@ -63,7 +68,14 @@ func newVerifier(cfg *Config, logger *slog.Logger, transcript io.Writer, shared 
 	if err != nil {
 		return nil, fmt.Errorf("callout.resolver: %w", err)
 	}
-	return callout.New(callout.Config{
+	return callout.New(calloutConfig(cfg, res, logger, transcript, shared))
+}
+
+// calloutConfig maps the [callout] section, the same values meaning the
+// same in both.
+func calloutConfig(cfg *Config, res callout.MXResolver, logger *slog.Logger, transcript io.Writer, shared fleetCallout) callout.Config {
+	co := cfg.Callout
+	return callout.Config{
 		Resolver:         res,
 		Port:             co.Port,
 		Timeout:          co.Timeout.D(),
@@ -74,13 +86,13 @@ func newVerifier(cfg *Config, logger *slog.Logger, transcript io.Writer, shared 
 		UnknownTTL:       co.UnknownTTL.D(),
 		CacheSize:        co.CacheSize,
 		AllowPrivate:     co.AllowPrivate,
-		CatchAllProbe:    co.CatchallProbe,
+		CatchAllProbe:    co.CatchAllProbe,
 		PerHost:          co.PerHost,
 		SingleRcptMX:     co.SingleRcptMX,
 		AcceptAllDomains: co.AcceptAllDomains,
 		AcceptAllMX:      co.AcceptAllMX,
 		NoTLS:            !co.STARTTLS,
-		SessionIdle:      sessionIdle(co.SessionIdle.D()),
+		SessionIdle:      co.SessionIdle.D(), // 0: no waiting, as in the file
 		PerDomainRate:    co.PerDomainRate,
 		PerHostRate:      co.PerHostRate,
 		// Caps on what reaches one domain or MX address, and on new
@@ -94,16 +106,7 @@ func newVerifier(cfg *Config, logger *slog.Logger, transcript io.Writer, shared 
 		SharedFacts:       shared,
 		SharedCaps:        shared,
 		SharedTimeout:     cfg.Cluster.Timeout.D(),
-	})
-}
-
-// sessionIdle maps the config's 0 ("do not keep sessions open") to the
-// callout package's negative value; its 0 means the default.
-func sessionIdle(d time.Duration) time.Duration {
-	if d == 0 {
-		return -1
 	}
-	return d
 }
 
 // registerCalloutMetrics exports the verifier's counts: probe sessions

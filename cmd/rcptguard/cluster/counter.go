@@ -302,7 +302,7 @@ return 1
 `)
 
 // probeWindow is the per-identity probe cap's sliding window (the
-// detector's Limiter.TakeProbe has the same).
+// detector's own cap has the same).
 const probeWindow = time.Minute
 
 // TakeProbe records a verification of id at now unless the fleet made

@@ -147,13 +147,8 @@ func TakeRequests(dir string, now time.Time, maxAge time.Duration) (reqs []HoldR
 	if !st.IsDir() {
 		return nil, nil, fmt.Errorf("queue: hold requests: %s is not a directory", dir)
 	}
-	d, err := os.Open(dir)
+	names, err := readNames(dir, MaxRequestsPerRun)
 	if err != nil {
-		return nil, nil, fmt.Errorf("queue: hold requests: %w", err)
-	}
-	names, err := d.Readdirnames(MaxRequestsPerRun)
-	d.Close()
-	if err != nil && !errors.Is(err, io.EOF) {
 		return nil, nil, fmt.Errorf("queue: hold requests: %w", err)
 	}
 	byID := map[string]int{}
@@ -180,33 +175,56 @@ func TakeRequests(dir string, now time.Time, maxAge time.Duration) (reqs []HoldR
 	return reqs, problems, nil
 }
 
-func readRequest(path, name string, now time.Time, maxAge time.Duration) (HoldRequest, error) {
-	if !strings.HasPrefix(name, requestPrefix) || !strings.HasSuffix(name, requestSuffix) {
-		return HoldRequest{}, errors.New("not a request file name")
+// readNames returns at most max names of the entries of dir.
+func readNames(dir string, max int) ([]string, error) {
+	d, err := os.Open(dir)
+	if err != nil {
+		return nil, err
 	}
-	// O_NOFOLLOW: a symbolic link is not followed; O_NONBLOCK: a FIFO
-	// does not block the open.
+	defer d.Close()
+	names, err := d.Readdirnames(max)
+	if err != nil && !errors.Is(err, io.EOF) {
+		return nil, err
+	}
+	return names, nil
+}
+
+// readSpoolFile reads the request or result file at path, of at most max
+// bytes. O_NOFOLLOW: a symbolic link is not followed; O_NONBLOCK: a FIFO
+// does not block the open; only a regular file is read.
+func readSpoolFile(path string, max int64) ([]byte, os.FileInfo, error) {
 	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
 	if err != nil {
-		return HoldRequest{}, err
+		return nil, nil, err
 	}
 	defer f.Close()
 	fi, err := f.Stat()
 	if err != nil {
-		return HoldRequest{}, err
+		return nil, nil, err
 	}
 	if !fi.Mode().IsRegular() {
-		return HoldRequest{}, errors.New("not a regular file")
+		return nil, nil, errors.New("not a regular file")
 	}
-	if fi.Size() > maxRequestSize {
-		return HoldRequest{}, fmt.Errorf("larger than %d bytes", maxRequestSize)
+	if fi.Size() > max {
+		return nil, nil, fmt.Errorf("larger than %d bytes", max)
 	}
-	b, err := io.ReadAll(io.LimitReader(f, maxRequestSize+1))
+	b, err := io.ReadAll(io.LimitReader(f, max+1))
+	if err != nil {
+		return nil, nil, err
+	}
+	if int64(len(b)) > max {
+		return nil, nil, fmt.Errorf("larger than %d bytes", max)
+	}
+	return b, fi, nil
+}
+
+func readRequest(path, name string, now time.Time, maxAge time.Duration) (HoldRequest, error) {
+	if !strings.HasPrefix(name, requestPrefix) || !strings.HasSuffix(name, requestSuffix) {
+		return HoldRequest{}, errors.New("not a request file name")
+	}
+	b, fi, err := readSpoolFile(path, maxRequestSize)
 	if err != nil {
 		return HoldRequest{}, err
-	}
-	if len(b) > maxRequestSize {
-		return HoldRequest{}, fmt.Errorf("larger than %d bytes", maxRequestSize)
 	}
 	req, err := ParseRequest(b)
 	if err != nil {

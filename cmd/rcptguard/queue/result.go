@@ -37,7 +37,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"time"
 )
 
@@ -225,13 +224,8 @@ func ParseResult(b []byte) (HoldResult, error) {
 // problems, except temporary files younger than an hour (a write under
 // way). Symbolic links and other non-regular files are never opened.
 func TakeResults(dir string, now time.Time) (results []HoldResult, problems []error, err error) {
-	d, err := os.Open(dir)
+	names, err := readNames(dir, MaxResultsPerRun)
 	if err != nil {
-		return nil, nil, fmt.Errorf("queue: hold results: %w", err)
-	}
-	names, err := d.Readdirnames(MaxResultsPerRun)
-	d.Close()
-	if err != nil && !errors.Is(err, io.EOF) {
 		return nil, nil, fmt.Errorf("queue: hold results: %w", err)
 	}
 	for _, name := range names {
@@ -259,24 +253,9 @@ func readResult(path, name string) (HoldResult, error) {
 	if !strings.HasPrefix(name, resultPrefix) || !strings.HasSuffix(name, resultSuffix) {
 		return HoldResult{}, errors.New("not a result file name")
 	}
-	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
+	b, _, err := readSpoolFile(path, maxResultSize)
 	if err != nil {
 		return HoldResult{}, err
-	}
-	defer f.Close()
-	fi, err := f.Stat()
-	if err != nil {
-		return HoldResult{}, err
-	}
-	if !fi.Mode().IsRegular() {
-		return HoldResult{}, errors.New("not a regular file")
-	}
-	b, err := io.ReadAll(io.LimitReader(f, maxResultSize+1))
-	if err != nil {
-		return HoldResult{}, err
-	}
-	if len(b) > maxResultSize {
-		return HoldResult{}, fmt.Errorf("larger than %d bytes", maxResultSize)
 	}
 	return ParseResult(b)
 }
