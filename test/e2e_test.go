@@ -57,7 +57,8 @@ func newWorld(t *testing.T) *world {
 	return &world{dns: dns, port: port, dir: t.TempDir()}
 }
 
-// config writes the daemon's configuration file.
+// config writes the daemon's configuration file. [notify] comes last: some
+// tests cut it off and write their own.
 func (w *world) config(t *testing.T, extra string) string {
 	t.Helper()
 	text := fmt.Sprintf(`
@@ -80,12 +81,12 @@ allow_private = true
 [blocklist]
 path = %q
 
-[notify]
-spool = %q
-
 [queue]
 requests = %q
-`, extra, w.dns.Addr, w.port, filepath.Join(w.dir, "state", "blocklist"), filepath.Join(w.dir, "state", "spool"), filepath.Join(w.dir, "state", "hold-requests"))
+
+[notify]
+spool = %q
+`, extra, w.dns.Addr, w.port, filepath.Join(w.dir, "state", "blocklist"), filepath.Join(w.dir, "state", "hold-requests"), filepath.Join(w.dir, "state", "spool"))
 	p := filepath.Join(w.dir, "rcptguard.toml")
 	if err := os.WriteFile(p, []byte(text), 0o644); err != nil {
 		t.Fatal(err)
