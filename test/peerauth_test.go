@@ -341,7 +341,7 @@ func runAs(t *testing.T, bin, addr string, uid, gid uint32, extra string) string
 	defer cancel()
 	cmd := exec.CommandContext(ctx, bin, "-test.run=^TestPeerAuthForger$", "-test.v")
 	cmd.Dir = filepath.Dir(bin)
-	cmd.Env = []string{"PATH=/usr/bin:/bin", "HOME=/", forgerEnv + "=" + addr, extra}
+	cmd.Env = []string{"PATH=/usr/bin:/bin", "HOME=/", forgerEnv + "=" + addr, extra, test.StateGuardedEnv + "=1"}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: gid}}
 	out, err := cmd.CombinedOutput()
 	if err != nil {
