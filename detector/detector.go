@@ -435,7 +435,7 @@ func (d *Detector) judgeCached(ctx context.Context, req *Request, id string, res
 // accepted unjudged).
 func (d *Detector) startProbe(ctx context.Context, req *Request, id string, pc *policyConfig, lim Thresholds) decision {
 	rcpt := req.Recipient
-	if !d.limiter.takeProbe(id, d.now(), pc.probe) {
+	if !d.takeProbe(ctx, id, pc.probe) {
 		res := callout.Result{Address: rcpt, Status: callout.StatusUnknown, Reason: reasonProbeCap,
 			Detail: fmt.Sprintf("more than %d verifications within a minute for this identity (callout.per_identity_rate)", pc.probe)}
 		if pc.mode == ModeMonitor {

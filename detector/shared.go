@@ -23,10 +23,39 @@ type SharedCounter interface {
 	Reserve(ctx context.Context, id, key string, now time.Time, lim Thresholds) (Standing, error)
 	// Record ends the reservation key ("" none) with res: an invalid
 	// verdict, or a valid one when the ratio trigger is on, is counted;
+	// a valid one with key "" may be only queued (it never makes a
+	// crossing), its standing zero and ctx unused;
 	// res nil only ends it. It returns the fleet's standing: Count, Long,
 	// Invalid, Valid, Pending, Crossed, and First for exactly one verdict
 	// in the fleet, the one that took a count past its limit.
 	Record(ctx context.Context, id, key string, res *callout.Result, now time.Time, lim Thresholds) (Standing, error)
+}
+
+// SharedProbes caps an identity's verifications fleet-wide (the
+// per-identity probe cap, callout.per_identity_rate, counted over all
+// servers). A SharedCounter that implements it is asked before the
+// detector's own Limiter; when it fails, the local cap alone applies.
+type SharedProbes interface {
+	// TakeProbe records a verification of id at now unless the fleet
+	// made perMinute of them in the minute ending at now (a sliding
+	// minute, as the detector's own cap), and reports whether it recorded it.
+	TakeProbe(ctx context.Context, id string, now time.Time, perMinute int) (bool, error)
+}
+
+// takeProbe applies the per-identity probe cap: the fleet's when it can
+// be asked, and always this server's own (it never allows more than the
+// fleet's, and it alone when Redis is down).
+func (d *Detector) takeProbe(ctx context.Context, id string, perMinute int) bool {
+	now := d.now()
+	if sp, ok := d.shared.(SharedProbes); ok && perMinute > 0 {
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), sharedTimeout)
+		ok, err := sp.TakeProbe(ctx, id, now, perMinute)
+		cancel()
+		if err == nil && !ok {
+			return false
+		}
+	}
+	return d.limiter.takeProbe(id, now, perMinute)
 }
 
 // sharedTimeout bounds one shared counter call on top of the counter's
@@ -63,6 +92,14 @@ func (d *Detector) shareVerdict(ctx context.Context, id, key string, res *callou
 		return st
 	}
 	if key == "" && (res == nil || res.Status != callout.StatusInvalid && (res.Status != callout.StatusValid || lim.Ratio == 0)) {
+		return st
+	}
+	if key == "" && res.Status == callout.StatusValid {
+		// A valid verdict outside a reservation never crosses a limit:
+		// the counter only queues it, without a round trip, so it gets
+		// neither a deadline nor a merge (the hot path of cached
+		// verdicts).
+		_, _ = d.shared.Record(ctx, id, key, res, d.now(), lim)
 		return st
 	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), sharedTimeout)

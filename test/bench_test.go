@@ -48,9 +48,13 @@ port = %s
 allow_private = true
 [blocklist]
 path = %q
+[notify]
+spool = %q
+[queue]
+requests = %q
 [log]
 level = "info"
-`, dns.Addr, port, dir+"/blocklist")))
+`, dns.Addr, port, dir+"/blocklist", dir+"/spool", dir+"/hold-requests")))
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -47,13 +47,16 @@ path = %q
 [notify]
 %sspool = %q
 
+[queue]
+requests = %q
+
 [cluster]
 redis = %q
 key_prefix = "fleet-test:"
 # A loaded 2-core test machine can miss the 200ms default; a timeout would
 # make a server judge alone and the exact counts below differ.
 timeout = "1s"
-`, w.dns.Addr, w.port, filepath.Join(dir, "blocklist"), notify, filepath.Join(dir, "spool"), redisURL)
+`, w.dns.Addr, w.port, filepath.Join(dir, "blocklist"), notify, filepath.Join(dir, "spool"), filepath.Join(dir, "hold-requests"), redisURL)
 	p := filepath.Join(dir, "rcptguard.toml")
 	if err := os.WriteFile(p, []byte(text), 0o644); err != nil {
 		t.Fatal(err)

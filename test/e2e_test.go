@@ -57,7 +57,8 @@ func newWorld(t *testing.T) *world {
 	return &world{dns: dns, port: port, dir: t.TempDir()}
 }
 
-// config writes the daemon's configuration file.
+// config writes the daemon's configuration file. [notify] comes last: some
+// tests cut it off and write their own.
 func (w *world) config(t *testing.T, extra string) string {
 	t.Helper()
 	text := fmt.Sprintf(`
@@ -80,9 +81,12 @@ allow_private = true
 [blocklist]
 path = %q
 
+[queue]
+requests = %q
+
 [notify]
 spool = %q
-`, extra, w.dns.Addr, w.port, filepath.Join(w.dir, "state", "blocklist"), filepath.Join(w.dir, "state", "spool"))
+`, extra, w.dns.Addr, w.port, filepath.Join(w.dir, "state", "blocklist"), filepath.Join(w.dir, "state", "hold-requests"), filepath.Join(w.dir, "state", "spool"))
 	p := filepath.Join(w.dir, "rcptguard.toml")
 	if err := os.WriteFile(p, []byte(text), 0o644); err != nil {
 		t.Fatal(err)
@@ -472,7 +476,7 @@ func TestHealthCommand(t *testing.T) {
 	w := newWorld(t)
 	d := startDaemon(t, w.config(t, ""))
 	cfg := filepath.Join(w.dir, "health.toml")
-	if err := os.WriteFile(cfg, []byte(fmt.Sprintf("[policy]\nlisten = [%q]\n[blocklist]\npath = %q\n", d.addr, filepath.Join(w.dir, "state", "blocklist"))), 0o644); err != nil {
+	if err := os.WriteFile(cfg, []byte(fmt.Sprintf("[policy]\nlisten = [%q]\n[blocklist]\npath = %q\n[queue]\nrequests = %q\n", d.addr, filepath.Join(w.dir, "state", "blocklist"), filepath.Join(w.dir, "state", "hold-requests"))), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	if out := runCLI(t, "health", "-config", cfg); !strings.HasPrefix(out, "ok ") || !strings.Contains(out, "action=DUNNO") {

@@ -44,7 +44,8 @@ import (
 // over maps "section.key" to a TOML value; an empty value drops the key.
 // The defaults are those of world.config: limit 5 per 1h, wait 300ms,
 // callout.timeout 1s, the world's DNS and MX, the blocklist at
-// state/blocklist, the spool at state/spool.
+// state/blocklist, the spool at state/spool, the hold requests at
+// state/hold-requests.
 func (w *world) suiteConfig(t testing.TB, name string, over map[string]string) string {
 	t.Helper()
 	keys := map[string]string{
@@ -59,6 +60,7 @@ func (w *world) suiteConfig(t testing.TB, name string, over map[string]string) s
 		"callout.allow_private": "true",
 		"blocklist.path":        strconv.Quote(w.blocklistPath()),
 		"notify.spool":          strconv.Quote(filepath.Join(w.dir, "state", "spool")),
+		"queue.requests":        strconv.Quote(filepath.Join(w.dir, "state", "hold-requests")),
 	}
 	for k, v := range over {
 		if v == "" {
@@ -68,7 +70,7 @@ func (w *world) suiteConfig(t testing.TB, name string, over map[string]string) s
 		}
 	}
 	var b strings.Builder
-	for _, section := range []string{"policy", "detector", "callout", "blocklist", "notify", "metrics", "log"} {
+	for _, section := range []string{"policy", "detector", "callout", "blocklist", "notify", "queue", "metrics", "log"} {
 		var lines []string
 		for k, v := range keys {
 			if s, key, _ := strings.Cut(k, "."); s == section {
@@ -83,7 +85,7 @@ func (w *world) suiteConfig(t testing.TB, name string, over map[string]string) s
 	}
 	for k := range keys {
 		switch s, _, _ := strings.Cut(k, "."); s {
-		case "policy", "detector", "callout", "blocklist", "notify", "metrics", "log":
+		case "policy", "detector", "callout", "blocklist", "notify", "queue", "metrics", "log":
 		default:
 			t.Fatalf("suiteConfig: unknown section in %q", k)
 		}

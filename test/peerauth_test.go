@@ -179,9 +179,12 @@ path = %q
 [notify]
 spool = %q
 
+[queue]
+requests = %q
+
 [metrics]
 listen = "127.0.0.1:0"
-`, filepath.Join(dir, "policy.sock"), w.dns.Addr, w.port, filepath.Join(w.dir, "state", "blocklist"), filepath.Join(w.dir, "state", "spool"))
+`, filepath.Join(dir, "policy.sock"), w.dns.Addr, w.port, filepath.Join(w.dir, "state", "blocklist"), filepath.Join(w.dir, "state", "spool"), filepath.Join(w.dir, "state", "hold-requests"))
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -338,7 +341,7 @@ func runAs(t *testing.T, bin, addr string, uid, gid uint32, extra string) string
 	defer cancel()
 	cmd := exec.CommandContext(ctx, bin, "-test.run=^TestPeerAuthForger$", "-test.v")
 	cmd.Dir = filepath.Dir(bin)
-	cmd.Env = []string{"PATH=/usr/bin:/bin", "HOME=/", forgerEnv + "=" + addr, extra}
+	cmd.Env = []string{"PATH=/usr/bin:/bin", "HOME=/", forgerEnv + "=" + addr, extra, test.StateGuardedEnv + "=1"}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: gid}}
 	out, err := cmd.CombinedOutput()
 	if err != nil {

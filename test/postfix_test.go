@@ -165,7 +165,10 @@ username = %q
 password_file = %q
 starttls = "off"
 spool = %q
-`, policyAddr, limit, dns.Addr, mx.Port, blocklist, abuse, reporter, sub.Addr, reporter, passwordFile, filepath.Join(state, "spool"))
+
+[queue]
+requests = %q
+`, policyAddr, limit, dns.Addr, mx.Port, blocklist, abuse, reporter, sub.Addr, reporter, passwordFile, filepath.Join(state, "spool"), filepath.Join(state, "hold-requests"))
 	if err := os.WriteFile(configPath, []byte(config), 0o644); err != nil {
 		t.Fatal(err)
 	}

@@ -80,8 +80,8 @@ func stateAsRoot(t *testing.T) (config, state string) {
 	t.Helper()
 	state = filepath.Join(test.SharedTempDir(t), "state")
 	config = filepath.Join(filepath.Dir(state), "rcptguard.toml")
-	text := fmt.Sprintf("[policy]\nlisten = [\"127.0.0.1:%d\"]\n[blocklist]\npath = %q\n[notify]\nspool = %q\n",
-		test.FreePort(t), filepath.Join(state, "blocklist"), filepath.Join(state, "spool"))
+	text := fmt.Sprintf("[policy]\nlisten = [\"127.0.0.1:%d\"]\n[blocklist]\npath = %q\n[notify]\nspool = %q\n[queue]\nrequests = %q\n",
+		test.FreePort(t), filepath.Join(state, "blocklist"), filepath.Join(state, "spool"), filepath.Join(state, "hold-requests"))
 	if err := os.WriteFile(config, []byte(text), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -187,8 +187,8 @@ func TestDoctorAsksAsPostfix(t *testing.T) {
 	} {
 		_ = os.RemoveAll(filepath.Join(queue, "rcptguard"))
 		config := filepath.Join(dir, "rcptguard.toml")
-		text := fmt.Sprintf("[policy]\nlisten = [\"unix:%s/rcptguard/policy.sock\"]\nsocket_group = %q\n[blocklist]\npath = %q\n[notify]\nspool = %q\n",
-			queue, tt.group, blocklistPath, filepath.Join(dir, "state", "spool"))
+		text := fmt.Sprintf("[policy]\nlisten = [\"unix:%s/rcptguard/policy.sock\"]\nsocket_group = %q\n[blocklist]\npath = %q\n[notify]\nspool = %q\n[queue]\nrequests = %q\n",
+			queue, tt.group, blocklistPath, filepath.Join(dir, "state", "spool"), filepath.Join(dir, "state", "hold-requests"))
 		if err := os.WriteFile(config, []byte(text), 0o644); err != nil {
 			t.Fatal(err)
 		}

@@ -219,9 +219,12 @@ path = %q
 [notify]
 spool = %q
 
+[queue]
+requests = %q
+
 [log]
 level = %q
-%s`, cfg.Listen, cfg.Limit, dnsAddr, mxPort, blocklist, filepath.Join(dir, "spool"), cfg.LogLevel, metrics)
+%s`, cfg.Listen, cfg.Limit, dnsAddr, mxPort, blocklist, filepath.Join(dir, "spool"), filepath.Join(dir, "hold-requests"), cfg.LogLevel, metrics)
 	return configPath, os.WriteFile(configPath, []byte(config), 0o600)
 }
 

@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -120,12 +121,22 @@ func TestVerifyCommandDialogue(t *testing.T) {
 	}
 
 	// A tarpit: the failure in words, not a Go error.
+	start := time.Now()
 	_, stderr, _, err = verifyWithMX(t, test.MXConfig{BannerDelay: 5 * time.Second}, "", "-v", "a@example.test")
+	took := time.Since(start)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !strings.Contains(stderr, "mx.example.test *: no greeting within 1s") || strings.Contains(stderr, "network connection") {
-		t.Errorf("tarpit dialogue:\n%s", stderr)
+	// The line names the time it waited for the greeting, measured: what
+	// callout.timeout (1s, for the whole probe) left after the connection,
+	// so a little less than 1s, or a little more on a loaded machine;
+	// never the banner delay, never more than the command took.
+	m := regexp.MustCompile(`mx\.example\.test \*: no greeting within (\S+)\n`).FindStringSubmatch(stderr)
+	if m == nil || strings.Contains(stderr, "network connection") {
+		t.Fatalf("tarpit dialogue:\n%s", stderr)
+	}
+	if waited, err := time.ParseDuration(m[1]); err != nil || waited <= 0 || waited >= 5*time.Second || waited > took {
+		t.Errorf("tarpit: waited %q (%v), want the rest of callout.timeout 1s, within the %s the command took:\n%s", m[1], err, took, stderr)
 	}
 }
 

@@ -20,7 +20,7 @@ import (
 // succeeds, and leaves the table Postfix reads in place.
 func TestListOnAFreshMachine(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "state", "blocklist")
-	cfg := writeConfig(t, fmt.Sprintf("[blocklist]\npath = %q\n", path))
+	cfg := writeConfig(t, fmt.Sprintf("[blocklist]\npath = %q\n[queue]\nrequests = %q\n", path, filepath.Join(filepath.Dir(path), "hold-requests")))
 	var stdout, stderr bytes.Buffer
 	if err := Run(context.Background(), []string{"list", "-config", cfg}, &stdout, &stderr); err != nil {
 		t.Fatalf("list: %v\n%s", err, stderr.String())
@@ -44,7 +44,7 @@ func TestListOnAFreshMachine(t *testing.T) {
 // the (empty) table behind.
 func TestUnblockCreatesTheFile(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "state", "blocklist")
-	cfg := writeConfig(t, fmt.Sprintf("[blocklist]\npath = %q\n", path))
+	cfg := writeConfig(t, fmt.Sprintf("[blocklist]\npath = %q\n[queue]\nrequests = %q\n", path, filepath.Join(filepath.Dir(path), "hold-requests")))
 	var stdout, stderr bytes.Buffer
 	if err := Run(context.Background(), []string{"unblock", "-config", cfg, "a@example.com"}, &stdout, &stderr); err != nil {
 		t.Fatal(err)
@@ -65,7 +65,7 @@ func TestBlockGivesUpOnAHeldLock(t *testing.T) {
 	cliLockWait = 200 * time.Millisecond
 	defer func() { cliLockWait = old }()
 	path := filepath.Join(t.TempDir(), "blocklist")
-	cfg := writeConfig(t, fmt.Sprintf("[blocklist]\npath = %q\n", path))
+	cfg := writeConfig(t, fmt.Sprintf("[blocklist]\npath = %q\n[queue]\nrequests = %q\n", path, filepath.Join(filepath.Dir(path), "hold-requests")))
 	if err := Run(context.Background(), []string{"list", "-config", cfg}, new(bytes.Buffer), new(bytes.Buffer)); err != nil {
 		t.Fatal(err)
 	}
@@ -136,7 +136,7 @@ func TestPasswordFileReadableByAllWarns(t *testing.T) {
 // the first reason unless -reason gives a new one.
 func TestBlockRefusesWhatNeverMatches(t *testing.T) {
 	bl := filepath.Join(t.TempDir(), "blocklist")
-	cfg := writeConfig(t, fmt.Sprintf("[blocklist]\npath = %q\n[detector]\nrelay_networks = [\"192.0.2.0/24\", \"2001:db8::/32\"]\n", bl))
+	cfg := writeConfig(t, fmt.Sprintf("[blocklist]\npath = %q\n[queue]\nrequests = %q\n[detector]\nrelay_networks = [\"192.0.2.0/24\", \"2001:db8::/32\"]\n", bl, filepath.Join(filepath.Dir(bl), "hold-requests")))
 	tests := []struct {
 		args []string
 		want string // "" for blocked, else a substring of the error

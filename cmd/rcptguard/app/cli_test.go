@@ -11,15 +11,19 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/rcptguard/rcptguard/test"
 )
 
 // TestMain lets the CLI tests run rcptguard as a process of its own: the
 // test binary, executed again with RCPTGUARD_APP_MAIN=1, is rcptguard.
+// The tests themselves fail the run when they wrote into rcptguard's
+// system state directories (a configuration left on a default path).
 func TestMain(m *testing.M) {
 	if os.Getenv("RCPTGUARD_APP_MAIN") == "1" {
 		os.Exit(Main(os.Args[1:], os.Stdout, os.Stderr))
 	}
-	os.Exit(m.Run())
+	os.Exit(test.GuardSystemState(m, os.Stderr))
 }
 
 // rcptguard starts the command line args as a process; wait ends it.
@@ -57,7 +61,7 @@ func exitCode(t *testing.T, err error) int {
 
 func TestCLIErrors(t *testing.T) {
 	bl := filepath.Join(t.TempDir(), "blocklist")
-	cfg := writeConfig(t, "[blocklist]\npath = \""+bl+"\"\n")
+	cfg := writeConfig(t, "[blocklist]\npath = \""+bl+"\"\n[queue]\nrequests = \""+filepath.Join(filepath.Dir(bl), "hold-requests")+"\"\n")
 	missing := filepath.Join(t.TempDir(), "nonexistent.toml")
 	tests := []struct {
 		name   string

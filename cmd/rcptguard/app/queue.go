@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"syscall"
@@ -297,6 +298,15 @@ func withBlockHooks(cfg *Config, b detector.Blocklist, log *slog.Logger) (detect
 		}
 		if err := makeResultsDir(cfg.Queue.Requests); err != nil {
 			return nil, nil, err
+		}
+		// A writer killed mid-request (a crash, a kill -9) leaves its
+		// temporary file next to the directory: this user's stale ones go.
+		removed, err := queue.RemoveStaleTemps(cfg.Queue.Requests, time.Now())
+		if len(removed) > 0 {
+			log.Info("removed temporary hold request files left by a dead writer", slog.Int("count", len(removed)), slog.String("dir", filepath.Dir(filepath.Clean(cfg.Queue.Requests))))
+		}
+		if err != nil {
+			log.Warn("cannot remove stale temporary hold request files", slog.Any("error", err))
 		}
 		h.req = newHoldRequester(cfg.Queue.Requests, cfg.Detector.Period.D(), log)
 	}

@@ -94,3 +94,35 @@ func TestHoldRequestAfterBlock(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestStaleHoldRequestTempsRemovedAtStart: the daemon's set-up removes
+// the temporary request files a killed writer left next to
+// queue.requests once they are stale, and says so; a fresh one stays.
+func TestStaleHoldRequestTempsRemovedAtStart(t *testing.T) {
+	parent := t.TempDir()
+	dir := filepath.Join(parent, "requests")
+	stale := filepath.Join(parent, ".rcptguard-hold-request-1-aa")
+	fresh := filepath.Join(parent, ".rcptguard-hold-request-2-bb")
+	for _, p := range []string{stale, fresh} {
+		if err := os.WriteFile(p, []byte("spammer@cust"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	old := time.Now().Add(-2 * queue.StaleTempAge)
+	if err := os.Chtimes(stale, old, old); err != nil {
+		t.Fatal(err)
+	}
+	var logs bytes.Buffer
+	if _, _, err := withBlockHooks(&Config{Queue: QueueConfig{Requests: dir}}, &fakeBlocklist{}, slog.New(slog.NewTextHandler(&logs, nil))); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Lstat(stale); !os.IsNotExist(err) {
+		t.Errorf("stale temporary file still there: %v", err)
+	}
+	if _, err := os.Lstat(fresh); err != nil {
+		t.Errorf("fresh temporary file removed: %v", err)
+	}
+	if !strings.Contains(logs.String(), "dead writer") || !strings.Contains(logs.String(), "count=1") {
+		t.Errorf("no log line naming the removal:\n%s", logs.String())
+	}
+}

@@ -90,17 +90,21 @@ func (c *Cluster) PushBlock(ctx context.Context, e blocklist.Entry, t time.Time)
 	return n == 1, nil
 }
 
-// PushUnblock lifts a block of the fleet, as of t, and resets the
-// identity's shared counts.
+// PushUnblock resets the identity's shared counts and then lifts its
+// block fleet-wide, as of t. In that order: a server that learns of the
+// unblock must find the counts (and the crossing mark) gone, or its next
+// verdict of the identity would be judged on the counts that blocked it.
+// While the block still holds, the identity's requests are answered
+// from the blocklist without counting, so nothing is counted in between.
 func (c *Cluster) PushUnblock(ctx context.Context, id string, t time.Time) error {
+	if err := c.ResetCounts(ctx, id); err != nil {
+		return fmt.Errorf("cluster: unblock %s: resetting counts: %w", id, err)
+	}
 	err := c.call(ctx, func(ctx context.Context) error {
 		return unblockScript.Run(ctx, c.rdb, c.blockKeys(), id, t.UnixMilli()).Err()
 	})
 	if err != nil {
 		return fmt.Errorf("cluster: unblock %s: %w", id, err)
-	}
-	if err := c.ResetCounts(ctx, id); err != nil {
-		return fmt.Errorf("cluster: unblock %s: resetting counts: %w", id, err)
 	}
 	return nil
 }

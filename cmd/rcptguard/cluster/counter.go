@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/sha256"
 	"fmt"
 	"strconv"
@@ -226,6 +227,13 @@ func (c *Cluster) Run(ctx context.Context) {
 
 // Flush writes the batched valid verdicts; when Redis cannot take them
 // they are dropped (counts err on the side of a block, and Redis is down).
+//
+// A hash's expiry is set only by the write that creates its bucket (the
+// HINCRBY that returns exactly its own increment), anywhere in the fleet:
+// that expiry outlasts the bucket's time in the window, and a hash lost
+// (an unblock's reset, a Redis restart) gets one again with its next
+// bucket's first write. So a flush costs one command per identity and
+// bucket, plus one per bucket the fleet opens.
 func (c *Cluster) Flush(ctx context.Context) {
 	c.vmu.Lock()
 	batch := c.valid
@@ -236,11 +244,28 @@ func (c *Cluster) Flush(ctx context.Context) {
 	}
 	ttl := c.period + c.period/12
 	_ = c.call(ctx, func(ctx context.Context) error {
+		type write struct {
+			key string
+			n   int64
+			cmd *redis.IntCmd
+		}
+		writes := make([]write, 0, len(batch))
 		p := c.rdb.Pipeline()
 		for k, n := range batch {
 			h := c.key("v", k.id)
-			p.HIncrBy(ctx, h, strconv.FormatInt(k.b, 10), int64(n))
-			p.PExpire(ctx, h, ttl)
+			writes = append(writes, write{h, int64(n), p.HIncrBy(ctx, h, strconv.FormatInt(k.b, 10), int64(n))})
+		}
+		if _, err := p.Exec(ctx); err != nil {
+			return err
+		}
+		p = c.rdb.Pipeline()
+		for _, w := range writes {
+			if w.cmd.Val() == w.n {
+				p.PExpire(ctx, w.key, ttl)
+			}
+		}
+		if p.Len() == 0 {
+			return nil
 		}
 		_, err := p.Exec(ctx)
 		return err
@@ -260,4 +285,39 @@ func (c *Cluster) Register(reg prometheus.Registerer) error {
 		return err
 	}
 	return reg.Register(c.up)
+}
+
+// probeScript takes one verification of an identity from its fleet-wide
+// cap, atomically: KEYS[1] sorted set of the identity's verifications
+// (member unique; score unix ms); ARGV now ms, window ms, cap, member.
+// Returns 1 when taken, 0 when the window already holds cap of them.
+var probeScript = redis.NewScript(`
+local now = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
+redis.call('ZADD', KEYS[1], now, ARGV[4])
+redis.call('PEXPIRE', KEYS[1], window)
+return 1
+`)
+
+// probeWindow is the per-identity probe cap's sliding window (the
+// detector's own cap has the same).
+const probeWindow = time.Minute
+
+// TakeProbe records a verification of id at now unless the fleet made
+// perMinute in the minute ending at now (detector.SharedProbes).
+func (c *Cluster) TakeProbe(ctx context.Context, id string, now time.Time, perMinute int) (bool, error) {
+	var rnd [8]byte
+	_, _ = rand.Read(rnd[:])
+	var n int64
+	err := c.call(ctx, func(ctx context.Context) error {
+		var err error
+		n, err = probeScript.Run(ctx, c.rdb, []string{c.key("q", id)}, now.UnixMilli(), probeWindow.Milliseconds(), perMinute, string(rnd[:])).Int64()
+		return err
+	})
+	if err != nil {
+		return false, fmt.Errorf("cluster: probe cap of %s: %w", id, err)
+	}
+	return n == 1, nil
 }

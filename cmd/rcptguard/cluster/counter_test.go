@@ -273,3 +273,96 @@ func benchRecord(b *testing.B, per int) {
 	b.StopTimer()
 	b.ReportMetric(float64(used()-before)/float64((b.N+per-1)/per), "redis-B/identity")
 }
+
+// A flush sets a valid-count hash's expiry once, with the write that
+// opens its bucket, and again when the hash was lost (an unblock's
+// reset): never a hash without an expiry after a flush that created it.
+func TestFlushExpiresOncePerBucket(t *testing.T) {
+	r := test.StartRedis(t)
+	now := time.Unix(1_800_000_000, 0)
+	c := newCluster(t, r.URL(), func() time.Time { return now })
+	lim := detector.Thresholds{Ratio: 0.5, RatioMin: 3, Act: detector.ModeEnforce}
+	ctx := context.Background()
+	valid := &callout.Result{Address: "ok@good.test", Status: callout.StatusValid}
+	key := "rg-test:v{u@isp.test}"
+	flush := func() {
+		t.Helper()
+		if _, err := c.Record(ctx, "u@isp.test", "", valid, now, lim); err != nil {
+			t.Fatal(err)
+		}
+		c.Flush(ctx)
+	}
+	ttl := func() string {
+		t.Helper()
+		v, err := r.Do("PTTL", key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	flush()
+	if v := ttl(); v == ":-1" || v == ":-2" {
+		t.Fatalf("new bucket: PTTL %s, want an expiry", v)
+	}
+	// The same bucket again: no second PEXPIRE (PERSIST shows it).
+	if _, err := r.Do("PERSIST", key); err != nil {
+		t.Fatal(err)
+	}
+	flush()
+	if v := ttl(); v != ":-1" {
+		t.Fatalf("same bucket: PTTL %s, want the expiry left alone (-1 after PERSIST)", v)
+	}
+	// The next bucket (period/12 later) sets it again.
+	now = now.Add(5 * time.Minute)
+	flush()
+	if v := ttl(); v == ":-1" || v == ":-2" {
+		t.Fatalf("next bucket: PTTL %s, want an expiry", v)
+	}
+	// Lost (the reset of an unblock) and written again in the same bucket.
+	if err := c.ResetCounts(ctx, "u@isp.test"); err != nil {
+		t.Fatal(err)
+	}
+	flush()
+	if v := ttl(); v == ":-1" || v == ":-2" {
+		t.Fatalf("after a reset: PTTL %s, want an expiry", v)
+	}
+	if st, err := c.Reserve(ctx, "u@isp.test", "", now, detector.Thresholds{Ratio: 0.5, RatioMin: 0, Act: detector.ModeEnforce}); err != nil || st.Valid != 1 {
+		t.Fatalf("after a reset and one valid verdict: %+v %v, want Valid 1", st, err)
+	}
+}
+
+// The per-identity probe cap is the fleet's: two servers taking turns get
+// perMinute verifications of one identity in a sliding minute, not twice
+// that; other identities have their own; the minute slides.
+func TestSharedProbeCap(t *testing.T) {
+	r := test.StartRedis(t)
+	now := time.Unix(1_800_000_000, 0)
+	clock := func() time.Time { return now }
+	servers := []*cluster.Cluster{newCluster(t, r.URL(), clock), newCluster(t, r.URL(), clock)}
+	ctx := context.Background()
+	take := func(i int, id string) bool {
+		t.Helper()
+		ok, err := servers[i%2].TakeProbe(ctx, id, now, 3)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ok
+	}
+	for i := range 3 {
+		if !take(i, "u@isp.test") {
+			t.Fatalf("probe %d refused below the cap", i+1)
+		}
+		now = now.Add(10 * time.Second)
+	}
+	if take(3, "u@isp.test") || take(4, "u@isp.test") {
+		t.Fatal("a fourth probe within the minute taken")
+	}
+	if !take(3, "other@isp.test") {
+		t.Fatal("another identity refused")
+	}
+	// 60 s after the first probe it leaves the minute: one more.
+	now = time.Unix(1_800_000_060, 0)
+	if !take(5, "u@isp.test") || take(6, "u@isp.test") {
+		t.Fatal("the minute does not slide by one probe")
+	}
+}

@@ -303,8 +303,13 @@ func (s *Sync) stale(since int64, known bool, v version) bool {
 	return s.c.now().Sub(time.UnixMilli(st.Synced)) > TombstoneRetention-staleMargin
 }
 
-// drop removes id from the file as the fleet unblocked it.
+// drop removes id from the file as the fleet unblocked it. The local
+// counts go first: once the entry is gone the identity's requests are
+// judged again, and on fresh counts.
 func (s *Sync) drop(ctx context.Context, id, msg string) {
+	if s.forget != nil {
+		s.forget(id)
+	}
 	rctx, cancel := context.WithTimeout(ctx, time.Second)
 	_, err := s.f.Remove(rctx, id)
 	cancel()
@@ -314,9 +319,6 @@ func (s *Sync) drop(ctx context.Context, id, msg string) {
 	s.mu.Lock()
 	delete(s.since, id)
 	s.mu.Unlock()
-	if s.forget != nil {
-		s.forget(id)
-	}
 	s.log.Info(msg, slog.String("identity", id))
 }
 

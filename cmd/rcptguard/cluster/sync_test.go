@@ -2,6 +2,7 @@ package cluster_test
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
@@ -9,6 +10,7 @@ import (
 
 	"github.com/rcptguard/rcptguard/blocklist"
 	"github.com/rcptguard/rcptguard/cmd/rcptguard/cluster"
+	"github.com/rcptguard/rcptguard/detector"
 	"github.com/rcptguard/rcptguard/test"
 )
 
@@ -128,5 +130,70 @@ func TestSyncStaleServerRefillsEmptyRedis(t *testing.T) {
 	a.s.Once(ctx)
 	if n, _ := r.Do("HEXISTS", "rg-test:blocks{blocklist}", "x@isp.test"); n != ":1" || !a.has("x@isp.test") {
 		t.Fatalf("an empty redis lost x@isp.test (in redis: %s, in the file: %v)", n, a.has("x@isp.test"))
+	}
+}
+
+// A server that learns of an unblock finds the fleet's counts already
+// reset: its next verdict of the identity is not judged on the counts
+// that blocked it (PushUnblock resets, then publishes), and its local
+// counts go before the entry leaves its file.
+func TestUnblockLearnedAfterCountsReset(t *testing.T) {
+	r := test.StartRedis(t)
+	now := time.Unix(1_800_000_000, 0)
+	clock := func() time.Time { return now }
+	a := newMember(t, r, clock)
+	path := filepath.Join(t.TempDir(), "blocklist")
+	f, _, err := blocklist.Open(blocklist.Config{Path: path, Create: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	bc := newCluster(t, r.URL(), clock)
+	const id = "x@isp.test"
+	lim := detector.Thresholds{Count: 5, Act: detector.ModeEnforce}
+	type seen struct {
+		st     detector.Standing
+		err    error
+		inFile bool
+	}
+	learned := make(chan seen, 1)
+	b := bc.NewSync(f, path, func(got string) {
+		if got != id {
+			return
+		}
+		st, err := bc.Reserve(context.Background(), id, "", now, lim)
+		_, in := f.Lookup(id)
+		learned <- seen{st, err, in}
+	}, time.Hour)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); b.Run(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+
+	for i := range 6 {
+		if _, err := a.c.Record(ctx, id, "", invalid(fmt.Sprintf("u%d@dest.test", i)), now, lim); err != nil {
+			t.Fatal(err)
+		}
+	}
+	a.block(t, id, now)
+	a.s.Once(ctx)
+	deadline := time.Now().Add(5 * time.Second)
+	for _, ok := f.Lookup(id); !ok; _, ok = f.Lookup(id) {
+		if time.Now().After(deadline) {
+			t.Fatal("the block did not reach server 2")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	a.unblock(t, id, now.Add(time.Second))
+	a.s.Once(ctx)
+	select {
+	case s := <-learned:
+		if s.err != nil || s.st.Count != 0 || s.st.Crossed != "" {
+			t.Errorf("server 2 learned of the unblock with the fleet's standing %+v (%v), want the counts reset", s.st, s.err)
+		}
+		if !s.inFile {
+			t.Error("server 2's local counts were forgotten after the entry left its file")
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("server 2 did not learn of the unblock")
 	}
 }

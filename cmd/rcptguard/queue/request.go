@@ -83,6 +83,48 @@ func (r Requester) Request(identity string) error {
 	return nil
 }
 
+// StaleTempAge is how old a temporary request file must be before
+// RemoveStaleTemps takes it for a dead writer's: a live one renames or
+// removes it within milliseconds.
+const StaleTempAge = time.Minute
+
+// RemoveStaleTemps removes the temporary files that writers of requests
+// into dir killed mid-write left in dir's parent directory: regular files
+// named with Request's exact prefix, owned by this process's user, last
+// modified before now-StaleTempAge. Symbolic links and everything else
+// are left alone (never followed). It returns the names removed.
+func RemoveStaleTemps(dir string, now time.Time) (removed []string, err error) {
+	parent := filepath.Dir(filepath.Clean(dir))
+	d, err := os.Open(parent)
+	if err != nil {
+		return nil, fmt.Errorf("queue: stale hold request files: %w", err)
+	}
+	names, err := d.Readdirnames(-1)
+	d.Close()
+	if err != nil {
+		return nil, fmt.Errorf("queue: stale hold request files in %s: %w", parent, err)
+	}
+	uid := os.Getuid()
+	for _, name := range names {
+		if !strings.HasPrefix(name, tempPrefix) {
+			continue
+		}
+		p := filepath.Join(parent, name)
+		fi, err := os.Lstat(p)
+		if err != nil || !fi.Mode().IsRegular() || !fi.ModTime().Before(now.Add(-StaleTempAge)) {
+			continue
+		}
+		if st, ok := fi.Sys().(*syscall.Stat_t); !ok || int(st.Uid) != uid {
+			continue
+		}
+		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return removed, fmt.Errorf("queue: stale hold request file: %w", err)
+		}
+		removed = append(removed, name)
+	}
+	return removed, nil
+}
+
 // HoldRequest is a request read by TakeRequests.
 type HoldRequest struct {
 	Identity string

@@ -118,3 +118,74 @@ func TestCappedBuffer(t *testing.T) {
 		t.Errorf("swallowing: %d %v %q", n, err, s.buf.String())
 	}
 }
+
+// A dead writer's temporary files are removed once stale; fresh ones
+// (a live writer's), other names, symbolic links (and their targets) and
+// directories stay.
+func TestRemoveStaleTemps(t *testing.T) {
+	parent := t.TempDir()
+	dir := filepath.Join(parent, "requests")
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now()
+	old := now.Add(-2 * StaleTempAge)
+	mk := func(name string, mtime time.Time) string {
+		t.Helper()
+		p := filepath.Join(parent, name)
+		if err := os.WriteFile(p, []byte("x@y.test\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chtimes(p, mtime, mtime); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	stale := mk(tempPrefix+"1-aa", old)
+	fresh := mk(tempPrefix+"2-bb", now)
+	other := mk("rcptguard-hold-request-3", old)     // not the exact prefix
+	target := mk("blocklist", old)                   // what a link points at
+	link := filepath.Join(parent, tempPrefix+"4-cc") // a symbolic link with the prefix
+	if err := os.Symlink(target, link); err != nil {
+		t.Fatal(err)
+	}
+	sub := filepath.Join(parent, tempPrefix+"5-dd")
+	if err := os.Mkdir(sub, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chtimes(sub, old, old); err != nil {
+		t.Fatal(err)
+	}
+	removed, err := RemoveStaleTemps(dir, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(removed) != 1 || removed[0] != filepath.Base(stale) {
+		t.Fatalf("removed %q, want only %s", removed, filepath.Base(stale))
+	}
+	if _, err := os.Lstat(stale); !os.IsNotExist(err) {
+		t.Errorf("stale temp file still there: %v", err)
+	}
+	for _, p := range []string{fresh, other, target, link, sub} {
+		if _, err := os.Lstat(p); err != nil {
+			t.Errorf("%s removed: %v", p, err)
+		}
+	}
+	// No parent directory: an error, nothing else.
+	if _, err := RemoveStaleTemps(filepath.Join(parent, "none", "requests"), now); err == nil {
+		t.Error("no error for a missing directory")
+	}
+}
+
+// A request that cannot be renamed into place leaves no temporary file.
+func TestRequestFailureLeavesNoTemp(t *testing.T) {
+	parent := t.TempDir()
+	r := Requester{Dir: filepath.Join(parent, "missing")} // the rename fails
+	if err := r.Request("spammer@customer.test"); err == nil {
+		t.Fatal("request into a missing directory succeeded")
+	}
+	left, err := filepath.Glob(filepath.Join(parent, tempPrefix+"*"))
+	if err != nil || len(left) != 0 {
+		t.Fatalf("temporary files left: %v %v", left, err)
+	}
+}
