@@ -43,19 +43,8 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# wait_listening FILE: the address of the first "listening ADDR" line.
-wait_listening() {
-	for _ in $(seq 300); do
-		if grep -q '^listening ' "$1" 2>/dev/null; then
-			awk '/^listening /{print $2; exit}' "$1"
-			return 0
-		fi
-		sleep 0.1
-	done
-	echo "cluster.sh: no \"listening\" line in $1:" >&2
-	cat "$1" >&2
-	return 1
-}
+# shellcheck source=lib.sh
+. "$(dirname "$0")/lib.sh"
 
 echo "== building rcptguard-bench"
 (cd "$repo" && go build -o "$tmp/rcptguard-bench" ./cmd/rcptguard-bench)
