@@ -329,3 +329,43 @@ func TestSpoolMarkedAtCrash(t *testing.T) {
 		t.Errorf("no log of the message not sent again:\n%s", logs)
 	}
 }
+
+// TestPendingCountsOnceWhileSpooled: a report the spool writer has placed
+// in the spool but not yet taken from memory is one pending report, not
+// two. The writer is held at that very point (its directory sync).
+func TestPendingCountsOnceWhileSpooled(t *testing.T) {
+	m, _ := newMailer(t, notify.Config{
+		To: []string{"abuse@example.net"}, From: "rcptguard@mail1.example.net", Relay: "127.0.0.1:1", Hostname: "mail1.example.net",
+	})
+	atSync := make(chan struct{})
+	release := make(chan struct{})
+	notify.SetSpoolFault(m, func(op, _ string) error {
+		if op == "sync" {
+			atSync <- struct{}{}
+			<-release
+		}
+		return nil
+	})
+	if err := m.Enqueue(context.Background(), abuseReport("alice@example.com")); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-atSync:
+	case <-time.After(waitLong):
+		t.Fatal("the spool writer did not reach its directory sync")
+	}
+	n, _, _ := m.Unspooled()
+	pending := m.Pending()
+	close(release)
+	if n != 1 {
+		t.Fatalf("Unspooled = %d while the writer is between the spool and memory, want 1", n)
+	}
+	if pending != 1 {
+		t.Errorf("Pending = %d for one report in the spool and still in memory, want 1", pending)
+	}
+	flush(t, m)
+	notify.SetSpoolFault(m, nil)
+	if n := m.Pending(); n != 1 {
+		t.Errorf("Pending = %d after the write, want 1", n)
+	}
+}

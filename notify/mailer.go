@@ -292,12 +292,33 @@ func DefaultBackoff(attempt int) time.Duration {
 
 // Pending is the number of messages not delivered yet: in the spool, or
 // waiting in memory to be written there.
+//
+// A message moves from memory to the spool by being written there first
+// and taken from memory after, so it is in both for a while; it is counted
+// once. The names in memory are taken before the spool is listed: a
+// message the writer moves in between is in the listing, so none is
+// missed either.
 func (m *Mailer) Pending() int {
 	if m.spool == nil {
 		return 0
 	}
-	n, _, _ := m.Unspooled()
-	return m.spool.count() + n
+	m.memMu.Lock()
+	inMem := make([]string, len(m.mem))
+	for i, mm := range m.mem {
+		inMem[i] = mm.name
+	}
+	m.memMu.Unlock()
+	names, err := m.spool.list()
+	if err != nil {
+		names = nil
+	}
+	n := len(names)
+	for _, name := range inMem {
+		if _, found := slices.BinarySearch(names, name); !found {
+			n++
+		}
+	}
+	return n
 }
 
 // Enqueue composes the messages for r and hands them to the spool writer,
@@ -490,7 +511,11 @@ func (m *Mailer) writeMem() {
 			placed++
 		}
 		if placed > 0 {
-			if serr := m.spool.syncDir(); serr != nil && err == nil {
+			serr := m.spool.injected("sync", "")
+			if serr == nil {
+				serr = m.spool.syncDir()
+			}
+			if serr != nil && err == nil {
 				err = serr
 			}
 			// On record at once, so that a spool that turns read-only

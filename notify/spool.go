@@ -74,8 +74,8 @@ type spool struct {
 	fault atomic.Pointer[func(op, name string) error]
 }
 
-// injected returns the error a test injected for op ("write", "remove")
-// on the spool file name, if any.
+// injected returns the error a test injected for op ("write", "remove",
+// "sync") on the spool file name, if any.
 func (s *spool) injected(op, name string) error {
 	if f := s.fault.Load(); f != nil {
 		if err := (*f)(op, name); err != nil {
