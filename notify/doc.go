@@ -196,7 +196,11 @@
 // the header is rewritten the same way with the attempt count, the next
 // attempt time and the last error; recipients the relay already accepted
 // are dropped from "to" and are not sent it again. Retries wait
-// Config.Backoff: 1 minute doubling to 1 hour, ±20% at random.
+// Config.Backoff: 1 minute doubling to 1 hour, ±20% at random. Delivery
+// is at least once: a message that was with the relay when the process
+// was killed (its end of DATA sent, the relay's answer not yet handled) is
+// sent again by the next start, with the same Message-ID; one message is
+// on the wire at a time, so a kill makes at most one duplicate.
 //
 // A 4xx reply or a connection failure is logged as a warning, a 5xx reply
 // as an error, on each attempt. Both are retried the same way: a 5xx from

@@ -2,6 +2,7 @@ package notify_test
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/mail"
@@ -292,8 +293,10 @@ func fillDisk(t *testing.T, dir string) string {
 }
 
 // TestSpoolMarkedAtCrash: a message a crash left marked as being sent
-// (its end of DATA was on its way) is not sent again by the next start;
-// the others are, and a mark without its message is cleaned up.
+// (its end of DATA was on its way, the relay may or may not have it) is
+// sent again by the next start, with the same Message-ID, and the log
+// says it may be a duplicate: at least once, never lost. The others are
+// sent too, and a mark without its message is cleaned up.
 func TestSpoolMarkedAtCrash(t *testing.T) {
 	relay := test.StartRelay(t, test.RelayConfig{})
 	cfg := relayConfig(relay)
@@ -309,6 +312,10 @@ func TestSpoolMarkedAtCrash(t *testing.T) {
 	if len(names) != 2 {
 		t.Fatalf("%d spool files", len(names))
 	}
+	marked, err := os.ReadFile(names[0])
+	if err != nil {
+		t.Fatal(err)
+	}
 	for _, mark := range []string{names[0] + ".sending", filepath.Join(cfg.Spool, "0000000000000000001-gone.msg.sending")} {
 		if err := os.WriteFile(mark, nil, 0o600); err != nil {
 			t.Fatal(err)
@@ -316,16 +323,81 @@ func TestSpoolMarkedAtCrash(t *testing.T) {
 	}
 	second, logs := newMailer(t, cfg)
 	run(t, second)
-	msgs := relay.WaitMessages(t, 1, waitLong)
-	eventually(t, "an empty spool", func() bool { return second.Pending() == 0 })
-	time.Sleep(50 * time.Millisecond)
-	if n := len(relay.Messages()); n != 1 || !strings.Contains(string(msgs[0].Data), "waiting@example.com") {
-		t.Errorf("%d messages, want only the one not being sent", n)
+	relay.WaitMessages(t, 2, waitLong)
+	// The mark of a send goes just after its file: both must go.
+	eventually(t, "an empty spool without marks", func() bool {
+		left, _ := filepath.Glob(filepath.Join(cfg.Spool, "*.sending"))
+		return second.Pending() == 0 && len(left) == 0
+	})
+	msgs := relay.Messages()
+	ids := map[string]int{}
+	for _, m := range msgs {
+		for _, id := range []string{"sending@example.com", "waiting@example.com"} {
+			if strings.Contains(string(m.Data), id) {
+				ids[id]++
+			}
+		}
 	}
-	if left, _ := filepath.Glob(filepath.Join(cfg.Spool, "*.sending")); len(left) != 0 {
-		t.Errorf("marks left: %v", left)
+	if len(msgs) != 2 || ids["sending@example.com"] != 1 || ids["waiting@example.com"] != 1 {
+		t.Errorf("%d messages, %v; want each report once", len(msgs), ids)
 	}
-	if !strings.Contains(logs.String(), "not sent again") {
-		t.Errorf("no log of the message not sent again:\n%s", logs)
+	head, _, _ := strings.Cut(string(marked), "\n")
+	var spooled struct {
+		MessageID string `json:"message_id"`
+	}
+	if err := json.Unmarshal([]byte(head), &spooled); err != nil || spooled.MessageID == "" {
+		t.Fatalf("spool header %s: %v", head, err)
+	}
+	for _, m := range msgs {
+		msg, err := mail.ReadMessage(strings.NewReader(string(m.Data)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if id := msg.Header.Get("Message-ID"); strings.Contains(string(m.Data), "sending@example.com") && id != spooled.MessageID {
+			t.Errorf("the marked report was sent again as %s, its spool file says %s", id, spooled.MessageID)
+		}
+	}
+	if !strings.Contains(logs.String(), "the relay may have it already, it is sent again") {
+		t.Errorf("no log of the message sent again:\n%s", logs)
+	}
+}
+
+// TestPendingCountsOnceWhileSpooled: a report the spool writer has placed
+// in the spool but not yet taken from memory is one pending report, not
+// two. The writer is held at that very point (its directory sync).
+func TestPendingCountsOnceWhileSpooled(t *testing.T) {
+	m, _ := newMailer(t, notify.Config{
+		To: []string{"abuse@example.net"}, From: "rcptguard@mail1.example.net", Relay: "127.0.0.1:1", Hostname: "mail1.example.net",
+	})
+	atSync := make(chan struct{})
+	release := make(chan struct{})
+	notify.SetSpoolFault(m, func(op, _ string) error {
+		if op == "sync" {
+			atSync <- struct{}{}
+			<-release
+		}
+		return nil
+	})
+	if err := m.Enqueue(context.Background(), abuseReport("alice@example.com")); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-atSync:
+	case <-time.After(waitLong):
+		t.Fatal("the spool writer did not reach its directory sync")
+	}
+	n, _, _ := m.Unspooled()
+	pending := m.Pending()
+	close(release)
+	if n != 1 {
+		t.Fatalf("Unspooled = %d while the writer is between the spool and memory, want 1", n)
+	}
+	if pending != 1 {
+		t.Errorf("Pending = %d for one report in the spool and still in memory, want 1", pending)
+	}
+	flush(t, m)
+	notify.SetSpoolFault(m, nil)
+	if n := m.Pending(); n != 1 {
+		t.Errorf("Pending = %d after the write, want 1", n)
 	}
 }

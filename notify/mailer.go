@@ -292,12 +292,33 @@ func DefaultBackoff(attempt int) time.Duration {
 
 // Pending is the number of messages not delivered yet: in the spool, or
 // waiting in memory to be written there.
+//
+// A message moves from memory to the spool by being written there first
+// and taken from memory after, so it is in both for a while; it is counted
+// once. The names in memory are taken before the spool is listed: a
+// message the writer moves in between is in the listing, so none is
+// missed either.
 func (m *Mailer) Pending() int {
 	if m.spool == nil {
 		return 0
 	}
-	n, _, _ := m.Unspooled()
-	return m.spool.count() + n
+	m.memMu.Lock()
+	inMem := make([]string, len(m.mem))
+	for i, mm := range m.mem {
+		inMem[i] = mm.name
+	}
+	m.memMu.Unlock()
+	names, err := m.spool.list()
+	if err != nil {
+		names = nil
+	}
+	n := len(names)
+	for _, name := range inMem {
+		if _, found := slices.BinarySearch(names, name); !found {
+			n++
+		}
+	}
+	return n
 }
 
 // Enqueue composes the messages for r and hands them to the spool writer,
@@ -490,7 +511,11 @@ func (m *Mailer) writeMem() {
 			placed++
 		}
 		if placed > 0 {
-			if serr := m.spool.syncDir(); serr != nil && err == nil {
+			serr := m.spool.injected("sync", "")
+			if serr == nil {
+				serr = m.spool.syncDir()
+			}
+			if serr != nil && err == nil {
 				err = serr
 			}
 			// On record at once, so that a spool that turns read-only
@@ -763,19 +788,17 @@ func (m *Mailer) Run(ctx context.Context) error {
 		m.log.Info("replaying report spool", slog.Int("pending", n), slog.String("spool", m.spool.dir))
 	}
 	// A message marked as being sent when the last process died may be
-	// with the relay already: it is not sent again. The mark is made
-	// just before the end of DATA, so this gives up a message only when
-	// the crash came in the instant between the mark and the relay
-	// reading the end of DATA.
+	// with the relay already, or may not: the kill may have come before
+	// the relay read the end of DATA. It is sent again, with the same
+	// Message-ID: a duplicate report is a nuisance, a lost one hides a
+	// block. The sender delivers one message at a time, so a kill makes
+	// at most one such duplicate.
 	if marked, err := m.spool.marked(); err != nil {
 		m.log.Error("spool not searched for messages being sent at a crash", slog.Any("error", err))
 	} else {
 		for name := range marked {
-			err := m.spool.remove(name)
-			if err == nil {
-				err = m.spool.unmark(name)
-			}
-			m.log.Warn("report was being sent when rcptguard stopped; the relay has it, so it is not sent again",
+			err := m.spool.unmark(name)
+			m.log.Warn("report was being sent when rcptguard stopped; the relay may have it already, it is sent again (same Message-ID)",
 				slog.String("spool_file", name), slog.Any("error", err))
 		}
 		if len(marked) > 0 {
@@ -950,9 +973,9 @@ func (m *Mailer) attempt(ctx context.Context, e spoolEntry) (time.Time, bool) {
 	var removeErr error
 	removed, marked := false, false
 	delivered, failures := m.deliver(ctx, e.hdr.From, e.hdr.To, e.msg, func() {
-		// A crash from now on must not make the next start send it
-		// again: the relay may have it. Without the mark (a read-only
-		// spool) it goes on: only a crash could then send it twice.
+		// A crash from now on may leave the message with the relay:
+		// the mark tells the next start, which sends it again and says
+		// so. Without the mark (a read-only spool) it goes on the same.
 		marked = m.spool.mark(e.name) == nil
 	}, func() {
 		removeErr, removed = m.spool.remove(e.name), true

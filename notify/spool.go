@@ -27,7 +27,7 @@ const (
 	spoolSuffix = ".msg"
 	// spoolSending marks a message whose end of DATA is being sent: a
 	// file NAME.msg.sending that a crash leaves behind means the relay
-	// may have the message, and the next start does not send it again.
+	// may have the message; the next start sends it again and says so.
 	spoolSending = ".sending"
 	spoolTemp    = ".tmp-"
 	spoolCorrupt = "corrupt"
@@ -74,8 +74,8 @@ type spool struct {
 	fault atomic.Pointer[func(op, name string) error]
 }
 
-// injected returns the error a test injected for op ("write", "remove")
-// on the spool file name, if any.
+// injected returns the error a test injected for op ("write", "remove",
+// "sync") on the spool file name, if any.
 func (s *spool) injected(op, name string) error {
 	if f := s.fault.Load(); f != nil {
 		if err := (*f)(op, name); err != nil {
@@ -165,10 +165,9 @@ func (s *spool) syncDir() error {
 }
 
 // mark records that the end of DATA of the message name is about to be
-// sent. The directory is not synced: a sync would widen the instant in
-// which a kill leaves a mark for a message the relay never got. A mark
-// survives a kill (it is in the kernel's cache); one lost with the power
-// makes the next start send the message again, which is the lesser harm.
+// sent, so that the next start after a crash can say that the message it
+// sends again may be a duplicate. The directory is not synced: the mark
+// only informs, the message is sent again with or without it.
 func (s *spool) mark(name string) error {
 	if err := s.injected("write", name+spoolSending); err != nil {
 		return err

@@ -310,27 +310,40 @@ func servePeerAuth(t *testing.T, cfgPath string, logs io.Writer) ([]string, stri
 // run it (the go tool builds it in a directory only we can enter).
 func copyTestBinary(t *testing.T, dir string) string {
 	t.Helper()
-	self, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	src, err := os.Open(self)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer src.Close()
 	path := filepath.Join(dir, "forger.test")
-	dst, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o755)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := io.Copy(dst, src); err != nil {
-		t.Fatal(err)
-	}
-	if err := dst.Close(); err != nil {
+	if err := copyExecutable(path); err != nil {
 		t.Fatal(err)
 	}
 	return path
+}
+
+// copyExecutable copies the running test binary to path. The copy is
+// written holding syscall.ForkLock for reading, which every fork waits
+// for: a child forked by another goroutine while the file is open for
+// writing would hold that open file until it execs, and an exec of the
+// copy meanwhile fails with ETXTBSY ("text file busy"), whatever name
+// the copy has by then.
+func copyExecutable(path string) error {
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	src, err := os.Open(self)
+	if err != nil {
+		return err
+	}
+	defer src.Close()
+	syscall.ForkLock.RLock()
+	defer syscall.ForkLock.RUnlock()
+	dst, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o755)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(dst, src); err != nil {
+		_ = dst.Close()
+		return err
+	}
+	return dst.Close()
 }
 
 // runAs runs TestPeerAuthForger in bin as uid and gid against addr, with

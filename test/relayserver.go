@@ -47,6 +47,11 @@ type RelayConfig struct {
 	// DataReply is the reply at the end of DATA once DataReplies are used
 	// up; nil accepts the message.
 	DataReply *smtp.SMTPError
+	// AtDataEnd, when set, is called when a message's end of DATA has
+	// arrived, before the relay answers; when it returns false the relay
+	// drops the message with a 451, as a relay does whose client was
+	// gone before it took the message.
+	AtDataEnd func() bool
 }
 
 // RelayMessage is one message the relay accepted.
@@ -261,6 +266,12 @@ func (s *relaySession) Data(body io.Reader) error {
 		return err
 	}
 	r := s.r
+	r.mu.Lock()
+	atEnd := r.cfg.AtDataEnd
+	r.mu.Unlock()
+	if atEnd != nil && !atEnd() {
+		return &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 3, 0}, Message: "message dropped (test)"}
+	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.datas++
