@@ -35,7 +35,9 @@ path = %q
 spool = %q
 [metrics]
 listen = "127.0.0.1:0"
-`, dns.Addr, filepath.Join(dir, "blocklist"), filepath.Join(dir, "spool")))
+[queue]
+requests = %q
+`, dns.Addr, filepath.Join(dir, "blocklist"), filepath.Join(dir, "spool"), filepath.Join(dir, "hold-requests")))
 	cfg, err := LoadConfig(cfgPath)
 	if err != nil {
 		t.Fatal(err)
