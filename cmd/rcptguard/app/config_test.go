@@ -111,6 +111,17 @@ format = "json"
 	}
 }
 
+// TestDottedKeys: "callout.port = 26" at the top is [callout] port = 26.
+func TestDottedKeys(t *testing.T) {
+	cfg, err := LoadConfig(writeConfig(t, "callout.port = 26\n[detector]\nlimit = 7\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Callout.Port != 26 || cfg.Detector.Limit != 7 {
+		t.Fatalf("port %d limit %d, want 26 and 7", cfg.Callout.Port, cfg.Detector.Limit)
+	}
+}
+
 func TestBadConfigs(t *testing.T) {
 	tests := []struct {
 		text string
@@ -119,6 +130,13 @@ func TestBadConfigs(t *testing.T) {
 		{"[detector]\nbogus = 1\n", []string{"detector.bogus: unknown key"}},
 		{"[nosuchsection]\na = 1\nb = 2\n", []string{"nosuchsection: unknown table"}},
 		{"limit = 1\n", []string{"limit: unknown key"}},
+		// Dotted keys and sub-tables name their first unknown part.
+		{"[callout]\nfoo.bar = 1\n", []string{"callout.foo: unknown key"}},
+		{"[callout.extra]\ny = 1\n", []string{"callout.extra: unknown key"}},
+		{"[[callout.extra]]\ny = 1\n", []string{"callout.extra: unknown key"}},
+		{"a.b = 1\n", []string{"a: unknown table"}},
+		{"[callout]\nport.x = 1\n", []string{"callout.port: must be a whole number", "got a table"}},
+		{"[callout.port]\nx = 1\n", []string{"callout.port: must be a whole number", "got a table"}},
 		{"[[detector]]\nlimit = 1\n", []string{"detector: must be a table"}},
 		{"[detector]\naction = \"DISCARD\"\n", []string{"detector.action", "DISCARD"}},
 		{"[detector]\naction = \"dunno\"\n", []string{"detector.action", "DUNNO blocks nothing"}},
