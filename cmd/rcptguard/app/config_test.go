@@ -348,10 +348,10 @@ func TestDocumentedKeysAndDefaults(t *testing.T) {
 			continue
 		}
 		inTable = append(inTable, m[1]+"."+m[2])
-		def, ok := strings.CutPrefix(m[3], "`")
-		if def, ok = strings.CutSuffix(def, "`"); !ok {
+		if !strings.HasPrefix(m[3], "`") || !strings.HasSuffix(m[3], "`") {
 			continue // a default in words, e.g. "host name"
 		}
+		def := strings.Trim(m[3], "`")
 		if sections[m[1]] == nil {
 			sections[m[1]] = &strings.Builder{}
 		}
