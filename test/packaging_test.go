@@ -1,7 +1,9 @@
 package test_test
 
 import (
+	"io/fs"
 	"os"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
@@ -145,4 +147,44 @@ func fail2banRegex(t *testing.T) *regexp.Regexp {
 	}
 	t.Fatal("no failregex in the fail2ban filter")
 	return nil
+}
+
+// TestReadmeMetrics: every metric the product registers is in the README's
+// Metrics table, so a postmaster reading it knows what the names mean.
+func TestReadmeMetrics(t *testing.T) {
+	readme := readRepoFile(t, "README.md")
+	start := strings.Index(readme, "\n## Metrics\n")
+	if start < 0 {
+		t.Fatal("README has no Metrics section")
+	}
+	section := readme[start:]
+	if end := strings.Index(section[1:], "\n## "); end >= 0 {
+		section = section[:end+1]
+	}
+	// A metric's name is given as Name: "…" in its options, or first in
+	// a {"name", "help", …} table row.
+	name := regexp.MustCompile(`(?:Name:\s*|\{)"(rcptguard_[a-z_]+)"`)
+	found := 0
+	err := filepath.WalkDir("..", func(path string, d fs.DirEntry, err error) error {
+		if err != nil || d.IsDir() || !strings.HasSuffix(path, ".go") || strings.HasSuffix(path, "_test.go") || strings.HasPrefix(path, "../test/") {
+			return err
+		}
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return err
+		}
+		for _, m := range name.FindAllStringSubmatch(string(b), -1) {
+			found++
+			if !strings.Contains(section, "`"+m[1]) {
+				t.Errorf("metric %s (%s) is not in README's Metrics table", m[1], path)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if found < 20 {
+		t.Fatalf("found %d metric names in the source: the pattern no longer matches how metrics are declared", found)
+	}
 }

@@ -10,9 +10,10 @@ import (
 )
 
 // SystemStateDirs are the state directories of rcptguard's defaults
-// (blocklist.path's, queue.requests, notify.spool): a test must point its
-// configuration elsewhere, into its own temporary directory.
-var SystemStateDirs = []string{"/var/lib/rcptguard", "/var/lib/rcptguard/hold-requests", "/var/lib/rcptguard/spool"}
+// (blocklist.path's, queue.requests and its hold-results beside it,
+// notify.spool): a test must point its configuration elsewhere, into its
+// own temporary directory.
+var SystemStateDirs = []string{"/var/lib/rcptguard", "/var/lib/rcptguard/hold-requests", "/var/lib/rcptguard/hold-results", "/var/lib/rcptguard/spool"}
 
 // GuardSystemState runs the tests (m.Run) and fails the run when entries
 // appeared in SystemStateDirs during it: names that were not there

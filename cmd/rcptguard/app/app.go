@@ -39,17 +39,18 @@ const usage = `usage: rcptguard COMMAND [flags] [args]
 
 Commands:
   serve   [-config FILE]                   run the policy service
-  verify  [-config FILE] [-v] ADDR...       verify addresses, one verdict line each
+  verify  [-config FILE] [-v] ADDR...      verify addresses, one verdict line each
   list    [-config FILE]                   print the blocklist
   block   [-config FILE] [-reason TEXT] [-login] IDENTITY
   unblock [-config FILE] IDENTITY
-  status  [-config FILE] [-n N]             blocked identities (since, why, count) and
+  status  [-config FILE] [-n N]            blocked identities (since, why, count) and
                                            those closest to their limit (root or the
                                            daemon's user)
-  health  [-config FILE]                   check that the running service answers
+  health  [-config FILE] [-addr ADDR] [-timeout D]
+                                           check that the running service answers
   doctor  [-config FILE] [-postfix-config DIR]  check the Postfix integration
-  held    [-config FILE] [IDENTITY]         held mail per identity (root)
-  release [-config FILE] [-n] IDENTITY      unblock, then release its held mail (root)
+  held    [-config FILE] [IDENTITY]        held mail per identity (root)
+  release [-config FILE] [-n] IDENTITY     unblock, then release its held mail (root)
   purge   [-config FILE] [-n] [-keep-block=false] IDENTITY
                                            delete its held mail (root)
   queue-hold [-config FILE]                hold blocked identities' queued mail on the

@@ -188,3 +188,53 @@ func TestVerifyInterrupted(t *testing.T) {
 		t.Errorf("interrupted verify printed stdout %q stderr %q", out, errOut)
 	}
 }
+
+// TestUsageListsEveryCommand: the synopsis `COMMAND -h` prints is in
+// `rcptguard help` and in the README's Commands block, word for word, for
+// every command Run knows; and neither lists a command Run does not know.
+func TestUsageListsEveryCommand(t *testing.T) {
+	collapse := func(s string) string { return strings.Join(strings.Fields(s), " ") }
+	readme, err := os.ReadFile("../../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, block, _ := strings.Cut(string(readme), "\nCommands:\n\n```\n")
+	block, _, _ = strings.Cut(block, "```")
+	if block == "" {
+		t.Fatal("README has no Commands block")
+	}
+	help, _, _ := run(t, "help")
+	known := map[string]bool{"version": true}
+	for _, c := range []string{"serve", "verify", "list", "block", "unblock", "status", "health", "doctor",
+		"held", "release", "purge", "queue-hold", "notify-test"} {
+		known[c] = true
+		_, errOut, _ := run(t, c, "-h")
+		first, _, _ := strings.Cut(errOut, "\n")
+		synopsis, ok := strings.CutPrefix(first, "usage: rcptguard ")
+		if !ok {
+			t.Errorf("%s -h: %q", c, first)
+			continue
+		}
+		if !strings.Contains(collapse(help), collapse(synopsis)) {
+			t.Errorf("rcptguard help does not have %q", synopsis)
+		}
+		if !strings.Contains(collapse(block), "rcptguard "+collapse(synopsis)) {
+			t.Errorf("README's Commands block does not have %q", "rcptguard "+synopsis)
+		}
+	}
+	_, cmds, _ := strings.Cut(help, "Commands:\n")
+	cmds, _, _ = strings.Cut(cmds, "\n\n")
+	for _, l := range strings.Split(cmds, "\n") {
+		if f := strings.Fields(l); len(f) > 0 && l[2] != ' ' && !known[f[0]] {
+			t.Errorf("rcptguard help lists %q, which Run does not know", f[0])
+		}
+	}
+	for _, l := range strings.Split(strings.TrimSpace(block), "\n") {
+		if f := strings.Fields(l); len(f) < 2 || f[0] != "rcptguard" || !known[f[1]] {
+			t.Errorf("README's Commands block has %q", l)
+		}
+	}
+	if _, _, code := run(t, "version"); code != 0 || !strings.Contains(collapse(block), "rcptguard version") || !strings.Contains(help, "\n  version ") {
+		t.Errorf("version: exit %d, or missing from help or README", code)
+	}
+}

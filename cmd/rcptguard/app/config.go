@@ -307,22 +307,43 @@ func decodeConfig(text string, cfg *Config) []error {
 		return []error{err}
 	}
 	sections := tomlFields(reflect.ValueOf(cfg).Elem())
+	// A dotted key or a sub-table ("a.b = 1", "[callout.x]", "port.x = 1"
+	// in [callout]) lists only its full path: each table and key on the
+	// way is judged once, as the file had written it alone.
+	var keys []toml.Key
+	seen := map[string]bool{}
+	for _, full := range md.Keys() {
+		for n := 1; n <= min(2, len(full)); n++ {
+			if s := full[:n].String(); !seen[s] {
+				seen[s] = true
+				keys = append(keys, full[:n])
+			}
+		}
+	}
+	// md.Type knows only the keys the file wrote out: a table on the way
+	// to a dotted key is implicit.
+	typ := func(k toml.Key) string {
+		if t := md.Type(k...); t != "" {
+			return t
+		}
+		return "Hash"
+	}
 	var errs []error
-	for _, k := range md.Keys() {
+	for _, k := range keys {
 		switch len(k) {
 		case 1:
 			_, known := sections[k[0]]
 			switch {
-			case !known && md.Type(k[0]) != "Hash":
+			case !known && typ(k[:1]) != "Hash":
 				errs = append(errs, fmt.Errorf("%s: unknown key (keys go in a table such as [detector])", k[0]))
 			case !known:
 				errs = append(errs, fmt.Errorf("%s: unknown table%s (the tables are %s)", k[0], didYouMean(k[0], sections), strings.Join(slices.Sorted(maps.Keys(sections)), ", ")))
-			case md.Type(k[0]) != "Hash":
-				errs = append(errs, fmt.Errorf("%s: must be a table, [%s], got %s", k[0], k[0], tomlTypeWords(md.Type(k[0]))))
+			case typ(k[:1]) != "Hash":
+				errs = append(errs, fmt.Errorf("%s: must be a table, [%s], got %s", k[0], k[0], tomlTypeWords(typ(k[:1]))))
 			}
 		case 2:
 			sec, ok := sections[k[0]]
-			if !ok || md.Type(k[0]) != "Hash" {
+			if !ok || typ(k[:1]) != "Hash" {
 				continue // reported with the table
 			}
 			var keys map[string]toml.Primitive
@@ -334,7 +355,7 @@ func decodeConfig(text string, cfg *Config) []error {
 				continue
 			}
 			if err := md.PrimitiveDecode(keys[k[1]], field.Addr().Interface()); err != nil {
-				errs = append(errs, decodeError(k.String(), md.Type(k...), field.Type(), err))
+				errs = append(errs, decodeError(k.String(), typ(k), field.Type(), err))
 			}
 		}
 	}

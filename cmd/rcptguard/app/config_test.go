@@ -5,6 +5,8 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -109,6 +111,17 @@ format = "json"
 	}
 }
 
+// TestDottedKeys: "callout.port = 26" at the top is [callout] port = 26.
+func TestDottedKeys(t *testing.T) {
+	cfg, err := LoadConfig(writeConfig(t, "callout.port = 26\n[detector]\nlimit = 7\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Callout.Port != 26 || cfg.Detector.Limit != 7 {
+		t.Fatalf("port %d limit %d, want 26 and 7", cfg.Callout.Port, cfg.Detector.Limit)
+	}
+}
+
 func TestBadConfigs(t *testing.T) {
 	tests := []struct {
 		text string
@@ -117,6 +130,13 @@ func TestBadConfigs(t *testing.T) {
 		{"[detector]\nbogus = 1\n", []string{"detector.bogus: unknown key"}},
 		{"[nosuchsection]\na = 1\nb = 2\n", []string{"nosuchsection: unknown table"}},
 		{"limit = 1\n", []string{"limit: unknown key"}},
+		// Dotted keys and sub-tables name their first unknown part.
+		{"[callout]\nfoo.bar = 1\n", []string{"callout.foo: unknown key"}},
+		{"[callout.extra]\ny = 1\n", []string{"callout.extra: unknown key"}},
+		{"[[callout.extra]]\ny = 1\n", []string{"callout.extra: unknown key"}},
+		{"a.b = 1\n", []string{"a: unknown table"}},
+		{"[callout]\nport.x = 1\n", []string{"callout.port: must be a whole number", "got a table"}},
+		{"[callout.port]\nx = 1\n", []string{"callout.port: must be a whole number", "got a table"}},
 		{"[[detector]]\nlimit = 1\n", []string{"detector: must be a table"}},
 		{"[detector]\naction = \"DISCARD\"\n", []string{"detector.action", "DISCARD"}},
 		{"[detector]\naction = \"dunno\"\n", []string{"detector.action", "DUNNO blocks nothing"}},
@@ -270,5 +290,89 @@ func TestOneGrammar(t *testing.T) {
 	}
 	if got := calloutConfig(&Config{Callout: defaultConfig().Callout}, nil, nil, nil, nil).SessionIdle; got != callout.DefaultSessionIdle {
 		t.Errorf("default session_idle reaches callout as %s", got)
+	}
+}
+
+// TestDocumentedKeysAndDefaults keeps the README's key table and
+// contrib/rcptguard.toml listing exactly the keys Config decodes, and the
+// table's default column equal to defaultConfig: a key missing from
+// contrib, or a default changed in the code alone, fails here.
+func TestDocumentedKeysAndDefaults(t *testing.T) {
+	var keys []string
+	ct := reflect.TypeFor[Config]()
+	for i := range ct.NumField() {
+		sf := ct.Field(i)
+		section := sf.Tag.Get("toml")
+		if section == "" || section == "-" {
+			continue
+		}
+		for j := range sf.Type.NumField() {
+			if key := sf.Type.Field(j).Tag.Get("toml"); key != "" && key != "-" {
+				keys = append(keys, section+"."+key)
+			}
+		}
+	}
+	slices.Sort(keys)
+
+	contrib, err := os.ReadFile("../../../contrib/rcptguard.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var inContrib []string
+	section := ""
+	for line := range strings.Lines(string(contrib)) {
+		line = strings.TrimSpace(line)
+		switch {
+		case strings.HasPrefix(line, "["):
+			section = strings.Trim(line, "[]")
+		case line != "" && !strings.HasPrefix(line, "#"):
+			key, _, _ := strings.Cut(line, " =")
+			inContrib = append(inContrib, section+"."+key)
+		}
+	}
+	slices.Sort(inContrib)
+	if !slices.Equal(inContrib, keys) {
+		t.Errorf("contrib/rcptguard.toml lists keys\n%v\nthe configuration has\n%v", inContrib, keys)
+	}
+
+	readme, err := os.ReadFile("../../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	row := regexp.MustCompile("^\\| `([a-z_]+)\\.([a-z_]+)` \\| (.+?) \\| ")
+	var inTable []string
+	sections := map[string]*strings.Builder{}
+	for line := range strings.Lines(string(readme)) {
+		m := row.FindStringSubmatch(line)
+		if m == nil {
+			continue
+		}
+		inTable = append(inTable, m[1]+"."+m[2])
+		if !strings.HasPrefix(m[3], "`") || !strings.HasSuffix(m[3], "`") {
+			continue // a default in words, e.g. "host name"
+		}
+		def := strings.Trim(m[3], "`")
+		if sections[m[1]] == nil {
+			sections[m[1]] = &strings.Builder{}
+		}
+		fmt.Fprintf(sections[m[1]], "%s = %s\n", m[2], def)
+	}
+	slices.Sort(inTable)
+	if !slices.Equal(inTable, keys) {
+		t.Errorf("README's key table lists keys\n%v\nthe configuration has\n%v", inTable, keys)
+	}
+	var doc strings.Builder
+	for name, b := range sections {
+		fmt.Fprintf(&doc, "[%s]\n%s", name, b)
+	}
+	path := writeConfig(t, doc.String())
+	cfg, err := LoadConfig(path)
+	if err != nil {
+		t.Fatalf("README's defaults are not a valid configuration: %v", err)
+	}
+	def := defaultConfig()
+	def.Path = path
+	if !reflect.DeepEqual(*cfg, def) {
+		t.Errorf("README's defaults differ from the code's:\n%+v\n%+v", *cfg, def)
 	}
 }

@@ -18,7 +18,7 @@ import (
 // policy.listen address, and succeeds when an answer comes back in time.
 // It needs no shell or HTTP client, so it works as a container HEALTHCHECK.
 func cmdHealth(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs, config := newFlags("health", "health [-config FILE] [-timeout D]", stderr)
+	fs, config := newFlags("health", "health [-config FILE] [-addr ADDR] [-timeout D]", stderr)
 	timeout := fs.Duration("timeout", 3*time.Second, "how long to wait for the answer")
 	addrFlag := fs.String("addr", "", "ask this address, \"host:port\" or \"unix:/path\" (default: the first policy.listen)")
 	cfg, err := parseNoArgs(fs, config, args)

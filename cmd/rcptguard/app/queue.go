@@ -159,7 +159,7 @@ func cmdRelease(ctx context.Context, args []string, stdout, stderr io.Writer) er
 
 // cmdPurge deletes an identity's held mail, and keeps or lifts its block.
 func cmdPurge(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs, config := newFlags("purge", "purge [-config FILE] [-n] [-keep-block=true|false] IDENTITY", stderr)
+	fs, config := newFlags("purge", "purge [-config FILE] [-n] [-keep-block=false] IDENTITY", stderr)
 	keep := fs.Bool("keep-block", true, "keep the identity blocked (false: unblock it after deleting its mail)")
 	h, err := startHeld(ctx, fs, config, args, stderr)
 	if err != nil {

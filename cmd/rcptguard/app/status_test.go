@@ -31,13 +31,13 @@ limit = 5
 resolver = %q
 [blocklist]
 path = %q
+[queue]
+requests = %q
 [notify]
 spool = %q
 [metrics]
 listen = "127.0.0.1:0"
-[queue]
-requests = %q
-`, dns.Addr, filepath.Join(dir, "blocklist"), filepath.Join(dir, "spool"), filepath.Join(dir, "hold-requests")))
+`, dns.Addr, filepath.Join(dir, "blocklist"), filepath.Join(dir, "hold-requests"), filepath.Join(dir, "spool")))
 	cfg, err := LoadConfig(cfgPath)
 	if err != nil {
 		t.Fatal(err)
