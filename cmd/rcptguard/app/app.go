@@ -149,6 +149,9 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	case "queue-hold":
 		return cmdQueueHold(ctx, args, stdout, stderr)
 	case "version", "-version", "--version":
+		if len(args) > 0 {
+			return usageErrorf("version takes no arguments, got %q", args[0])
+		}
 		fmt.Fprintln(stdout, versionString())
 		return nil
 	case "help", "-h", "-help", "--help":

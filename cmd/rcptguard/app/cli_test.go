@@ -83,6 +83,8 @@ func TestCLIErrors(t *testing.T) {
 			status: 2, stderr: []string{"exactly one IDENTITY"}},
 		{name: "an unknown command", args: []string{"frobnicate"},
 			status: 2, stderr: []string{`unknown command "frobnicate"`}},
+		{name: "version takes no arguments", args: []string{"version", "extra"},
+			status: 2, stderr: []string{`version takes no arguments, got "extra"`}},
 		{name: "flags after the argument", args: []string{"block", "alice@example.com", "-config", cfg, "-reason", "ticket 42"},
 			status: 0},
 		{name: "-- ends the flags", args: []string{"unblock", "-config", cfg, "--", "alice@example.com"},

@@ -154,6 +154,16 @@ func askStatus(ctx context.Context, path string) (statusReport, error) {
 	return r, err
 }
 
+// statusHint says what to do when the daemon's status socket did not
+// answer: a refused permission is a matter of who asks; a missing or
+// dead socket, of the daemon not running.
+func statusHint(err error) string {
+	if errors.Is(err, iofs.ErrPermission) {
+		return "run as root or the daemon's user"
+	}
+	return "is rcptguard serve running with this configuration?"
+}
+
 // cmdStatus prints what an abuse desk asks first: the blocked identities,
 // since when, why and with what count, and the identities closest to
 // their limit. Without a running daemon it prints the blocked identities
@@ -179,7 +189,7 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
-		fmt.Fprintf(stderr, "rcptguard: no answer from the daemon on %s (%v): blocked identities only, without counts; run as root or the daemon's user\n", sock, err)
+		fmt.Fprintf(stderr, "rcptguard: no answer from the daemon on %s (%v): blocked identities only, without counts; %s\n", sock, err, statusHint(err))
 		live = statusReport{Period: textfmt.FormatPeriod(cfg.Detector.Period.D()), Tracked: -1}
 	}
 	*n = max(*n, 0)

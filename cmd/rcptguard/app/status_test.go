@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -131,7 +132,26 @@ listen = "127.0.0.1:0"
 		t.Fatal(err)
 	}
 	out, errOut = status()
-	if !strings.Contains(errOut, "blocked identities only") || !strings.Contains(out, "mallory@example.com") || strings.Contains(out, "CLOSEST") {
+	if !strings.Contains(errOut, "blocked identities only") || !strings.Contains(errOut, "is rcptguard serve running") ||
+		!strings.Contains(out, "mallory@example.com") || strings.Contains(out, "CLOSEST") {
 		t.Errorf("without the daemon: stdout\n%s\nstderr %q", out, errOut)
+	}
+}
+
+// TestStatusHint: a socket the caller may not open is a matter of who
+// asks; one that is missing or refuses, of the daemon not running.
+func TestStatusHint(t *testing.T) {
+	for _, tt := range []struct {
+		err  error
+		want string
+	}{
+		{fmt.Errorf("dial: %w", os.ErrPermission), "run as root or the daemon's user"},
+		{fmt.Errorf("dial: %w", os.ErrNotExist), "is rcptguard serve running"},
+		{fmt.Errorf("dial: %w", syscall.ECONNREFUSED), "is rcptguard serve running"},
+		{fmt.Errorf("dial: %w", syscall.EACCES), "run as root or the daemon's user"},
+	} {
+		if got := statusHint(tt.err); !strings.Contains(got, tt.want) {
+			t.Errorf("statusHint(%v) = %q, want %q", tt.err, got, tt.want)
+		}
 	}
 }
