@@ -1,6 +1,7 @@
 package detector
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -126,6 +127,9 @@ type Config struct {
 	MaxIdentities int
 	// Shared counts with the other servers of a fleet; nil: alone.
 	Shared SharedCounter
+	// SharedTimeout bounds one call of Shared (the fleet's own deadline,
+	// cluster.timeout); 0: DefaultSharedTimeout.
+	SharedTimeout time.Duration
 }
 
 // FleetMark ends the blocklist text of a block a server made because
@@ -141,19 +145,20 @@ const DeferAction Action = "DEFER_IF_PERMIT 4.7.1 rcptguard: recipient not verif
 // Detector makes the decision for each policy request. Create it with New;
 // it is safe for concurrent use.
 type Detector struct {
-	cfg     atomicConfig
-	verify  Verifier
-	cached  CachedVerifier // verify, when it can answer from a cache; else nil
-	block   Blocklist
-	notify  Notifier
-	log     *slog.Logger
-	metrics *Metrics
-	now     func() time.Time
-	limiter *Limiter
-	shared  SharedCounter
-	keys    atomic.Uint64 // numbers the reservations with shared
-	keyBase string        // this detector's prefix of reservation keys
-	busy    atomic.Int64  // verifications running in the background
+	cfg           atomicConfig
+	verify        Verifier
+	cached        CachedVerifier // verify, when it can answer from a cache; else nil
+	block         Blocklist
+	notify        Notifier
+	log           *slog.Logger
+	metrics       *Metrics
+	now           func() time.Time
+	limiter       *Limiter
+	shared        SharedCounter
+	sharedTimeout time.Duration // bounds one call of shared
+	keys          atomic.Uint64 // numbers the reservations with shared
+	keyBase       string        // this detector's prefix of reservation keys
+	busy          atomic.Int64  // verifications running in the background
 
 	// sleep waits d or until ctx ends (false); tests replace it.
 	sleep func(ctx context.Context, d time.Duration) bool
@@ -215,18 +220,19 @@ func New(cfg Config) (*Detector, error) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	d := &Detector{
-		verify:  cfg.Verifier,
-		block:   cfg.Blocklist,
-		notify:  cfg.Notifier,
-		log:     cfg.Logger,
-		metrics: cfg.Metrics,
-		now:     cfg.Now,
-		limiter: newLimiter(cfg.Period, cfg.LongPeriod),
-		shared:  cfg.Shared,
-		keyBase: reservationBase(),
-		sleep:   sleepCtx,
-		ctx:     ctx,
-		cancel:  cancel,
+		verify:        cfg.Verifier,
+		block:         cfg.Blocklist,
+		notify:        cfg.Notifier,
+		log:           cfg.Logger,
+		metrics:       cfg.Metrics,
+		now:           cfg.Now,
+		limiter:       newLimiter(cfg.Period, cfg.LongPeriod),
+		shared:        cfg.Shared,
+		sharedTimeout: cmp.Or(cfg.SharedTimeout, DefaultSharedTimeout),
+		keyBase:       reservationBase(),
+		sleep:         sleepCtx,
+		ctx:           ctx,
+		cancel:        cancel,
 	}
 	d.limiter.setMaxIdentities(cfg.MaxIdentities, cfg.Logger, cfg.Metrics)
 	d.cached, _ = cfg.Verifier.(CachedVerifier)

@@ -48,7 +48,7 @@ type SharedProbes interface {
 func (d *Detector) takeProbe(ctx context.Context, id string, perMinute int) bool {
 	now := d.now()
 	if sp, ok := d.shared.(SharedProbes); ok && perMinute > 0 {
-		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), sharedTimeout)
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), d.sharedTimeout)
 		ok, err := sp.TakeProbe(ctx, id, now, perMinute)
 		cancel()
 		if err == nil && !ok {
@@ -58,9 +58,9 @@ func (d *Detector) takeProbe(ctx context.Context, id string, perMinute int) bool
 	return d.limiter.takeProbe(id, now, perMinute)
 }
 
-// sharedTimeout bounds one shared counter call on top of the counter's
-// own deadline.
-const sharedTimeout = 250 * time.Millisecond
+// DefaultSharedTimeout bounds one shared counter call when the
+// configuration names no deadline.
+const DefaultSharedTimeout = 250 * time.Millisecond
 
 // sharedPollEvery is how often a waiting request looks at the fleet's
 // standing again: verdicts on other servers wake nobody here.
@@ -102,7 +102,7 @@ func (d *Detector) shareVerdict(ctx context.Context, id, key string, res *callou
 		_, _ = d.shared.Record(ctx, id, key, res, d.now(), lim)
 		return st
 	}
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), sharedTimeout)
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), d.sharedTimeout)
 	defer cancel()
 	fs, err := d.shared.Record(ctx, id, key, res, d.now(), lim)
 	if err != nil {
@@ -123,7 +123,7 @@ func (d *Detector) shareReserve(ctx context.Context, id string, p *probe, st Sta
 	if p != nil {
 		key = d.keyBase + strconv.FormatUint(d.keys.Add(1), 36)
 	}
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), sharedTimeout)
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), d.sharedTimeout)
 	defer cancel()
 	fs, err := d.shared.Reserve(ctx, id, key, d.now(), lim)
 	if err != nil {

@@ -22,16 +22,18 @@ type fakeFleet struct {
 	crossed map[string]bool
 	down    bool
 	calls   int
+	budget  time.Duration // the deadline the last call was given
 }
 
 func newFakeFleet() *fakeFleet {
 	return &fakeFleet{rcpts: map[string]map[string]bool{}, pending: map[string]map[string]bool{}, crossed: map[string]bool{}}
 }
 
-func (f *fakeFleet) Reserve(_ context.Context, id, key string, _ time.Time, lim Thresholds) (Standing, error) {
+func (f *fakeFleet) Reserve(ctx context.Context, id, key string, _ time.Time, lim Thresholds) (Standing, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.calls++
+	f.noteBudget(ctx)
 	if f.down {
 		return Standing{}, errors.New("redis down")
 	}
@@ -44,10 +46,11 @@ func (f *fakeFleet) Reserve(_ context.Context, id, key string, _ time.Time, lim 
 	return f.standing(id, lim), nil
 }
 
-func (f *fakeFleet) Record(_ context.Context, id, key string, res *callout.Result, _ time.Time, lim Thresholds) (Standing, error) {
+func (f *fakeFleet) Record(ctx context.Context, id, key string, res *callout.Result, _ time.Time, lim Thresholds) (Standing, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.calls++
+	f.noteBudget(ctx)
 	if f.down {
 		return Standing{}, errors.New("redis down")
 	}
@@ -65,6 +68,12 @@ func (f *fakeFleet) Record(_ context.Context, id, key string, res *callout.Resul
 		st.First = true
 	}
 	return st, nil
+}
+
+func (f *fakeFleet) noteBudget(ctx context.Context) {
+	if dl, ok := ctx.Deadline(); ok {
+		f.budget = time.Until(dl)
+	}
 }
 
 func (f *fakeFleet) standing(id string, lim Thresholds) Standing {
@@ -126,5 +135,23 @@ func TestSharedCounterDownCountsLocally(t *testing.T) {
 	}
 	if len(h.n.kinds()) != 1 {
 		t.Fatalf("reports %v", h.n.kinds())
+	}
+}
+
+// A fleet call gets the configured deadline (cluster.timeout), not a
+// fixed one: a postmaster who gives Redis 800ms gets 800ms.
+func TestSharedTimeoutConfigured(t *testing.T) {
+	for _, tt := range []struct {
+		set, want time.Duration
+	}{{0, DefaultSharedTimeout}, {800 * time.Millisecond, 800 * time.Millisecond}} {
+		fleet := newFakeFleet()
+		h := newHarness(t, Config{Limit: 3, Shared: fleet, SharedTimeout: tt.set})
+		h.ask(rcptRequest("carol@example.com", "nobody@elsewhere.test"))
+		fleet.mu.Lock()
+		got := fleet.budget
+		fleet.mu.Unlock()
+		if got <= tt.want-200*time.Millisecond || got > tt.want {
+			t.Errorf("SharedTimeout %v: a fleet call had %v left, want about %v", tt.set, got, tt.want)
+		}
 	}
 }

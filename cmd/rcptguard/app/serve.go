@@ -254,6 +254,7 @@ func (s *service) buildDetector() error {
 			return err
 		}
 		dcfg.Shared = s.cl
+		dcfg.SharedTimeout = s.cfg.Cluster.Timeout.D()
 		dcfg.Blocklist = s.joinFleet(dcfg.Blocklist)
 	}
 	dcfg.Blocklist = timedBlocklist{Blocklist: dcfg.Blocklist, times: s.times}
