@@ -209,6 +209,31 @@ func TestSyncIncrementalEpochChange(t *testing.T) {
 	}
 }
 
+// Every FullEvery the comparison is in full, changed or not: the safety
+// net for edits of Redis by hand, which the log does not see.
+func TestSyncFullEvery(t *testing.T) {
+	r := test.StartRedis(t)
+	clock := &test.Clock{}
+	ctx := context.Background()
+	a, b := newMember(t, r, clock.Now), newMember(t, r, clock.Now)
+	a.block(t, "x@isp.test", clock.Now())
+	a.s.Once(ctx)
+	b.s.Once(ctx)
+	// By hand: a block with its generation but no log entry.
+	if _, err := r.Do("HSET", "rg-test:blocks{blocklist}", "hand@isp.test", fmt.Sprintf("%d\tHOLD\tby hand", clock.Now().UnixMilli())); err != nil {
+		t.Fatal(err)
+	}
+	clock.Add(cluster.FullEvery - time.Second)
+	b.s.Once(ctx)
+	wantRounds(t, b, 1, 0)
+	clock.Add(time.Second)
+	b.s.Once(ctx)
+	wantRounds(t, b, 2, 0)
+	if !b.has("hand@isp.test") {
+		t.Error("the full comparison did not find the block made by hand")
+	}
+}
+
 // Any mix of blocks and unblocks on three servers, synced in any order
 // by incremental rounds, leaves every server with the file a full
 // comparison gives: the fleet's blocks.
