@@ -50,6 +50,15 @@ type Config struct {
 	// without locks held, from the goroutine that noticed the change, so
 	// it may call the File's methods.
 	OnChange func(added, removed []string)
+	// BeforeRemove, if set, is called when a change on disk by someone
+	// else is about to take identities out of the table, with those
+	// identities, sorted, while Lookup still finds them: the caller drops
+	// what it keeps about them (the counts that blocked them) before their
+	// requests are judged again. OnChange comes later, too late for that.
+	// It is called with the File's write lock held, from the goroutine
+	// that noticed the change: it must be quick, must not block, and must
+	// not call the File's methods other than Lookup, Entries and Len.
+	BeforeRemove func(ids []string)
 	// WriteWait bounds how long [File.Block] and [File.Blocked] wait for
 	// an entry to reach the disk; default [DefaultWriteWait]. Past it the
 	// entry holds from memory and Watch keeps writing it.
@@ -69,6 +78,7 @@ type File struct {
 	lockPath string
 	log      *slog.Logger
 	onChange func(added, removed []string)
+	onRemove func(ids []string) // Config.BeforeRemove
 	seed     maphash.Seed
 	wait     time.Duration // Config.WriteWait
 
@@ -137,6 +147,7 @@ func Open(cfg Config) (*File, []Problem, error) {
 		lockPath: cfg.Path + ".lock",
 		log:      cfg.Logger,
 		onChange: cfg.OnChange,
+		onRemove: cfg.BeforeRemove,
 		seed:     maphash.MakeSeed(),
 		wait:     cfg.WriteWait,
 		writeMu:  make(chan struct{}, 1),
@@ -598,6 +609,13 @@ func (f *File) install(d document, st stamp, how loadKind) {
 		disk[e.Identity] = e
 	}
 	f.mu.Lock()
+	if how == loadOutside && f.onRemove != nil {
+		if gone := f.goneLocked(disk); len(gone) > 0 {
+			f.mu.Unlock()
+			f.onRemove(gone) // Lookup still finds them
+			f.mu.Lock()
+		}
+	}
 	old := f.snap.Load().m
 	f.disk = disk
 	cur := f.publishLocked()
@@ -630,6 +648,23 @@ func (f *File) install(d document, st stamp, how loadKind) {
 	if f.onChange != nil && (len(added) > 0 || len(removed) > 0) {
 		f.changes = append(f.changes, change{added, removed})
 	}
+}
+
+// goneLocked returns the identities Lookup finds now and would not with
+// disk as the disk state, sorted. f.mu must be held.
+func (f *File) goneLocked(disk map[string]Entry) []string {
+	var gone []string
+	for id := range f.snap.Load().m {
+		if _, ok := disk[id]; ok {
+			continue
+		}
+		if o, ok := f.pending[id]; ok && !o.remove {
+			continue
+		}
+		gone = append(gone, id)
+	}
+	slices.Sort(gone)
+	return gone
 }
 
 // change is a call of OnChange waiting for the locks to be released.

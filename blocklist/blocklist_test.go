@@ -837,3 +837,69 @@ func TestOpenRemovesStaleTemps(t *testing.T) {
 		t.Errorf("fresh temporary file removed: %v", err)
 	}
 }
+
+// BeforeRemove is told of the identities an outside change takes out of
+// the table while Lookup still finds them, and before OnChange; by a
+// Reload, by the check before a write, and when the file is deleted.
+// Entries added here and not written yet are not among them.
+func TestBeforeRemove(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "blocklist")
+	if err := os.WriteFile(path, []byte("a@example.com\tHOLD\nb@example.com\tHOLD\nc@example.com\tHOLD\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var (
+		f      *blocklist.File
+		events []string
+	)
+	f, _, err := blocklist.Open(blocklist.Config{
+		Path:   path,
+		Logger: testLogger(t),
+		BeforeRemove: func(ids []string) {
+			for _, id := range ids {
+				_, ok := f.Lookup(id)
+				events = append(events, fmt.Sprintf("before %s found=%v", id, ok))
+			}
+		},
+		OnChange: func(added, removed []string) {
+			for _, id := range removed {
+				_, ok := f.Lookup(id)
+				events = append(events, fmt.Sprintf("removed %s found=%v", id, ok))
+			}
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	expect := func(step string, want ...string) {
+		t.Helper()
+		if !slices.Equal(events, want) {
+			t.Errorf("%s: events %q, want %q", step, events, want)
+		}
+		events = nil
+	}
+
+	replaceFile(t, path, "b@example.com\tHOLD\nc@example.com\tHOLD\n")
+	if _, err := f.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	expect("reload", "before a@example.com found=true", "removed a@example.com found=false")
+
+	// Another process removes b@ while d@ is being added here.
+	replaceFile(t, path, "c@example.com\tHOLD\n")
+	if err := f.Add(context.Background(), blocklist.Entry{Identity: "d@example.com", Action: "HOLD"}); err != nil {
+		t.Fatal(err)
+	}
+	expect("write", "before b@example.com found=true", "removed b@example.com found=false")
+	if _, ok := f.Lookup("d@example.com"); !ok {
+		t.Error("d@example.com, added here, is gone")
+	}
+
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	expect("delete", "before c@example.com found=true", "before d@example.com found=true",
+		"removed c@example.com found=false", "removed d@example.com found=false")
+}

@@ -150,6 +150,9 @@ func (s *service) openState() error {
 		Create:   true, // Postfix's check_sasl_access fails on a missing table
 		Logger:   log.With("component", "blocklist"),
 		OnChange: s.blocklistChanged,
+		// An identity unblocked outside the daemon is judged again on
+		// fresh counts: they go while its entry still holds.
+		BeforeRemove: s.forgetCounts,
 	})
 	if err != nil {
 		return fmt.Errorf("blocklist.path: %w", err)
@@ -161,12 +164,27 @@ func (s *service) openState() error {
 	return nil
 }
 
+// forgetCounts drops the local counts of identities an outside edit is
+// about to unblock (blocklist.Config.BeforeRemove): it takes the
+// limiter's locks only, never the blocklist's.
+func (s *service) forgetCounts(ids []string) {
+	s.mu.Lock()
+	d := s.det
+	s.mu.Unlock()
+	if d == nil {
+		return
+	}
+	for _, id := range ids {
+		d.Limiter().Forget(id)
+	}
+}
+
 // blocklistChanged is told of the entries added and removed outside the
 // daemon (by hand, by rcptguard block and unblock).
 func (s *service) blocklistChanged(added, removed []string) {
 	log := s.log
 	s.mu.Lock()
-	d, m := s.det, s.reportsTo
+	m := s.reportsTo
 	s.mu.Unlock()
 	s.times.note(added...)
 	s.times.forget(removed...)
@@ -181,10 +199,7 @@ func (s *service) blocklistChanged(added, removed []string) {
 	}
 	for _, id := range removed {
 		log.Info("rcptguard unblocked", slog.String("identity", id))
-		forgetBlock(m, id, log)
-		if d != nil {
-			d.Limiter().Forget(id)
-		}
+		forgetBlock(m, id, log) // its counts went before (forgetCounts)
 	}
 	if f := s.fleet.Load(); f != nil {
 		f.LocalChange(added, removed)

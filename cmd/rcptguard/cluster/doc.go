@@ -2,7 +2,9 @@
 // Redis ([cluster] in the configuration): it counts verdicts in Redis,
 // one server-side script per verdict, so an identity is blocked at exactly
 // limit+1 across the fleet and exactly one server acts on the crossing;
-// it keeps the blocklist of every server in step; and it shares what the
+// it keeps the blocklist of every server in step, reading only what
+// changed since the server last agreed (a change log kept beside the
+// blocklist in Redis), and all of it now and then; and it shares what the
 // verifiers learn (verdicts, catch-all and refusing-MX facts) and their
 // probe caps.
 //

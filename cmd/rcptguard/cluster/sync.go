@@ -17,9 +17,15 @@ import (
 // blocks and unblocks are pushed, the fleet's pulled, at once on a
 // change (pub/sub) and checked every Interval. Create it with NewSync.
 //
-// A check costs one small round trip while nothing changed: the fleet's
-// blocklist is read in full only when its version moved (any block or
-// unblock anywhere), after Redis answered again, and every FullEvery.
+// A check costs one small round trip while nothing changed. When the
+// fleet's version moved (a block or unblock anywhere) within the same
+// data set, a second round trip reads the change log since the last
+// agreement and only the blocks and tombstones of the identities in it
+// (an incremental round). The whole blocklist is read and compared (a
+// full round) on the first round, after Redis answered again, when the
+// data set changed, when the log no longer reaches back to the last
+// agreement (more than changeLogLen changes), and every FullEvery. Both
+// kinds settle each identity with the same rules (settle).
 //
 // A server that was cut off from the fleet's Redis for longer than
 // TombstoneRetention may hold blocks the fleet lifted so long ago that
@@ -45,10 +51,12 @@ type Sync struct {
 	kick    chan struct{}
 
 	// Owned by the goroutine that runs Once.
-	last     version   // of the last full comparison
-	lastFull time.Time // when it was made
+	last     version   // of the last agreement, full or incremental
+	lastFull time.Time // when the last full comparison was made
 	ups      atomic.Int64
-	upsDone  int64     // ups when the last full comparison began
+	upsDone  int64 // ups when the last full comparison began
+	fulls    atomic.Int64
+	incs     atomic.Int64
 	state    syncState // this server's last agreement with the fleet, as saved
 	atStart  bool      // the entries in the file at start were there at state.Synced
 	pruned   time.Time // the last tombstone pruning
@@ -154,30 +162,87 @@ func (s *Sync) Run(ctx context.Context) {
 
 // Once pushes the local changes, then, when all are pushed and the
 // fleet's blocklist changed (or a full comparison is due), makes the file
-// agree with the fleet.
+// agree with the fleet: from the change log when it covers what changed
+// since the last agreement, else in full.
 func (s *Sync) Once(ctx context.Context) {
 	s.reloadIfEdited()
 	if !s.pushPending(ctx) {
 		return
 	}
 	v, err := s.c.version(ctx)
-	if err != nil || !s.due(v) {
+	if err != nil {
 		return
 	}
 	ups := s.ups.Load()
+	full := s.fullDue(ups)
+	if !full && v == s.last {
+		return
+	}
+	if !full && v.epoch == s.last.epoch && v.gen > s.last.gen && v.gen-s.last.gen <= changeLogLen {
+		ch, err := s.c.changesSince(ctx, s.last)
+		if err != nil {
+			return
+		}
+		if ch != nil {
+			s.incremental(ctx, ch)
+			return
+		}
+		// The log was trimmed past the last agreement, or the data set
+		// changed since the version was read: compare in full.
+	}
 	blocks, tombs, err := s.c.state(ctx)
 	if err != nil {
 		return
 	}
-	changed := s.pull(ctx, blocks)
-	ok, removed := s.reconcile(ctx, blocks, tombs, v)
-	if !ok {
-		return
+	changed, removed := false, false
+	for id, b := range blocks {
+		t, lifted := tombs[id]
+		_, c, _ := s.settle(ctx, id, &b, t, lifted, v)
+		changed = changed || c
+	}
+	for _, e := range s.f.Entries() {
+		if _, ok := blocks[e.Identity]; ok {
+			continue
+		}
+		t, lifted := tombs[e.Identity]
+		ok, _, r := s.settle(ctx, e.Identity, nil, t, lifted, v)
+		removed = removed || r
+		if !ok {
+			return
+		}
 	}
 	s.last, s.lastFull, s.upsDone = v, s.c.now(), ups
+	s.fulls.Add(1)
 	s.saveState(v, changed || removed)
 	s.prune(ctx, tombs)
 }
+
+// incremental settles the identities the fleet changed since the last
+// agreement, as of ch.v. Since the file agreed with the fleet then, local
+// changes are pushed first, and a push the fleet refuses is logged as a
+// change too, no other identity can disagree.
+func (s *Sync) incremental(ctx context.Context, ch *changes) {
+	changed := false
+	for _, id := range ch.ids {
+		var b *remoteBlock
+		if rb, ok := ch.blocks[id]; ok {
+			b = &rb
+		}
+		t, lifted := ch.tombs[id]
+		ok, c, r := s.settle(ctx, id, b, t, lifted, ch.v)
+		changed = changed || c || r
+		if !ok {
+			return // the next round starts from the same agreement
+		}
+	}
+	s.last = ch.v
+	s.incs.Add(1)
+	s.saveState(ch.v, changed)
+}
+
+// Rounds returns how many full and incremental comparisons with the
+// fleet's blocklist this syncer completed.
+func (s *Sync) Rounds() (full, incremental int64) { return s.fulls.Load(), s.incs.Load() }
 
 // reloadIfEdited reads the file again when it changed on disk. Outside
 // edits (rcptguard block/unblock, by hand) come first: an entry just
@@ -220,30 +285,37 @@ func (s *Sync) pushPending(ctx context.Context) bool {
 	return true
 }
 
-// due reports whether the fleet's blocklist must be read in full: it is
-// at another version than at the last full comparison, Redis answered
-// again since, or FullEvery passed.
-func (s *Sync) due(v version) bool {
-	return v != s.last || s.ups.Load() != s.upsDone || s.c.now().Sub(s.lastFull) >= FullEvery
+// fullDue reports whether the next comparison must be in full: none was
+// made yet, Redis answered again since the last (ups: s.ups now), or
+// FullEvery passed.
+func (s *Sync) fullDue(ups int64) bool {
+	return s.last.gen < 0 || ups != s.upsDone || s.c.now().Sub(s.lastFull) >= FullEvery
 }
 
-// pull writes to the file the fleet's blocks it lacks, and reports
-// whether it wrote any.
-func (s *Sync) pull(ctx context.Context, blocks map[string]remoteBlock) bool {
-	changed := false
-	for id, b := range blocks {
-		if _, ok := s.f.Lookup(id); ok {
-			continue
-		}
-		s.mu.Lock()
-		_, busy := s.pending[id]
-		if !busy {
-			s.since[id] = b.t
-		}
-		s.mu.Unlock()
-		if busy {
-			continue
-		}
+// settle makes id's entry here agree with the fleet, which has the block
+// b (nil: none) and, when lifted, a tombstone of id at tomb (unix ms).
+// The one set of rules of full and incremental rounds:
+//
+//   - a local change of id not pushed yet wins: left alone;
+//   - a block of the fleet this file lacks is written to it (learned);
+//   - a local block the fleet does not have is removed here when a later
+//     unblock lifted it, or when it is too old to push back (see Sync);
+//     else Redis lost it, or never had it, and it is pushed back.
+//
+// ok is false when a push failed; changed when a block was written,
+// removed when one was removed.
+func (s *Sync) settle(ctx context.Context, id string, b *remoteBlock, tomb int64, lifted bool, v version) (ok, changed, removed bool) {
+	e, here := s.f.Lookup(id)
+	s.mu.Lock()
+	since, known := s.since[id]
+	_, busy := s.pending[id]
+	if b != nil && !here && !busy {
+		s.since[id] = b.t
+	}
+	s.mu.Unlock()
+	switch {
+	case busy, b != nil && here, b == nil && !here:
+	case b != nil:
 		if s.learned != nil {
 			s.learned(id)
 		}
@@ -254,40 +326,19 @@ func (s *Sync) pull(ctx context.Context, blocks map[string]remoteBlock) bool {
 			s.log.Error("blocklist: a block of the fleet could not be written here; it holds in memory", slog.String("identity", id), slog.Any("error", err))
 		}
 		s.log.Info("rcptguard blocked through the cluster", slog.String("identity", id))
-		changed = true
-	}
-	return changed
-}
-
-// reconcile settles each local block the fleet does not have: lifted by
-// a later unblock, or too old to push back (see Sync), it is removed
-// here; else Redis lost it, or never had it, and it is pushed back. ok is
-// false when a push failed.
-func (s *Sync) reconcile(ctx context.Context, blocks map[string]remoteBlock, tombs map[string]int64, v version) (ok, removed bool) {
-	for _, e := range s.f.Entries() {
-		id := e.Identity
-		if _, ok := blocks[id]; ok {
-			continue
-		}
-		s.mu.Lock()
-		since, known := s.since[id]
-		_, busy := s.pending[id]
-		s.mu.Unlock()
-		switch tomb, lifted := tombs[id]; {
-		case busy:
-		case lifted && tomb >= since:
-			s.drop(ctx, id, "rcptguard unblocked through the cluster")
-			removed = true
-		case s.stale(since, known, v):
-			s.drop(ctx, id, "rcptguard unblocked: the fleet lifted this block while this server was cut off from it for longer than unblocks are remembered")
-			removed = true
-		default:
-			if _, err := s.c.PushBlock(ctx, e, time.UnixMilli(since)); err != nil {
-				return false, removed
-			}
+		return true, true, false
+	case lifted && tomb >= since:
+		s.drop(ctx, id, "rcptguard unblocked through the cluster")
+		return true, false, true
+	case s.stale(since, known, v):
+		s.drop(ctx, id, "rcptguard unblocked: the fleet lifted this block while this server was cut off from it for longer than unblocks are remembered")
+		return true, false, true
+	default:
+		if _, err := s.c.PushBlock(ctx, e, time.UnixMilli(since)); err != nil {
+			return false, false, false
 		}
 	}
-	return true, removed
+	return true, false, false
 }
 
 // stale reports whether a local block that began at since (known: made

@@ -1,0 +1,4 @@
+package cluster
+
+// ChangeLogLen is changeLogLen, for the tests.
+const ChangeLogLen = changeLogLen
