@@ -164,18 +164,23 @@ func (s *service) openState() error {
 	return nil
 }
 
-// forgetCounts drops the local counts of identities an outside edit is
-// about to unblock (blocklist.Config.BeforeRemove): it takes the
-// limiter's locks only, never the blocklist's.
+// forgetCounts drops the counts of identities about to be unblocked (an
+// outside edit, through blocklist.Config.BeforeRemove, or an expiry), so
+// that their next requests are judged afresh, never on the counts that
+// blocked them: the local ones at once, the fleet's at the next count
+// unless the unblock's push reset them before. It takes the limiter's
+// locks only, never the blocklist's, and never waits for Redis.
 func (s *service) forgetCounts(ids []string) {
 	s.mu.Lock()
 	d := s.det
 	s.mu.Unlock()
-	if d == nil {
-		return
-	}
 	for _, id := range ids {
-		d.Limiter().Forget(id)
+		if s.cl != nil {
+			s.cl.ForgetCounts(id)
+		}
+		if d != nil {
+			d.Limiter().Forget(id)
+		}
 	}
 }
 
@@ -462,11 +467,11 @@ func (s *service) background(ctx context.Context, wg *sync.WaitGroup, hup <-chan
 		}
 	}
 	if cfg.Detector.UnblockAfter > 0 {
-		forget := func(id string) { forgetBlock(s.mailer, id, log); d.Limiter().Forget(id) }
+		lifted := func(id string) { forgetBlock(s.mailer, id, log) }
 		if f := s.fleet.Load(); f != nil {
-			forget = func(id string) { forgetBlock(s.mailer, id, log); d.Limiter().Forget(id); f.Unblocked(id, time.Now()) }
+			lifted = func(id string) { forgetBlock(s.mailer, id, log); f.Unblocked(id, time.Now()) }
 		}
-		wg.Go(func() { autoUnblock(ctx, bl, 30*time.Second, time.Now, forget, log) })
+		wg.Go(func() { autoUnblock(ctx, bl, 30*time.Second, time.Now, s.forgetCounts, lifted, log) })
 	}
 	wg.Go(func() { (&reloader{running: cfg, apply: applyReload(d, s.srv), log: log}).run(ctx, hup) })
 }

@@ -46,9 +46,11 @@ func autoUnblockAt(text string) (time.Time, bool) {
 }
 
 // autoUnblock removes the entries whose marked expiry has passed, every
-// interval until ctx ends; forget is called for each identity removed, so
-// that it starts with a clean count.
-func autoUnblock(ctx context.Context, bl *blocklist.File, interval time.Duration, now func() time.Time, forget func(string), log *slog.Logger) {
+// interval until ctx ends. forget is called with an identity before its
+// entry goes, so that it starts with a clean count: a request between
+// the two is still answered from the block, never judged on the counts
+// that made it. lifted is called for each identity removed.
+func autoUnblock(ctx context.Context, bl *blocklist.File, interval time.Duration, now func() time.Time, forget func([]string), lifted func(string), log *slog.Logger) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
@@ -57,13 +59,14 @@ func autoUnblock(ctx context.Context, bl *blocklist.File, interval time.Duration
 			if !ok || now().Before(at) {
 				continue
 			}
+			forget([]string{e.Identity})
 			removed, err := bl.Remove(ctx, e.Identity)
 			if err != nil {
 				log.Error("auto-unblock failed; retrying", slog.String("identity", e.Identity), slog.Any("error", err))
 				continue
 			}
 			if removed {
-				forget(e.Identity)
+				lifted(e.Identity)
 				log.Info("rcptguard auto-unblocked; its held mail stays on hold", slog.String("identity", e.Identity),
 					slog.Time("due", at), slog.String("release", "rcptguard release "+e.Identity), slog.String("delete", "rcptguard purge "+e.Identity))
 			}

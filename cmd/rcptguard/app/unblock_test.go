@@ -67,14 +67,24 @@ func TestAutoUnblock(t *testing.T) {
 	add("byhand@example.com", "HOLD blocked by hand")
 
 	var mu sync.Mutex
-	var forgotten []string
+	var forgotten, lifted []string
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		autoUnblock(ctx, bl, 10*time.Millisecond, func() time.Time { return now }, func(id string) {
+		autoUnblock(ctx, bl, 10*time.Millisecond, func() time.Time { return now }, func(ids []string) {
+			// The counts go while the block still answers.
+			for _, id := range ids {
+				if _, ok := bl.Lookup(id); !ok {
+					t.Errorf("counts of %s forgotten after its entry went", id)
+				}
+			}
 			mu.Lock()
-			forgotten = append(forgotten, id)
+			forgotten = append(forgotten, ids...)
+			mu.Unlock()
+		}, func(id string) {
+			mu.Lock()
+			lifted = append(lifted, id)
 			mu.Unlock()
 		}, slog.New(slog.DiscardHandler))
 	}()
@@ -97,7 +107,7 @@ func TestAutoUnblock(t *testing.T) {
 	}
 	mu.Lock()
 	defer mu.Unlock()
-	if !slices.Equal(forgotten, []string{"due@example.com"}) {
-		t.Errorf("forgotten %v, want [due@example.com]", forgotten)
+	if !slices.Equal(forgotten, []string{"due@example.com"}) || !slices.Equal(lifted, forgotten) {
+		t.Errorf("forgotten %v, lifted %v, want [due@example.com] for both", forgotten, lifted)
 	}
 }

@@ -57,6 +57,8 @@ type Cluster struct {
 	vmu      sync.Mutex
 	valid    map[validKey]int // valid verdicts not written yet
 	flushNow chan struct{}
+
+	forgotten sync.Map // identity → struct{}: counts to drop first (ForgetCounts)
 }
 
 // CheckURL reports whether u is a Redis address rcptguard understands.

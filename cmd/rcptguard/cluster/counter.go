@@ -30,7 +30,8 @@ import (
 // ARGV: now ms, period ms, long period ms (0 none), op ("i" invalid, "v"
 // valid, "r" reserve, "" look or end a reservation), member, the
 // member's other form (to drop), limit, long limit, ratio, ratio_min, act
-// ("" none, enforce, monitor), reservation key ("" none), its expiry ms.
+// ("" none, enforce, monitor), reservation key ("" none), its expiry ms,
+// "1" to drop the counts and the crossing mark first (ForgetCounts).
 // Returns {count, long count, ratio's invalid, valid, crossed, first,
 // pending}.
 var countScript = redis.NewScript(`
@@ -39,6 +40,7 @@ local period = tonumber(ARGV[2])
 local long = tonumber(ARGV[3])
 local keep = math.max(period, long)
 local op = ARGV[4]
+if ARGV[14] == '1' then redis.call('DEL', KEYS[1], KEYS[2], KEYS[3]) end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - keep)
 if ARGV[12] ~= '' then
   if op == 'r' then
@@ -142,15 +144,22 @@ func (c *Cluster) run(ctx context.Context, id, op, member, alt, key string, now 
 		long = 0
 	}
 	keys := []string{c.key("c", id), c.key("v", id), c.key("x", id), c.key("p", id)}
+	reset := ""
+	if _, ok := c.forgotten.Load(id); ok {
+		reset = "1"
+	}
 	var out []any
 	err := c.call(ctx, func(ctx context.Context) error {
 		var err error
 		out, err = countScript.Run(ctx, c.rdb, keys, now.UnixMilli(), c.period.Milliseconds(), long.Milliseconds(), op, member, alt,
-			lim.Count, lim.Long, strconv.FormatFloat(lim.Ratio, 'g', -1, 64), lim.RatioMin, string(lim.Act), key, now.Add(reservationTTL).UnixMilli()).Slice()
+			lim.Count, lim.Long, strconv.FormatFloat(lim.Ratio, 'g', -1, 64), lim.RatioMin, string(lim.Act), key, now.Add(reservationTTL).UnixMilli(), reset).Slice()
 		return err
 	})
 	if err != nil {
 		return st, fmt.Errorf("cluster: counting %s: %w", id, err)
+	}
+	if reset != "" {
+		c.forgotten.Delete(id)
 	}
 	if len(out) != 7 {
 		return st, fmt.Errorf("cluster: counting %s: script returned %d values", id, len(out))
@@ -274,10 +283,23 @@ func (c *Cluster) Flush(ctx context.Context) {
 
 // ResetCounts forgets the shared counts of id, as after an unblock.
 func (c *Cluster) ResetCounts(ctx context.Context, id string) error {
-	return c.call(ctx, func(ctx context.Context) error {
+	err := c.call(ctx, func(ctx context.Context) error {
 		return c.rdb.Del(ctx, c.key("c", id), c.key("v", id), c.key("x", id)).Err() // not the verifications in flight
 	})
+	if err == nil {
+		c.forgotten.Delete(id)
+	}
+	return err
 }
+
+// ForgetCounts marks the shared counts of id as those of a block being
+// lifted here: the next count of id drops them first, in the same script,
+// unless ResetCounts did so before. It never waits for Redis, so it may
+// be called while the blocklist is locked, as an unblock takes effect:
+// between the local unblock and its push to the fleet, a verdict of id
+// is then judged on fresh counts, never re-blocked on those that blocked
+// it.
+func (c *Cluster) ForgetCounts(id string) { c.forgotten.Store(id, struct{}{}) }
 
 // Register adds the cluster's metrics to reg.
 func (c *Cluster) Register(reg prometheus.Registerer) error {

@@ -366,3 +366,45 @@ func TestSharedProbeCap(t *testing.T) {
 		t.Fatal("the minute does not slide by one probe")
 	}
 }
+
+// An unblock taking effect on one server marks the identity's shared
+// counts as forgotten before its push reaches Redis: the next verdict
+// there is counted afresh, in the same script, not re-blocked on the
+// counts that made the block; once a reset was done (the unblock's push),
+// the mark is gone and fresh counts stay.
+func TestForgetCountsDropsSharedCountsAtNextCount(t *testing.T) {
+	r := test.StartRedis(t)
+	now := time.Unix(1_800_000_000, 0)
+	clock := func() time.Time { return now }
+	a, b := newCluster(t, r.URL(), clock), newCluster(t, r.URL(), clock)
+	lim := detector.Thresholds{Count: 3, Act: detector.ModeEnforce}
+	ctx := context.Background()
+	record := func(c *cluster.Cluster, addr string) detector.Standing {
+		t.Helper()
+		st, err := c.Record(ctx, "abuser@isp.test", "", invalid(addr), now, lim)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st
+	}
+	for i := range 4 {
+		record(b, fmt.Sprintf("old%d@dest.test", i))
+	}
+	a.ForgetCounts("abuser@isp.test")
+	if st := record(a, "new0@dest.test"); st.Count != 1 || st.Crossed != "" {
+		t.Fatalf("first verdict after ForgetCounts: %+v, want a fresh count of 1 and no crossing", st)
+	}
+	if st := record(a, "new1@dest.test"); st.Count != 2 {
+		t.Fatalf("second verdict: %+v, want 2: the counts are dropped once", st)
+	}
+	// A reset (as the unblock's push makes) clears the mark: the counts
+	// made after it stay.
+	a.ForgetCounts("abuser@isp.test")
+	if err := a.ResetCounts(ctx, "abuser@isp.test"); err != nil {
+		t.Fatal(err)
+	}
+	record(b, "later0@dest.test")
+	if st := record(a, "later1@dest.test"); st.Count != 2 {
+		t.Fatalf("after a reset: %+v, want 2: a mark done by ResetCounts must not drop fresh counts", st)
+	}
+}
