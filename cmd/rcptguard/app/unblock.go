@@ -62,8 +62,11 @@ func autoUnblock(ctx context.Context, bl *blocklist.File, interval time.Duration
 			forget([]string{e.Identity})
 			removed, err := bl.Remove(ctx, e.Identity)
 			if err != nil {
-				log.Error("auto-unblock failed; retrying", slog.String("identity", e.Identity), slog.Any("error", err))
-				continue
+				// A failed write leaves the removal in effect in memory,
+				// and the blocklist writes it when it can: the unblock
+				// has happened all the same, and is told on below.
+				log.Error("auto-unblock not written to the blocklist file yet; it holds in memory and the write is retried",
+					slog.String("identity", e.Identity), slog.Any("error", err))
 			}
 			if removed {
 				lifted(e.Identity)

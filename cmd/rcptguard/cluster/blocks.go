@@ -39,16 +39,21 @@ func (c *Cluster) changesKey() string  { return c.prefix + "changes{blocklist}" 
 // The change log, changes: for each generation, the identity whose block
 // or tombstone that generation changed, so a server that agreed with the
 // fleet at generation g reads only what changed since (see Sync). It is a
-// sorted set, score the generation and member "gen:identity" (one member
-// per generation: an identity changed twice is there twice), trimmed to
-// the last changeLogLen. A sorted set rather than a stream: a stream's
+// sorted set, score the generation and member "gen:time:identity" (one
+// member per generation: an identity changed twice is there twice; time,
+// Redis's clock in µs, makes each member unique), trimmed to the last
+// changeLogLen. A sorted set rather than a stream: a stream's
 // IDs must grow, so a gen counter reset by hand would make every block
 // script fail; a sorted set takes any score, and a server that finds the
 // log not covering its range just compares in full.
 //
 // Every script that changes blocks or unblocks bumps gen by one per
 // identity changed and logs it with logChange, so a range (g, g'] is
-// complete exactly when it holds g'-g members.
+// complete exactly when it holds g'-g members — and is the history that
+// followed the server's view exactly when the member at g is still the
+// one the server saw last (its anchor). A generation used twice (gen
+// deleted or evicted, Redis restored from an older dump, a lagging
+// replica promoted) changes that member, and the server compares in full.
 
 // changeLogLen is how many changes the log keeps: a server more than that
 // many changes behind (cut off, or restarted) compares in full, which is
@@ -62,7 +67,9 @@ const changeLogLen = 10_000
 // the log.
 var logChange = fmt.Sprintf(`
 local function logchange(gen, id)
-  redis.call('ZADD', KEYS[5], gen, gen .. ':' .. id)
+  local t = redis.call('TIME')
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], gen, '+inf')
+  redis.call('ZADD', KEYS[5], gen, gen .. ':' .. t[1] .. t[2] .. ':' .. id)
   redis.call('ZREMRANGEBYRANK', KEYS[5], 0, -%d)
 end
 `, changeLogLen+1)
@@ -82,8 +89,8 @@ func (c *Cluster) blockKeys() []string {
 // as a change all the same: the server that pushed it holds a block the
 // fleet does not, and must settle the identity again (see Sync).
 var blockScript = redis.NewScript(logChange + `
-local u = redis.call('HGET', KEYS[2], ARGV[1])
-if u and tonumber(u) >= tonumber(ARGV[2]) then
+local u = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '')
+if u and u >= tonumber(ARGV[2]) then
   logchange(redis.call('INCR', KEYS[4]), ARGV[1])
   return 0
 end
@@ -101,13 +108,14 @@ return 1
 // refused block is.
 var unblockScript = redis.NewScript(logChange + `
 local v = redis.call('HGET', KEYS[1], ARGV[1])
-if v and tonumber(string.match(v, '^(%d+)')) > tonumber(ARGV[2]) then
+local bt = v and tonumber(string.match(v, '^(%d+)'))
+if bt and bt > tonumber(ARGV[2]) then
   logchange(redis.call('INCR', KEYS[4]), ARGV[1])
   return 0
 end
 local n = redis.call('HDEL', KEYS[1], ARGV[1])
-local old = redis.call('HGET', KEYS[2], ARGV[1])
-if not old or tonumber(old) < tonumber(ARGV[2]) then
+local old = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '')
+if not old or old < tonumber(ARGV[2]) then
   redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
   n = 1
 end
@@ -209,21 +217,28 @@ type changes struct {
 	tombs  map[string]int64
 }
 
-// changesScript returns, when the data set is still ARGV[1] and its log
-// holds every generation after ARGV[2], the generation now, the
-// identities changed since ARGV[2], and their blocks and tombstones
-// (HMGET, in batches that Lua's stack takes); else nothing. One script,
-// so the three agree.
+// changesScript returns, when the data set is still ARGV[1], the log's
+// member at generation ARGV[2] is still ARGV[4] (the server's anchor) and
+// the log holds every generation after it, the generation now, the
+// identities changed since ARGV[2], their blocks and tombstones (HMGET,
+// in batches that Lua's stack takes), and the new anchor; else nothing.
+// One script, so they agree.
 var changesScript = redis.NewScript(`
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {} end
 local gs = redis.call('GET', KEYS[2]) or '0'
 local g, since = tonumber(gs), tonumber(ARGV[2])
-if g <= since or g - since > tonumber(ARGV[3]) then return {} end
+if not g or g <= since or g - since > tonumber(ARGV[3]) then return {} end
+if since == 0 then
+  if ARGV[4] ~= '0' then return {} end
+else
+  local at = redis.call('ZRANGEBYSCORE', KEYS[3], ARGV[2], ARGV[2])
+  if #at ~= 1 or at[1] ~= ARGV[4] then return {} end
+end
 local log = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. ARGV[2], gs)
 if #log ~= g - since then return {} end
 local ids, seen = {}, {}
 for _, m in ipairs(log) do
-  local id = string.match(m, '^%d+:(.*)$')
+  local id = string.match(m, '^%d+:%d+:(.*)$')
   if id and not seen[id] then
     seen[id] = true
     ids[#ids + 1] = id
@@ -235,7 +250,7 @@ for i = 1, #ids, 500 do
   for _, v in ipairs(redis.call('HMGET', KEYS[4], unpack(batch))) do b[#b + 1] = v end
   for _, v in ipairs(redis.call('HMGET', KEYS[5], unpack(batch))) do u[#u + 1] = v end
 end
-return {gs, ids, b, u}
+return {gs, ids, b, u, log[#log]}
 `)
 
 // changesSince reads what the fleet's blocklist changed since the
@@ -246,7 +261,7 @@ func (c *Cluster) changesSince(ctx context.Context, since version) (*changes, er
 	keys := []string{c.epochKey(), c.genKey(), c.changesKey(), c.blocksKey(), c.unblocksKey()}
 	err := c.callWithin(ctx, max(c.timeout, bulkTimeout), func(ctx context.Context) error {
 		var err error
-		out, err = changesScript.Run(ctx, c.rdb, keys, since.epoch, since.gen, changeLogLen).Slice()
+		out, err = changesScript.Run(ctx, c.rdb, keys, since.epoch, since.gen, changeLogLen, since.anchor).Slice()
 		return err
 	})
 	if err != nil {
@@ -256,18 +271,19 @@ func (c *Cluster) changesSince(ctx context.Context, since version) (*changes, er
 		return nil, nil
 	}
 	bad := fmt.Errorf("cluster: reading the blocklist's changes: script returned %d values", len(out))
-	if len(out) != 4 {
+	if len(out) != 5 {
 		return nil, bad
 	}
 	gs, _ := out[0].(string)
 	ids, _ := out[1].([]any)
 	bs, _ := out[2].([]any)
 	us, _ := out[3].([]any)
+	anchor, _ := out[4].(string)
 	g, err := strconv.ParseInt(gs, 10, 64)
-	if err != nil || len(bs) != len(ids) || len(us) != len(ids) {
+	if err != nil || len(bs) != len(ids) || len(us) != len(ids) || anchor == "" {
 		return nil, bad
 	}
-	ch := &changes{v: version{epoch: since.epoch, gen: g}, ids: make([]string, 0, len(ids)),
+	ch := &changes{v: version{epoch: since.epoch, gen: g, anchor: anchor}, ids: make([]string, 0, len(ids)),
 		blocks: map[string]remoteBlock{}, tombs: map[string]int64{}}
 	for i, x := range ids {
 		id, _ := x.(string)
@@ -301,21 +317,29 @@ func (c *Cluster) Blocks(ctx context.Context) ([]blocklist.Entry, error) {
 }
 
 // versionScript returns the data set's epoch, naming it ARGV[1] when it
-// has none, and its generation.
+// has none, its generation, and the change log's member at that
+// generation ("" when there is not exactly one; "0" at generation 0,
+// before any change).
 var versionScript = redis.NewScript(`
 local e = redis.call('GET', KEYS[1])
 if not e then
   e = ARGV[1]
   redis.call('SET', KEYS[1], e)
 end
-return {e, redis.call('GET', KEYS[2]) or '0'}
+local g = redis.call('GET', KEYS[2]) or '0'
+local at = redis.call('ZRANGEBYSCORE', KEYS[3], g, g)
+local anchor = ''
+if g == '0' then anchor = '0' elseif #at == 1 then anchor = at[1] end
+return {e, g, anchor}
 `)
 
 // version says which state of the fleet's blocklist Redis holds: two
-// equal versions mean the same blocks and tombstones.
+// equal versions mean the same blocks and tombstones. anchor, the change
+// log's member at gen, tells a generation used twice apart.
 type version struct {
-	epoch string
-	gen   int64
+	epoch  string
+	gen    int64
+	anchor string
 }
 
 // version reads the blocklist's version: one small round trip.
@@ -323,22 +347,23 @@ func (c *Cluster) version(ctx context.Context) (version, error) {
 	var out []any
 	err := c.call(ctx, func(ctx context.Context) error {
 		var err error
-		out, err = versionScript.Run(ctx, c.rdb, []string{c.epochKey(), c.genKey()}, newEpoch()).Slice()
+		out, err = versionScript.Run(ctx, c.rdb, []string{c.epochKey(), c.genKey(), c.changesKey()}, newEpoch()).Slice()
 		return err
 	})
 	if err != nil {
 		return version{}, fmt.Errorf("cluster: reading the blocklist's version: %w", err)
 	}
-	if len(out) != 2 {
+	if len(out) != 3 {
 		return version{}, fmt.Errorf("cluster: reading the blocklist's version: script returned %d values", len(out))
 	}
 	e, _ := out[0].(string)
 	g, _ := out[1].(string)
+	anchor, _ := out[2].(string)
 	n, err := strconv.ParseInt(g, 10, 64)
 	if e == "" || err != nil {
 		return version{}, fmt.Errorf("cluster: reading the blocklist's version: bad epoch %q or generation %q", e, g)
 	}
-	return version{epoch: e, gen: n}, nil
+	return version{epoch: e, gen: n, anchor: anchor}, nil
 }
 
 // newEpoch names a data set.
@@ -353,8 +378,8 @@ func newEpoch() string {
 var pruneScript = redis.NewScript(logChange + `
 local n = 0
 for i = 2, #ARGV do
-  local v = redis.call('HGET', KEYS[2], ARGV[i])
-  if v and tonumber(v) <= tonumber(ARGV[1]) then
+  local v = tonumber(redis.call('HGET', KEYS[2], ARGV[i]) or '')
+  if v and v <= tonumber(ARGV[1]) then
     redis.call('HDEL', KEYS[2], ARGV[i])
     logchange(redis.call('INCR', KEYS[4]), ARGV[i])
     n = n + 1

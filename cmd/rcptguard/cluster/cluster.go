@@ -58,7 +58,8 @@ type Cluster struct {
 	valid    map[validKey]int // valid verdicts not written yet
 	flushNow chan struct{}
 
-	forgotten sync.Map // identity → struct{}: counts to drop first (ForgetCounts)
+	forgotten sync.Map     // identity → its mark (int64): counts to drop first (ForgetCounts)
+	marks     atomic.Int64 // numbers the marks, so a newer one is not deleted for an older
 }
 
 // CheckURL reports whether u is a Redis address rcptguard understands.

@@ -145,7 +145,8 @@ func (c *Cluster) run(ctx context.Context, id, op, member, alt, key string, now 
 	}
 	keys := []string{c.key("c", id), c.key("v", id), c.key("x", id), c.key("p", id)}
 	reset := ""
-	if _, ok := c.forgotten.Load(id); ok {
+	mark, marked := c.forgotten.Load(id)
+	if marked {
 		reset = "1"
 	}
 	var out []any
@@ -158,8 +159,8 @@ func (c *Cluster) run(ctx context.Context, id, op, member, alt, key string, now 
 	if err != nil {
 		return st, fmt.Errorf("cluster: counting %s: %w", id, err)
 	}
-	if reset != "" {
-		c.forgotten.Delete(id)
+	if marked {
+		c.forgotten.CompareAndDelete(id, mark) // not a mark made meanwhile
 	}
 	if len(out) != 7 {
 		return st, fmt.Errorf("cluster: counting %s: script returned %d values", id, len(out))
@@ -283,11 +284,12 @@ func (c *Cluster) Flush(ctx context.Context) {
 
 // ResetCounts forgets the shared counts of id, as after an unblock.
 func (c *Cluster) ResetCounts(ctx context.Context, id string) error {
+	mark, marked := c.forgotten.Load(id)
 	err := c.call(ctx, func(ctx context.Context) error {
 		return c.rdb.Del(ctx, c.key("c", id), c.key("v", id), c.key("x", id)).Err() // not the verifications in flight
 	})
-	if err == nil {
-		c.forgotten.Delete(id)
+	if err == nil && marked {
+		c.forgotten.CompareAndDelete(id, mark) // not a mark made meanwhile
 	}
 	return err
 }
@@ -299,7 +301,7 @@ func (c *Cluster) ResetCounts(ctx context.Context, id string) error {
 // between the local unblock and its push to the fleet, a verdict of id
 // is then judged on fresh counts, never re-blocked on those that blocked
 // it.
-func (c *Cluster) ForgetCounts(id string) { c.forgotten.Store(id, struct{}{}) }
+func (c *Cluster) ForgetCounts(id string) { c.forgotten.Store(id, c.marks.Add(1)) }
 
 // Register adds the cluster's metrics to reg.
 func (c *Cluster) Register(reg prometheus.Registerer) error {

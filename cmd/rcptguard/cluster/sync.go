@@ -178,7 +178,7 @@ func (s *Sync) Once(ctx context.Context) {
 	if !full && v == s.last {
 		return
 	}
-	if !full && v.epoch == s.last.epoch && v.gen > s.last.gen && v.gen-s.last.gen <= changeLogLen {
+	if !full && v.epoch == s.last.epoch && s.last.anchor != "" && v.gen > s.last.gen && v.gen-s.last.gen <= changeLogLen {
 		ch, err := s.c.changesSince(ctx, s.last)
 		if err != nil {
 			return
