@@ -190,6 +190,13 @@ func (s *Sync) Once(ctx context.Context) {
 		// The log was trimmed past the last agreement, or the data set
 		// changed since the version was read: compare in full.
 	}
+	s.full(ctx, v, ups)
+}
+
+// full compares the whole file with the fleet's blocklist, read after
+// its version v, and settles every identity either holds; ups is s.ups
+// when the round began.
+func (s *Sync) full(ctx context.Context, v version, ups int64) {
 	blocks, tombs, err := s.c.state(ctx)
 	if err != nil {
 		return

@@ -59,6 +59,15 @@ func newMemberWith(t *testing.T, r *test.RedisServer, now func() time.Time, text
 	return &member{c: c, f: f, path: path, s: s}, forgot, learned
 }
 
+// twoMembers starts a redis-server and two servers of a fleet on it,
+// sharing one clock.
+func twoMembers(t *testing.T) (*test.RedisServer, *test.Clock, *member, *member) {
+	t.Helper()
+	r := test.StartRedis(t)
+	clock := &test.Clock{}
+	return r, clock, newMember(t, r, clock.Now), newMember(t, r, clock.Now)
+}
+
 // redisOut returns the bytes Redis sent its clients so far.
 func redisOut(t *testing.T, r *test.RedisServer) int64 {
 	t.Helper()
@@ -127,10 +136,8 @@ func TestSyncIncrementalRound(t *testing.T) {
 // A server further behind than the log reaches compares in full, and
 // converges.
 func TestSyncIncrementalLogTrimmed(t *testing.T) {
-	r := test.StartRedis(t)
-	clock := &test.Clock{}
+	r, clock, a, b := twoMembers(t)
 	ctx := context.Background()
-	a, b := newMember(t, r, clock.Now), newMember(t, r, clock.Now)
 	a.block(t, "x@isp.test", clock.Now())
 	a.s.Once(ctx)
 	b.s.Once(ctx)
@@ -190,10 +197,8 @@ func TestSyncChangeLogBounded(t *testing.T) {
 // Another data set (a Redis that lost its data, or a new one) means a
 // full comparison.
 func TestSyncIncrementalEpochChange(t *testing.T) {
-	r := test.StartRedis(t)
-	clock := &test.Clock{}
+	r, clock, a, b := twoMembers(t)
 	ctx := context.Background()
-	a, b := newMember(t, r, clock.Now), newMember(t, r, clock.Now)
 	a.block(t, "x@isp.test", clock.Now())
 	a.s.Once(ctx)
 	b.s.Once(ctx)
@@ -216,10 +221,8 @@ func TestSyncIncrementalEpochChange(t *testing.T) {
 // Every FullEvery the comparison is in full, changed or not: the safety
 // net for edits of Redis by hand, which the log does not see.
 func TestSyncFullEvery(t *testing.T) {
-	r := test.StartRedis(t)
-	clock := &test.Clock{}
+	r, clock, a, b := twoMembers(t)
 	ctx := context.Background()
-	a, b := newMember(t, r, clock.Now), newMember(t, r, clock.Now)
 	a.block(t, "x@isp.test", clock.Now())
 	a.s.Once(ctx)
 	b.s.Once(ctx)
@@ -291,10 +294,8 @@ func TestSyncIncrementalConvergesLikeFull(t *testing.T) {
 // known) leaves the server that pushed it disagreeing with the fleet; the
 // refusal is logged, so its next incremental round settles it.
 func TestSyncIncrementalRefusedPush(t *testing.T) {
-	r := test.StartRedis(t)
-	clock := &test.Clock{}
+	_, clock, a, b := twoMembers(t)
 	ctx := context.Background()
-	a, b := newMember(t, r, clock.Now), newMember(t, r, clock.Now)
 	now := clock.Now()
 	b.unblock(t, "x@isp.test", now.Add(10*time.Second))
 	a.block(t, "y@isp.test", now.Add(10*time.Second))
@@ -320,10 +321,8 @@ func TestSyncIncrementalRefusedPush(t *testing.T) {
 // and it compares in full instead of missing the first changes. The new
 // changes, scored lower than the old ones, are the ones the log keeps.
 func TestSyncGenerationUsedTwice(t *testing.T) {
-	r := test.StartRedis(t)
-	clock := &test.Clock{}
+	r, clock, a, b := twoMembers(t)
 	ctx := context.Background()
-	a, b := newMember(t, r, clock.Now), newMember(t, r, clock.Now)
 	a.s.Once(ctx)
 	b.s.Once(ctx)
 	for i := range 3 {
@@ -355,10 +354,8 @@ func TestSyncGenerationUsedTwice(t *testing.T) {
 // unblock of that identity goes through, and the server goes on learning
 // the fleet's blocks.
 func TestSyncForeignValueInRedis(t *testing.T) {
-	r := test.StartRedis(t)
-	clock := &test.Clock{}
+	r, clock, a, b := twoMembers(t)
 	ctx := context.Background()
-	a, b := newMember(t, r, clock.Now), newMember(t, r, clock.Now)
 	a.s.Once(ctx)
 	b.s.Once(ctx)
 	if _, err := r.Do("HSET", "rg-test:blocks{blocklist}", "x@isp.test", "by hand"); err != nil {
